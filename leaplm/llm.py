@@ -1,0 +1,260 @@
+"""``LLM``: the user-facing object (vLLM-style). Text in, text out; token ids welcome too.
+
+    from leaplm import LLM, SamplingParams
+    llm = LLM("smollm2-135m-instruct")            # known name, .gguf file, HF folder or hub id
+    out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=20))
+    print(out[0].text, out[0].token_ids, out[0].finish_reason)
+    for piece in llm.stream("Tell me a story", SamplingParams(max_tokens=50)): print(piece, end="")
+
+This layer owns text: tokenization, chat templates, incremental detokenization and stop strings.
+The engine below it sees token ids only.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import torch
+
+from . import hub
+from .engine import Batch, Engine
+from .errors import InvalidParamsError
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+Prompt = Union[str, Sequence[int]]
+Messages = list[dict]
+
+
+@dataclass
+class RequestOutput:
+    """One finished request. ``outputs`` returns ``[self]`` so vLLM-style ``out.outputs[0].text`` works."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str            # "stop" (EOS, stop token or stop string) | "length"
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> list["RequestOutput"]:
+        return [self]
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise InvalidParamsError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+class LLM:
+    """A model ready to generate.
+
+    Args:
+        model: a known short name (``leaplm models``), a ``.gguf`` file, a Hugging Face folder, or
+            a hub id (downloaded when online). None: the embedded default, SmolLM2-135M-Instruct.
+        dtype: None/"auto" = float32 on CPU, bfloat16 (or float16) on CUDA.
+        device: None = CUDA when available, else CPU.
+        max_model_len: cap on prompt + generated tokens (default: the model's context window).
+        max_batch_size: prompts run together in one batch by ``generate``.
+    """
+
+    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype | None = None,
+                 device: str | None = None, max_model_len: int | None = None, max_batch_size: int = 8,
+                 download: bool = True) -> None:
+        from .models.load import build_model
+
+        self.model_path = hub.resolve(str(model) if model is not None else hub.DEFAULT_MODEL, download=download)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = parse_dtype(dtype, self.device)
+        self.tokenizer = Tokenizer.from_path(self.model_path)
+        self.model = build_model(self.model_path, dtype=self.dtype, device=self.device)
+        self.engine = Engine(self.model, self.tokenizer.eos_token_ids, max_model_len=max_model_len)
+        if max_batch_size < 1:
+            raise InvalidParamsError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.max_batch_size = max_batch_size
+
+    @property
+    def config(self):
+        return self.model.config
+
+    # ------------------------------------------------------------------ prompts
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
+            ids = list(prompt.tolist() if hasattr(prompt, "tolist") else prompt)
+            if not all(isinstance(t, int) for t in ids):
+                raise InvalidParamsError("a token-id prompt must be a list of integers")
+            return ids
+        raise InvalidParamsError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
+
+    def chat_prompt(self, messages: Messages) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete each prompt. Prompts run in batches of ``max_batch_size`` (similar lengths together)."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._params_list(sampling_params, len(prompts))
+        ids = [self.encode(p) for p in prompts]
+        for one in ids:
+            self.engine.check_prompt(one)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        results: list[RequestOutput | None] = [None] * len(ids)
+        with _progress(len(ids), enabled=use_tqdm and len(ids) > 1) as advance:
+            for start in range(0, len(order), self.max_batch_size):
+                group = order[start: start + self.max_batch_size]
+                outs = self._run([ids[i] for i in group], [params[i] for i in group])
+                for i, out in zip(group, outs):
+                    out.prompt = prompts[i] if isinstance(prompts[i], str) else None
+                    results[i] = out
+                    advance()
+        return results  # type: ignore[return-value]
+
+    def chat(self, messages: Messages | Sequence[Messages], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (list of {role, content}) or several."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        ids = [self.chat_prompt(c) for c in conversations]
+        return self.generate(ids, sampling_params, use_tqdm=use_tqdm)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text increments as they are generated (whole UTF-8 characters only).
+
+        After the iterator ends, ``llm.last_output`` holds the finished ``RequestOutput``.
+        """
+        params = self._params_list(sampling_params, 1)[0]
+        batch = self.engine.start([self.encode(prompt)], [params])
+        tracker = _TextTracker(self.tokenizer, params)
+        while not batch.done:
+            self._advance(batch, [tracker])
+            piece = tracker.take_visible(final=batch.done)
+            if piece:
+                yield piece
+        self.last_output = self._output(batch, 0, tracker)
+
+    def stream_chat(self, messages: Messages, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        yield from self.stream(self.chat_prompt(messages), sampling_params)
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _params_list(sampling_params, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams() for _ in range(n)]
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        params = list(sampling_params)
+        if len(params) != n:
+            raise InvalidParamsError(f"{n} prompts but {len(params)} SamplingParams")
+        return params
+
+    def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
+        batch = self.engine.start(prompts, params)
+        texts = [_TextTracker(self.tokenizer, p) for p in params]
+        while not batch.done:
+            self._advance(batch, texts)
+        return [self._output(batch, b, texts[b]) for b in range(len(prompts))]
+
+    def _advance(self, batch: Batch, texts: list["_TextTracker"]) -> None:
+        for out in batch.step():
+            tracker = texts[out.row]
+            tracker.add(out.new_token_ids, finished=out.finish_reason is not None)
+            if tracker.stopped and out.finish_reason is None:
+                batch.finish(out.row, "stop")
+
+    def _output(self, batch: Batch, b: int, tracker: "_TextTracker") -> RequestOutput:
+        r = batch.rows[b]
+        end = r.finished_at or time.perf_counter()
+        decode_s = end - (r.first_token_at or end)
+        n = len(r.output_ids)
+        return RequestOutput(
+            prompt=None, prompt_token_ids=r.prompt_ids, text=tracker.final_text(), token_ids=list(r.output_ids),
+            finish_reason=r.finish_reason or "length",
+            metrics={
+                "prompt_tokens": len(r.prompt_ids), "output_tokens": n, "target_passes": r.target_passes,
+                "ttft_s": (r.first_token_at or end) - r.started, "total_s": end - r.started,
+                "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+            },
+        )
+
+
+class _TextTracker:
+    """Incremental text of one row plus stop-string handling (text is cut before the stop string)."""
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams) -> None:
+        self.detok = tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens)
+        self.stops = params.stop or []
+        self.include_stop = params.include_stop_str_in_output
+        self.hold = max((len(s) for s in self.stops), default=1) - 1  # chars that may start a stop string
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, token_ids: list[int], finished: bool) -> None:
+        if self.stopped:
+            return
+        before = len(self.text)
+        self.text += self.detok.add(token_ids)
+        if finished:
+            self.text += self.detok.flush()
+        if self.stops:
+            search_from = max(0, before - self.hold)
+            hits = [(self.text.find(s, search_from), s) for s in self.stops]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                index, stop = min(hits)
+                self.text = self.text[: index + (len(stop) if self.include_stop else 0)]
+                self.stopped = True
+
+    def take_visible(self, final: bool) -> str:
+        """New text safe to show: holds back a tail that could still become a stop string."""
+        limit = len(self.text) if (final or self.stopped or not self.stops) else max(self.emitted, len(self.text) - self.hold)
+        piece = self.text[self.emitted: limit]
+        self.emitted = limit
+        return piece
+
+    def final_text(self) -> str:
+        return self.text
+
+
+class _progress:
+    """A rich progress bar with ETA on stderr (no-op when disabled)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("eta"), TimeRemainingColumn(), transient=True)
+        self.bar.start()
+        task = self.bar.add_task("generate", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.stop()

@@ -1,0 +1,237 @@
+"""Checkpoint loading: a Hugging Face folder (config.json + safetensors) or one GGUF file.
+
+``load_checkpoint(path) -> (ModelConfig, tensors, rope_freq_factors)`` where ``tensors`` maps
+Hugging Face names to float tensors. ``build_model(path, dtype, device) -> Transformer``.
+
+Only safetensors and GGUF are read — never pickle (``*.bin``/``*.pt`` checkpoints are refused).
+GGUF specifics undone here so every source reaches the model in one convention:
+- tensors are dequantized with the ``gguf`` package (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K..Q6_K/F16/BF16),
+- llama.cpp permutes the Q/K rows of llama-arch models for its interleaved RoPE: un-permuted,
+- gemma norm weights are stored as ``1 + w``: the 1 is taken off (the model adds it back).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
+
+GGUF_MAGIC = b"GGUF"
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor], Tensor | None]:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"model path {str(path)!r} does not exist")
+    if path.is_file():
+        if path.suffix == ".gguf" or _has_magic(path):
+            return load_gguf(path)
+        raise UnsupportedModelError(
+            f"{str(path)!r} is not a GGUF file; give a .gguf file or a Hugging Face folder with safetensors"
+        )
+    return load_hf_folder(path)
+
+
+def _has_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+# ---------------------------------------------------------------------- Hugging Face folders
+def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Tensor], None]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        ggufs = sorted(folder.glob("*.gguf"))
+        hint = f" (it holds {ggufs[0].name}: pass that file)" if ggufs else ""
+        raise ModelNotFoundError(f"{str(folder)!r} has no config.json{hint}")
+    try:
+        config = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
+    except json.JSONDecodeError as e:
+        raise CorruptModelError(f"{cfg_file} is not valid JSON: {e}") from None
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        if pickles:
+            raise UnsupportedModelError(
+                f"{str(folder)!r} has only pickle weights ({', '.join(pickles)}); leaplm loads safetensors "
+                "or GGUF only, because unpickling can run arbitrary code. Convert the checkpoint to safetensors."
+            )
+        raise ModelNotFoundError(f"{str(folder)!r} has no *.safetensors weights")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in shard_names if not (folder / n).is_file()]
+        if missing:
+            raise CorruptModelError(f"{str(folder)!r} lacks shards listed in its index: {', '.join(missing)}")
+        files = [folder / n for n in shard_names]
+    tensors: dict[str, Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CorruptModelError(f"cannot read {f}: {e}") from None
+    # some checkpoints name the language model differently (e.g. gemma3 multimodal wrappers)
+    tensors = {_strip_prefix(k): v for k, v in tensors.items()}
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return config, tensors, None
+
+
+def _strip_prefix(name: str) -> str:
+    for prefix in ("language_model.", "model.language_model."):
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            return rest if rest.startswith(("model.", "lm_head.")) else "model." + rest
+    return name
+
+
+# ---------------------------------------------------------------------- GGUF
+_GGUF_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+def gguf_metadata(reader) -> dict:
+    """GGUF key -> python value (token lists and other large arrays skipped)."""
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key.rsplit(".", 1)[-1] in ("tokens", "scores", "token_type", "merges"):
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # noqa: BLE001 - exotic field types we do not need
+            continue
+    return meta
+
+
+def open_gguf(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - gguf raises ValueError/IndexError/struct.error on bad files
+        size = path.stat().st_size
+        raise CorruptModelError(
+            f"cannot read GGUF file {str(path)!r} ({size} bytes): {type(e).__name__}: {e}. "
+            "The file is truncated or corrupt; download it again (leaplm models fetch NAME)."
+        ) from None
+
+
+def dequantize(tensor) -> np.ndarray:
+    """A GGUF tensor as float32 numpy, shape in PyTorch order (rows first)."""
+    import gguf
+
+    qtype = tensor.tensor_type
+    if qtype == gguf.GGMLQuantizationType.F32:
+        data = np.asarray(tensor.data, dtype=np.float32)
+    else:
+        try:
+            data = gguf.quants.dequantize(tensor.data, qtype)
+        except NotImplementedError:
+            raise UnsupportedModelError(
+                f"GGUF tensor {tensor.name!r} has block type {qtype.name}, which leaplm cannot dequantize"
+            ) from None
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    return data.reshape(shape)
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Invert llama.cpp's ``permute`` of Q/K rows (interleaved -> rotate-half RoPE layout)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Tensor | None]:
+    reader = open_gguf(path)
+    meta = gguf_metadata(reader)
+    by_name = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in by_name:
+        raise CorruptModelError(f"GGUF file {str(path)!r} has no token_embd.weight tensor")
+    vocab = int(by_name["token_embd.weight"].shape[-1])
+    config = ModelConfig.from_gguf(meta, vocab_size=vocab, has_output="output.weight" in by_name)
+    if "blk.0.attn_q.bias" in by_name:
+        config = _replace(config, attention_bias=True)
+    arch = meta["general.architecture"]
+    permuted = arch in ("llama", "mistral")
+    gemma = config.norm_offset != 0.0
+    tensors: dict[str, Tensor] = {}
+    freq_factors = None
+    for name, t in by_name.items():
+        try:
+            w = dequantize(t)
+        except (ValueError, IndexError) as e:
+            raise CorruptModelError(f"GGUF tensor {name!r} in {str(path)!r} is corrupt: {e}") from None
+        if name == "rope_freqs.weight":
+            freq_factors = torch.from_numpy(w.copy())
+            continue
+        hf = _hf_name(name, config)
+        if hf is None:
+            continue
+        if permuted and name.endswith(("attn_q.weight", "attn_q.bias")):
+            w = _unpermute(w, config.num_heads)
+        elif permuted and name.endswith(("attn_k.weight", "attn_k.bias")):
+            w = _unpermute(w, config.num_kv_heads)
+        if gemma and name.endswith("norm.weight"):
+            w = w - 1.0
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        tensors[hf] = torch.from_numpy(w if w.flags.writeable else w.copy())
+    return config, tensors, freq_factors
+
+
+def _hf_name(name: str, config: ModelConfig) -> str | None:
+    if name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if name == "output_norm.weight":
+        return "model.norm.weight"
+    if name == "output.weight":
+        return "lm_head.weight"
+    parts = name.split(".")
+    if parts[0] != "blk" or len(parts) != 4:
+        return None
+    layer, kind, suffix = parts[1], parts[2], parts[3]
+    if kind == "ffn_norm":  # the norm before the MLP
+        hf = "pre_feedforward_layernorm" if config.sandwich_norm else "post_attention_layernorm"
+    else:
+        hf = _GGUF_NAMES.get(kind)
+        if hf is None:
+            return None
+    return f"model.layers.{layer}.{hf}.{suffix}"
+
+
+def _replace(config: ModelConfig, **changes) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def build_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load a checkpoint and return the ready ``Transformer`` (eval mode, no grad)."""
+    from .transformer import Transformer
+
+    config, tensors, freq_factors = load_checkpoint(path)
+    with torch.device("meta"):  # no memory, no random init: weights are assigned next
+        model = Transformer(config)
+    model.reset_rotary(freq_factors)
+    model.load_weights(tensors, dtype, device)
+    model.eval()
+    return model

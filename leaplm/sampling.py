@@ -1,0 +1,178 @@
+"""SamplingParams and the pure functions that turn logits into the distribution tokens are drawn from.
+
+The one definition of "the target's distribution" used everywhere (vanilla sampling now,
+speculative verification later): ``processed_logits`` applies, in this order,
+1. repetition penalty (tokens of prompt + output; logit > 0 divided, else multiplied),
+2. presence and frequency penalties (output tokens only; OpenAI semantics),
+3. temperature, 4. top-k, 5. top-p, 6. min-p  (the order of transformers' warpers),
+masking removed tokens with -inf. ``temperature == 0`` means greedy: the argmax of the penalized
+logits. Shapes: logits ``[N, V]`` (N positions of one request, all with the same history).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import InvalidParamsError
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding options (names as vLLM's ``SamplingParams``).
+
+    ``max_tokens`` defaults to 256 (vLLM: 16) so a plain call gives a useful answer.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, value, rule: str) -> InvalidParamsError:
+            return InvalidParamsError(f"invalid sampling parameter {name}={value!r}: {rule}")
+
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", self.top_p, "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise bad("top_k", self.top_k, "must be an integer >= 1, or 0 / -1 for no limit")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", self.min_p, "must be in [0, 1]")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite(value) or not -2 <= value <= 2:
+                raise bad(name, value, "must be in [-2, 2]")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", self.seed, "must be an integer or None")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", self.stop_token_ids, "must be non-negative integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+class TokenHistory:
+    """What penalties need about one request: prompt tokens seen, output token counts. ``[V]`` each."""
+
+    def __init__(self, vocab_size: int, prompt: Sequence[int], device) -> None:
+        self.in_prompt = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        if len(prompt):
+            self.in_prompt[torch.as_tensor(list(prompt), device=device).clamp_(0, vocab_size - 1)] = True
+        self.counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
+
+    def add(self, tokens: Sequence[int]) -> None:
+        for t in tokens:
+            if 0 <= t < self.counts.shape[0]:
+                self.counts[t] += 1
+
+
+def apply_penalties(logits: Tensor, params: SamplingParams, history: TokenHistory) -> Tensor:
+    """Penalized copy of ``logits [N, V]`` (all N rows share ``history``)."""
+    if not params.uses_penalties:
+        return logits
+    logits = logits.clone()
+    counts = history.counts[: logits.shape[-1]]
+    if params.repetition_penalty != 1:
+        seen = history.in_prompt[: logits.shape[-1]] | (counts > 0)
+        penalized = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if params.frequency_penalty:
+        logits -= params.frequency_penalty * counts.to(logits.dtype)
+    if params.presence_penalty:
+        logits -= params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def warp(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Temperature, top-k, top-p, min-p on ``logits [N, V]`` -> logits with -inf where removed."""
+    logits = logits / params.temperature
+    vocab = logits.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if params.top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove_sorted = cumulative <= 1 - params.top_p
+        remove_sorted[..., -1] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, -math.inf)
+    if params.min_p > 0:
+        probs = logits.softmax(-1)
+        threshold = params.min_p * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, -math.inf)
+    return logits
+
+
+def processed_logits(logits: Tensor, params: SamplingParams, history: TokenHistory | None) -> Tensor:
+    """Penalties then (unless greedy) warping. ``[N, V]`` -> ``[N, V]`` float32."""
+    logits = logits.float()
+    if history is not None:
+        logits = apply_penalties(logits, params, history)
+    if params.greedy:
+        return logits
+    return warp(logits, params)
+
+
+def probabilities(logits: Tensor, params: SamplingParams, history: TokenHistory | None) -> Tensor:
+    """The distribution a token is drawn from, ``[N, V]``; one-hot at the argmax when greedy."""
+    processed = processed_logits(logits, params, history)
+    if params.greedy:
+        return torch.nn.functional.one_hot(processed.argmax(-1), processed.shape[-1]).float()
+    return processed.softmax(-1)
+
+
+def sample(logits: Tensor, params: SamplingParams, history: TokenHistory | None,
+           generator: torch.Generator | None) -> Tensor:
+    """Draw one token per row of ``logits [N, V]`` -> ``[N]`` int64."""
+    processed = processed_logits(logits, params, history)
+    if params.greedy:
+        return processed.argmax(-1)
+    probs = processed.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device) -> torch.Generator:
+    """A per-request generator: seeded for reproducibility, else from fresh OS entropy."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
