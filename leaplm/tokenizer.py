@@ -1,13 +1,10 @@
 """Text <-> token ids: the only place in leaplm that knows about text.
 
-Contract
---------
-``Tokenizer.from_path(path)`` takes an HF tokenizer folder (``tokenizer.json``, ``tokenizer_config.json``,
-``tokenizer.model`` ...; loaded with ``AutoTokenizer`` from local files only) or a ``.gguf`` file. A GGUF
-tokenizer is built ONCE with transformers' GGUF support and saved to the disk cache
-``$LEAPLM_CACHE/tokenizers/<sha1(realpath, size, mtime_ns)>`` (``LEAPLM_CACHE`` is read at call time,
-default ``~/.cache/leaplm``); later loads come from the cache without reading the GGUF. The cache is written
-to a temp dir and renamed into place, so a killed process leaves no half cache.
+``Tokenizer.from_path(path)`` takes an HF tokenizer folder (``tokenizer.json`` / ``tokenizer_config.json`` /
+``tokenizer.model`` ...; ``AutoTokenizer``, local files only) or a ``.gguf`` file, whose tokenizer is built ONCE
+with transformers' GGUF support and saved to ``$LEAPLM_CACHE/tokenizers/<sha1(realpath, size, mtime_ns)>``
+(``LEAPLM_CACHE`` read at call time, default ``~/.cache/leaplm``); later loads read only the cache. The cache
+is written to a temp dir and renamed into place: a killed process leaves no half cache.
 
 * ``hf`` - the transformers tokenizer; ``vocab_size == len(hf)``; ``bos_token_id``.
 * ``eos_token_ids`` - every id that ends generation: the tokenizer's eos; for GGUF also the metadata
@@ -35,6 +32,7 @@ import shutil
 import struct
 import tempfile
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,7 +47,7 @@ _EOG_NAMES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("LEAPLM_CACHE") or Path.home() / ".cache" / "leaplm") / "tokenizers"
+    return Path(os.environ.get("LEAPLM_CACHE") or "~/.cache/leaplm").expanduser() / "tokenizers"
 
 
 class Tokenizer:
@@ -63,10 +61,7 @@ class Tokenizer:
             self.eos_token_ids.add(int(hf.eos_token_id))
         self._add_bos, self._add_eos = add_bos, add_eos  # None: the HF tokenizer decides
         self.source = source
-        backend = getattr(hf, "backend_tokenizer", None)
-        self._backend = backend
-        self._byte_ids_cache: frozenset[int] | None = None
-        self._special_ids_cache: frozenset[int] | None = None
+        self._backend = getattr(hf, "backend_tokenizer", None)  # Rust decode, no space clean-up
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -100,18 +95,14 @@ class Tokenizer:
 
     @classmethod
     def _from_gguf(cls, p: Path) -> "Tokenizer":
-        st = p.stat()
-        real = os.path.realpath(p)
-        key = hashlib.sha1(repr((real, st.st_size, st.st_mtime_ns, _CACHE_VERSION)).encode()).hexdigest()
-        root = _cache_root()
-        final = root / key
+        st, real, root = p.stat(), os.path.realpath(p), _cache_root()
+        final = root / hashlib.sha1(repr((real, st.st_size, st.st_mtime_ns, _CACHE_VERSION)).encode()).hexdigest()
         if (final / _META).is_file():
             try:
                 return cls._load_cached(final, real)
             except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never fatal
                 shutil.rmtree(final, ignore_errors=True)
-        meta = gguf_tokenizer_metadata(p)
-        hf = _convert_gguf(p, meta)
+        hf = _convert_gguf(p, meta := gguf_tokenizer_metadata(p))
         tok = cls(hf, _gguf_eos_ids(hf, meta), meta.get("tokenizer.ggml.add_bos_token"),
                   meta.get("tokenizer.ggml.add_eos_token"), source=real)
         try:
@@ -167,22 +158,16 @@ class Tokenizer:
     def detokenizer(self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> "IncrementalDetokenizer":
         return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)
 
-    # ------------------------------------------------------------------ helpers for the detokenizer
-    @property
+    @cached_property
     def _byte_ids(self) -> frozenset[int]:
         """Ids of sentencepiece byte-fallback tokens ``<0xXX>`` (empty for byte-level BPE)."""
-        if self._byte_ids_cache is None:
-            conv = self.hf.convert_tokens_to_ids
-            unk = self.hf.unk_token_id
-            ids = {conv(f"<0x{b:02X}>") for b in range(256)} if conv("<0x00>") not in (None, unk) else set()
-            self._byte_ids_cache = frozenset(i for i in ids if i is not None and i != unk)
-        return self._byte_ids_cache
+        conv, unk = self.hf.convert_tokens_to_ids, self.hf.unk_token_id
+        ids = {conv(f"<0x{b:02X}>") for b in range(256)} if conv("<0x00>") not in (None, unk) else set()
+        return frozenset(i for i in ids if i not in (None, unk))
 
-    @property
-    def _special_ids(self) -> frozenset[int]:
-        if self._special_ids_cache is None:
-            self._special_ids_cache = frozenset(i for i, t in self.hf.added_tokens_decoder.items() if t.special)
-        return self._special_ids_cache
+    @cached_property
+    def _special_ids(self) -> frozenset[int]:  # what decode(skip_special_tokens=True) drops
+        return frozenset(i for i, t in self.hf.added_tokens_decoder.items() if t.special)
 
 
 class IncrementalDetokenizer:
@@ -200,18 +185,13 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
         self._tok, self._skip = tokenizer, skip_special_tokens
-        self._ids = [int(i) for i in list(prompt_ids)[-self.CONTEXT:]]
-        self._prefix, self._read = 0, 0
-        self._prefix_text = ""
+        self._ids = [int(i) for i in prompt_ids[-self.CONTEXT:]] if len(prompt_ids) else []
+        self._prefix, self._read, self._prefix_text, self._text = 0, 0, "", ""
         self._parts: list[str] = []
-        self._text = ""
-        if self._ids:
-            ctx_text = self._decode(self._ids)
-            self._read = len(self._ids)
-            if ctx_text.endswith("\ufffd") or self._open_byte_run(0):  # context could merge with the output
-                self._ids, self._read = [], 0
-            else:
-                self._prefix_text = ctx_text
+        if self._ids:  # drop a context that could merge with the output (split char, open byte run)
+            self._prefix_text, self._read = self._decode(self._ids), len(self._ids)
+            if self._prefix_text.endswith("\ufffd") or self._open_byte_run(0):
+                self._ids, self._read, self._prefix_text = [], 0, ""
 
     @property
     def text(self) -> str:
@@ -226,8 +206,7 @@ class IncrementalDetokenizer:
 
     def _open_byte_run(self, start: int) -> bool:
         """Whether the last decoded token since ``start`` is a byte-fallback token (its run may go on)."""
-        byte_ids = self._tok._byte_ids
-        if not byte_ids:
+        if not (byte_ids := self._tok._byte_ids):
             return False
         special = self._tok._special_ids if self._skip else frozenset()
         for t in reversed(self._ids[start:]):
@@ -240,7 +219,7 @@ class IncrementalDetokenizer:
     def _emit(self, new_text: str) -> str:
         delta = new_text[len(self._prefix_text):]
         self._prefix, self._read = self._read, len(self._ids)
-        self._prefix_text = self._decode(self._ids[self._prefix:self._read]) if delta else new_text
+        self._prefix_text = self._decode(self._ids[self._prefix:self._read])
         if delta:
             self._parts.append(delta)
         return delta
@@ -288,11 +267,8 @@ def _gguf_eos_ids(hf: Any, meta: dict) -> list[int]:
 def _write_cache(tok: Tokenizer, root: Path, final: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for old in root.glob(".tmp-*"):  # left by killed processes
-        try:
-            if time.time() - old.stat().st_mtime > 3600:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:
-            pass
+        if time.time() - old.stat().st_mtime > 3600:
+            shutil.rmtree(old, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
         tok.hf.save_pretrained(str(tmp))
@@ -315,8 +291,7 @@ def _write_cache(tok: Tokenizer, root: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-_SCALAR = dict(zip((0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12), ("<B", "<b", "<H", "<h", "<I", "<i", "<f", "<?", "<Q",
-                                                              "<q", "<d")))
+_SCALAR = {t: struct.Struct("<" + c) for t, c in zip((0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12), "BbHhIif?Qqd")}
 
 
 def gguf_tokenizer_metadata(path: str | Path) -> dict:
@@ -345,21 +320,16 @@ def _parse_kv(b: Any) -> dict:
 
     def value(t: int, pos: int) -> tuple[Any, int]:
         if t in _SCALAR:
-            return struct.unpack_from(_SCALAR[t], b, pos)[0], pos + struct.calcsize(_SCALAR[t])
+            return _SCALAR[t].unpack_from(b, pos)[0], pos + _SCALAR[t].size
         if t == 8:
             return string(pos)
         if t != 9:
             raise ValueError(f"unknown GGUF value type {t}")
         et, n = struct.unpack_from("<IQ", b, pos)
         pos += 12
-        if et in _SCALAR:
-            pos += n * struct.calcsize(_SCALAR[et])
-        elif et == 8:
-            for _ in range(n):
-                pos += 8 + struct.unpack_from("<Q", b, pos)[0]
-        else:
-            for _ in range(n):
-                pos = value(et, pos)[1]
+        for _ in range(0 if et in _SCALAR else n):  # skipped: only scalar metadata is needed
+            pos = pos + 8 + struct.unpack_from("<Q", b, pos)[0] if et == 8 else value(et, pos)[1]
+        pos += n * _SCALAR[et].size if et in _SCALAR else 0
         if pos > len(b):
             raise ValueError("truncated array")
         return None, pos

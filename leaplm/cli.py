@@ -1,0 +1,213 @@
+"""The ``leaplm`` command: generate | chat | models | bench.
+
+Errors a user can cause (bad path, corrupt file, bad sampling values, prompt too long) print one
+``error: ...`` line and exit with status 2 — no traceback. ``LEAPLM_DEBUG=1`` shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .errors import LeapLMError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="known name (see `leaplm models`), .gguf file, HF folder or hub id; default: smollm2-135m-instruct")
+    p.add_argument("--dtype", default=None, help="auto (default: float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + generated tokens")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling(args):
+    from .sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
+    )
+
+
+def _load(args):
+    from .llm import LLM
+
+    started = time.perf_counter()
+    with _status(f"loading {args.model or 'smollm2-135m-instruct'}"):
+        llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    _info(f"loaded {llm.model_path.name} ({llm.config.family}, {llm.dtype}, {llm.device}) in "
+          f"{time.perf_counter() - started:.1f}s")
+    return llm
+
+
+def cmd_generate(args) -> int:
+    params = _sampling(args)  # validate before the (slow) load
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    llm = _load(args)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        ids = llm.chat_prompt(messages)
+    else:
+        ids = llm.encode(prompt)
+    if args.stream:
+        for piece in llm.stream(ids, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        out = llm.last_output
+        sys.stdout.write("\n")
+    else:
+        out = llm.generate([ids], params, use_tqdm=False)[0]
+        print(out.text)
+    m = out.metrics
+    speed = f", {m['decode_tokens_per_s']:.1f} tok/s decode" if m.get("decode_tokens_per_s") else ""
+    _info(f"{m['output_tokens']} tokens ({out.finish_reason}), prompt {m['prompt_tokens']} tokens, "
+          f"ttft {m['ttft_s'] * 1000:.0f} ms{speed}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    params = _sampling(args)
+    llm = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    _info("chat: type a message; /reset clears the conversation, /exit (or Ctrl-D) quits")
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if user.strip() in ("/exit", "/quit"):
+            return 0
+        if user.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user})
+        try:
+            pieces = []
+            for piece in llm.stream_chat(messages, params):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            print()
+        except KeyboardInterrupt:  # stop this answer, keep the session
+            print(" [interrupted]")
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def cmd_models(args) -> int:
+    from . import hub
+
+    if args.action == "fetch":
+        names = args.names or [hub.DEFAULT_MODEL]
+        for name in names:
+            path = hub.fetch(name, progress=True)
+            print(f"ok   {name}: {path}")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"known models (stored in {hub.models_dir()})")
+    for col in ("name", "params", "file", "present", "description"):
+        table.add_column(col)
+    for model, path in hub.list_models():
+        table.add_row(model.name, model.params, model.filename, "yes" if path else "no (leaplm models fetch " + model.name + ")",
+                      model.description)
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leaplm", description="Fast and faithful LLM text generation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete one prompt (or chat turn with --chat)")
+    g.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive streaming chat")
+    c.add_argument("--system", default=None, help="system message")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    c.set_defaults(func=cmd_chat, temperature=0.0)
+
+    m = sub.add_parser("models", help="list known models, or `models fetch NAME` to download one")
+    m.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
+    m.add_argument("names", nargs="*")
+    m.set_defaults(func=cmd_models)
+
+    try:
+        from .bench.cli import add_parser as add_bench
+    except ImportError:  # pragma: no cover - bench extras missing
+        add_bench = None
+    if add_bench is not None:
+        add_bench(sub)
+    return parser
+
+
+def _info(msg: str) -> None:
+    print(f"[leaplm] {msg}", file=sys.stderr)
+
+
+class _status:
+    """A spinner on stderr while something slow happens (only on a terminal)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.ctx = None
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            from rich.console import Console
+
+            self.ctx = Console(stderr=True).status(self.text)
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if os.environ.get("LEAPLM_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["LEAPLM_THREADS"]))
+    try:
+        return int(args.func(args) or 0)
+    except LeapLMError as e:
+        if os.environ.get("LEAPLM_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
