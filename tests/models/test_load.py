@@ -1,0 +1,101 @@
+"""Loading: real GGUF equals transformers' GGUF load; bad checkpoints give precise errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from leaplm.cache.kv import KVCache
+from leaplm.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
+from leaplm.models.load import build_model, load_checkpoint
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="nope.gguf"):
+        load_checkpoint(tmp_path / "nope.gguf")
+
+
+def test_truncated_gguf_is_reported_as_corrupt(tmp_path, smollm_gguf):
+    bad = tmp_path / "cut.gguf"
+    with open(smollm_gguf, "rb") as f:
+        bad.write_bytes(f.read(5_000_000))
+    with pytest.raises(CorruptModelError, match="cut.gguf"):
+        load_checkpoint(bad)
+
+
+def test_random_bytes_gguf_is_corrupt(tmp_path):
+    bad = tmp_path / "noise.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 3)
+    with pytest.raises(CorruptModelError, match="noise.gguf"):
+        load_checkpoint(bad)
+
+
+def test_unsupported_architecture_is_named_with_the_supported_list(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UnsupportedModelError, match=r"gpt2.*llama.*qwen2"):
+        load_checkpoint(tmp_path)
+
+
+def test_pickle_checkpoints_are_refused(tmp_path, tiny_model_dir):
+    folder, _ = tiny_model_dir("llama-gqa-untied")
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(UnsupportedModelError, match="pickle"):
+        load_checkpoint(tmp_path)
+
+
+def test_truncated_safetensors_is_corrupt(tmp_path, tiny_model_dir):
+    folder, _ = tiny_model_dir("llama-gqa-untied")
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    data = (folder / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptModelError, match="model.safetensors"):
+        load_checkpoint(tmp_path)
+
+
+def test_sharded_safetensors_load(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    folder, ref = tiny_model_dir("qwen2-bias")
+    ref.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    a, b = build_model(folder), build_model(tmp_path)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+
+
+@pytest.mark.real
+def test_smollm_gguf_logits_equal_transformers(smollm_gguf):
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    ours = build_model(smollm_gguf)
+    ref = AutoModelForCausalLM.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name, dtype=torch.float32,
+                                               quantization_config=GgufConfig(dequantize=True)).eval()
+    ids = torch.randint(3, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    cache = KVCache.for_model(ours.config, 1, 64, torch.float32, "cpu")
+    logits = ours(ids, torch.arange(64)[None], cache)
+    with torch.no_grad():
+        expected = ref(ids).logits
+    assert (logits - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b-instruct.Q4_K_M.gguf", "gemma-3-270m.Q4_K_M.gguf"])
+def test_other_real_gguf_logits_equal_transformers(name, smollm_gguf):
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    path = smollm_gguf.parent / name
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    ours = build_model(path)
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                               quantization_config=GgufConfig(dequantize=True)).eval()
+    # longer than gemma's 512-token sliding window
+    ids = torch.randint(3, 10000, (1, 600), generator=torch.Generator().manual_seed(0))
+    cache = KVCache.for_model(ours.config, 1, 600, torch.float32, "cpu")
+    logits = ours(ids, torch.arange(600)[None], cache)
+    with torch.no_grad():
+        expected = ref(ids).logits
+    assert (logits - expected).abs().max().item() < 1e-4

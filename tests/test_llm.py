@@ -1,0 +1,109 @@
+"""The public API on the real SmolLM2 GGUF: generation equals transformers, streaming, stops, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leaplm import LLM, SamplingParams
+from leaplm.errors import InvalidParamsError, ModelNotFoundError, PromptTooLongError
+
+pytestmark = pytest.mark.real
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "List three colours of the rainbow:\n1.",
+    "Once upon a time, in a small village by the sea,",
+]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm_gguf):
+    return LLM(str(smollm_gguf))
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm_gguf):
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    return AutoModelForCausalLM.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name, dtype=torch.float32,
+                                                quantization_config=GgufConfig(dequantize=True)).eval()
+
+
+def test_greedy_equals_transformers_on_several_prompts(llm, hf_model):
+    params = SamplingParams(temperature=0, max_tokens=40)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    eos = sorted(llm.tokenizer.eos_token_ids)
+    for prompt, out in zip(PROMPTS, outs):
+        ids = torch.tensor([out.prompt_token_ids])
+        with torch.no_grad():
+            ref = hf_model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+        assert out.token_ids == ref[0, ids.shape[1]:].tolist(), prompt
+        assert out.text == llm.tokenizer.decode(out.token_ids)
+
+
+def test_chat_template_and_eos(llm):
+    out = llm.chat([{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0, max_tokens=64))[0]
+    assert out.finish_reason in ("stop", "length") and out.text.strip()
+    rendered = llm.tokenizer.render_chat([{"role": "user", "content": "Say hello."}])
+    assert rendered.rstrip().endswith("<|im_start|>assistant")
+    if out.finish_reason == "stop":
+        assert out.token_ids[-1] in llm.tokenizer.eos_token_ids
+
+
+def test_stream_concatenates_to_the_generated_text(llm):
+    params = SamplingParams(temperature=0, max_tokens=30)
+    pieces = list(llm.stream("Emoji and accents: café 🚀 naïve 世界. Continue:", params))
+    assert "".join(pieces) == llm.last_output.text
+    assert all("\ufffd" not in p for p in pieces)
+    assert llm.last_output.token_ids == llm.generate("Emoji and accents: café 🚀 naïve 世界. Continue:", params,
+                                                     use_tqdm=False)[0].token_ids
+
+
+def test_stop_string_cuts_text_and_finishes(llm):
+    full = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0]
+    stop = " " + full.text.split()[3]  # a word from the middle of the greedy answer
+    cut = full.text[: full.text.index(stop)]
+    params = SamplingParams(temperature=0, max_tokens=30, stop=[stop, "never-appears"])
+    out = llm.generate(PROMPTS[2], params, use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.text == cut
+    assert len(out.token_ids) < len(full.token_ids)
+    assert "".join(llm.stream(PROMPTS[2], params)) == cut
+    kept = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=30, stop=[stop],
+                                                   include_stop_str_in_output=True), use_tqdm=False)[0]
+    assert kept.text == cut + stop
+
+
+def test_max_tokens_and_stop_token_ids(llm):
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    target = out.token_ids[2]
+    stopped = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, stop_token_ids=[target]),
+                           use_tqdm=False)[0]
+    assert stopped.token_ids == out.token_ids[: out.token_ids.index(target) + 1] and stopped.finish_reason == "stop"
+
+
+def test_seeded_sampling_reproducible_and_batch_independent(llm):
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_tokens=20)
+    a = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    b = llm.generate(PROMPTS[1], params, use_tqdm=False)
+    assert a[1].token_ids == b[0].token_ids
+    assert a[0].token_ids == llm.generate(PROMPTS[0], params, use_tqdm=False)[0].token_ids
+
+
+def test_token_id_prompts_and_vllm_style_outputs(llm):
+    ids = llm.tokenizer.encode(PROMPTS[0])
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    assert out.prompt_token_ids == ids and out.outputs[0].text == out.text
+    assert out.metrics["output_tokens"] == 8 and out.metrics["target_passes"] == 8
+
+
+def test_bad_input_messages(llm, tmp_path):
+    with pytest.raises(PromptTooLongError, match="context window"):
+        llm.generate([[5] * (llm.engine.max_model_len + 1)], use_tqdm=False)
+    with pytest.raises(InvalidParamsError, match="empty"):
+        llm.generate([[]], use_tqdm=False)
+    with pytest.raises(InvalidParamsError, match="top_p"):
+        llm.generate("hi", SamplingParams(top_p=0))  # raised when building the params
+    with pytest.raises(ModelNotFoundError, match="does-not-exist"):
+        LLM(str(tmp_path / "does-not-exist.gguf"))
