@@ -127,6 +127,19 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .bench.roofline import format_roofline, roofline
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    llm = _load(args)
+    _info("measuring memory bandwidth and profiling greedy decode (about a minute)")
+    print(format_roofline(llm.model_path.name, roofline(llm.model)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leaplm", description="Fast and faithful LLM text generation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
     m.add_argument("names", nargs="*")
     m.set_defaults(func=cmd_models)
+
+    pr = sub.add_parser("profile", help="decode speed vs the memory-bandwidth ceiling, and where the time goes")
+    pr.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    _add_model_args(pr)
+    pr.set_defaults(func=cmd_profile)
 
     try:
         from .bench.cli import add_parser as add_bench
