@@ -146,7 +146,7 @@ class LLM:
         """
         params = self._params_list(sampling_params, 1)[0]
         batch = self.engine.start([self.encode(prompt)], [params])
-        tracker = _TextTracker(self.tokenizer, params)
+        tracker = _TextTracker(self.tokenizer, params, batch.rows[0].prompt_ids)
         while not batch.done:
             self._advance(batch, [tracker])
             piece = tracker.take_visible(final=batch.done)
@@ -171,7 +171,7 @@ class LLM:
 
     def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         batch = self.engine.start(prompts, params)
-        texts = [_TextTracker(self.tokenizer, p) for p in params]
+        texts = [_TextTracker(self.tokenizer, p, ids) for p, ids in zip(params, prompts)]
         while not batch.done:
             self._advance(batch, texts)
         return [self._output(batch, b, texts[b]) for b in range(len(prompts))]
@@ -202,8 +202,9 @@ class LLM:
 class _TextTracker:
     """Incremental text of one row plus stop-string handling (text is cut before the stop string)."""
 
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams) -> None:
-        self.detok = tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens)
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
+        # the prompt's last tokens give the first generated word its leading space (sentencepiece)
+        self.detok = tokenizer.detokenizer(prompt_ids, skip_special_tokens=params.skip_special_tokens)
         self.stops = params.stop or []
         self.include_stop = params.include_stop_str_in_output
         self.hold = max((len(s) for s in self.stops), default=1) - 1  # chars that may start a stop string
@@ -247,10 +248,12 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("eta"), TimeRemainingColumn(), transient=True)
+                            TextColumn("eta"), TimeRemainingColumn(), transient=True,
+                            console=Console(stderr=True))
         self.bar.start()
         task = self.bar.add_task("generate", total=self.total)
         return lambda: self.bar.advance(task)

@@ -1,0 +1,112 @@
+"""``leaplm bench``: measure leaplm's decoding methods against vanilla and peer engines, same run.
+
+    leaplm bench [--model M] [--draft-model D] --workload W [--limit N] [--max-tokens N]
+                 [--methods m1,m2:k=v] [--peers hf,llamacpp] [--temperature T] [--threads N]
+                 [--warmup N] --out DIR
+
+``add_parser(subparsers)`` registers the sub-command (its ``func`` is ``main``); ``main(args) -> int``
+runs it and writes ``DIR/results.json``, ``DIR/report.md``, ``DIR/outputs.jsonl`` and the PNG plots,
+then prints the main table. ``python -m leaplm.bench.cli ARGS`` runs it without the ``leaplm`` entry point.
+Errors a user can cause raise ``LeapLMError`` (printed as one ``error:`` line by the CLI).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .methods import METHODS
+from .peers import KNOWN_PEERS
+
+
+def _help_methods() -> str:
+    return ", ".join(sorted(METHODS))
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="benchmark decoding methods vs vanilla and peer engines (Spec-Bench protocol)",
+        description="Run every sample with vanilla decoding, then each --methods entry and each --peers engine, "
+                    "interleaved, on identical prompt token ids; write results.json, report.md and plots to --out.")
+    add_arguments(p)
+    p.set_defaults(func=main)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="known name, .gguf file or HF folder (default: smollm2-135m-instruct)")
+    p.add_argument("--draft-model", default=None, help="draft model for methods that use one")
+    p.add_argument("--workload", "-w", required=True,
+                   help="spec_bench[:PATH] | humaneval[:PATH] | builtin | FILE.jsonl "
+                        "({prompt} | {turns} | {prompt_ids}, optional id, category)")
+    p.add_argument("--limit", type=int, default=None, help="first N samples of each category")
+    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per generation (default 256)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated leaplm methods besides vanilla (always first), knobs as name:k=v[:k=v]; "
+                        f"known: {_help_methods()}")
+    p.add_argument("--peers", default=None, help=f"comma-separated peer engines: {', '.join(KNOWN_PEERS)}")
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0, help="base seed when --temperature > 0")
+    p.add_argument("--threads", type=int, default=None, help=f"torch / llama.cpp threads (default: {os.cpu_count()})")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up samples run by every method/peer, not timed")
+    p.add_argument("--dtype", default=None, help="auto (default) | float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar / log lines")
+    p.add_argument("--out", "-o", required=True, type=Path, help="output folder")
+
+
+def _command(args) -> list[str]:
+    """The exact argv when this process was started as the bench command, else rebuilt from ``args``."""
+    argv = getattr(args, "argv", None)
+    if argv is not None:
+        return list(argv)
+    if "bench" in sys.argv[1:2] or sys.argv[0].endswith(("leaplm/bench/cli.py", "leaplm.bench.cli")):
+        return [Path(sys.argv[0]).name] + sys.argv[1:]
+    rebuilt = ["leaplm", "bench"]
+    for flag, value in [("--model", args.model), ("--draft-model", args.draft_model), ("--workload", args.workload),
+                        ("--limit", args.limit), ("--max-tokens", args.max_tokens), ("--methods", args.methods),
+                        ("--peers", args.peers), ("--temperature", args.temperature), ("--threads", args.threads),
+                        ("--warmup", args.warmup), ("--dtype", args.dtype), ("--device", args.device),
+                        ("--out", args.out)]:
+        if value is not None:
+            rebuilt += [flag, str(value)]
+    return rebuilt
+
+
+def main(args) -> int:
+    from .report import print_table, write_all
+    from .runner import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        workload=args.workload, model=args.model, draft_model=args.draft_model, limit=args.limit,
+        max_tokens=args.max_tokens, methods=args.methods, peers=args.peers, temperature=args.temperature,
+        threads=args.threads, warmup=args.warmup, dtype=args.dtype, device=args.device, seed=args.seed,
+        out=args.out, command=_command(args), progress=getattr(args, "progress", True))
+    results = run_bench(cfg)
+    files = write_all(results, args.out)
+    print_table(results)
+    print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
+    return 1 if results["not_exact"] else 0
+
+
+def run(argv: list[str]) -> int:
+    """Parse ``argv`` (without the program name) and run, as ``leaplm bench`` would."""
+    from ..errors import LeapLMError
+
+    parser = argparse.ArgumentParser(prog="leaplm bench")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.argv = ["leaplm", "bench"] + list(argv)
+    try:
+        return main(args)
+    except LeapLMError as e:
+        if os.environ.get("LEAPLM_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

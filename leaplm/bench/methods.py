@@ -1,0 +1,211 @@
+"""leaplm decoding methods under test, by name, and the loaded target they run on.
+
+A method is ``fn(target, prompt_ids, params, **knobs) -> Generation``: generate for ONE prompt (batch 1)
+with the target model and return the new token ids, the time to first token and the number of
+target forward passes. The runner times the call (wall clock) itself. Register with::
+
+    @register_method("prompt_lookup", lossless=True, description="n-gram drafts from the prompt")
+    def prompt_lookup(target, prompt_ids, params, k: int = 10, n: int = 3) -> Generation: ...
+
+and select on the command line with ``--methods prompt_lookup:k=8:n=2`` (knobs ``name=value`` after
+the name, separated by ``:``; values parsed as int, float, true/false, else string). The label in the
+results is the text as given, so one method can run with several knob settings side by side.
+``lossless=True`` claims greedy output identical to ``vanilla``: the report marks it NOT EXACT when not.
+
+``vanilla`` (plain autoregressive decoding with leaplm's engine) always runs first and is the reference.
+
+``load_target(model_path, ...)`` loads the model once: through ``LLM`` (tokenizer, chat template) when
+the folder/file has a tokenizer, else - only for token-id workloads - the model and ``Engine`` alone,
+with EOS ids from ``config.json`` / ``generation_config.json``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import BenchError
+
+# --------------------------------------------------------------------------- results of one generation
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    ttft_s: float | None = None            # first token's arrival after the call started (prefill)
+    target_passes: int | None = None       # target model forward passes (None: not counted, e.g. peers)
+    finish_reason: str | None = None
+
+
+# --------------------------------------------------------------------------- the loaded target
+
+
+@dataclass
+class Target:
+    """What every method runs on. ``tokenizer``/``llm`` are None for a model folder without tokenizer."""
+
+    model_path: Path
+    model: Any
+    engine: Any
+    tokenizer: Any | None
+    llm: Any | None
+    eos_token_ids: list[int]
+    device: Any
+    dtype: Any
+    draft_model_path: Path | None = None
+    cache: dict = field(default_factory=dict)   # methods keep loaded extras here (e.g. a draft model)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.tokenizer is not None and bool(getattr(self.tokenizer.hf, "chat_template", None))
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = getattr(self.tokenizer.hf, "pad_token_id", None) if self.tokenizer is not None else None
+        return int(pad) if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+
+
+def _config_eos_ids(folder: Path) -> list[int]:
+    ids: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        f = folder / name
+        if f.is_file():
+            val = json.loads(f.read_text()).get("eos_token_id")
+            ids += [val] if isinstance(val, int) else [int(v) for v in (val or [])]
+    return sorted(set(ids))
+
+
+def load_target(model_path: Path, *, dtype=None, device=None, need_tokenizer: bool = True,
+                draft_model_path: Path | None = None) -> Target:
+    """Load the target once (see module docstring). Raises the loader's ``LeapLMError`` on bad input."""
+    from ..errors import ModelNotFoundError
+    from ..llm import LLM
+
+    try:
+        llm = LLM(str(model_path), dtype=dtype, device=device, max_batch_size=1, download=False)
+    except ModelNotFoundError as e:
+        # The path exists (already resolved): a missing tokenizer is the only ModelNotFoundError left
+        # that the model-only path can get around, and only for token-id workloads.
+        if need_tokenizer or not model_path.is_dir() or "tokenizer" not in str(e):
+            raise
+        return _load_without_tokenizer(model_path, dtype, device, draft_model_path)
+    eos = sorted(llm.tokenizer.eos_token_ids)
+    return Target(Path(llm.model_path), llm.model, llm.engine, llm.tokenizer, llm, eos, llm.device, llm.dtype,
+                  draft_model_path)
+
+
+def _load_without_tokenizer(folder: Path, dtype, device, draft_model_path) -> Target:
+    import torch
+
+    from ..engine import Engine
+    from ..llm import parse_dtype
+    from ..models.load import build_model
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = parse_dtype(dtype, dev)
+    model = build_model(folder, dtype=dt, device=dev)
+    eos = _config_eos_ids(folder)
+    return Target(folder, model, Engine(model, eos), None, None, eos, dev, dt, draft_model_path)
+
+
+# --------------------------------------------------------------------------- registry
+
+MethodFn = Callable[..., Generation]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: MethodFn
+    lossless: bool = True
+    description: str = ""
+
+    def knob_names(self) -> list[str] | None:
+        """Accepted knob names (None: any, the function takes ``**knobs``)."""
+        params = list(inspect.signature(self.fn).parameters.values())[3:]
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return None
+        return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, fn: MethodFn | None = None, *, lossless: bool = True, description: str = ""):
+    """Add a method to ``METHODS`` (usable as a decorator). Re-registering a name replaces it."""
+    def add(f: MethodFn) -> MethodFn:
+        METHODS[name] = MethodSpec(name, f, lossless, description)
+        return f
+
+    return add(fn) if fn is not None else add
+
+
+@dataclass
+class MethodRun:
+    """One ``--methods`` entry: the method plus its knobs."""
+
+    label: str
+    spec: MethodSpec
+    knobs: dict
+
+    def __call__(self, target: Target, prompt_ids: list[int], params) -> Generation:
+        return self.spec.fn(target, prompt_ids, params, **self.knobs)
+
+
+def _value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method(text: str) -> MethodRun:
+    name, *pieces = text.strip().split(":")
+    if name not in METHODS:
+        raise BenchError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    spec = METHODS[name]
+    knobs = {}
+    for piece in pieces:
+        key, eq, val = piece.partition("=")
+        if not eq or not key:
+            raise BenchError(f"bad knob {piece!r} in method {text!r}: write name:key=value[:key=value...]")
+        knobs[key] = _value(val)
+    allowed = spec.knob_names()
+    if allowed is not None:
+        bad = [k for k in knobs if k not in allowed]
+        if bad:
+            raise BenchError(f"method {name!r} has no knob {bad[0]!r}; its knobs: {', '.join(allowed) or 'none'}")
+    return MethodRun(text.strip(), spec, knobs)
+
+
+def parse_methods(text: str | None) -> list[MethodRun]:
+    """``"m1,m2:k=v"`` -> runs, ``vanilla`` first (added when absent), duplicates removed."""
+    entries = [t.strip() for t in (text or "").split(",") if t.strip()]
+    runs = [parse_method("vanilla")]
+    for entry in entries:
+        run = parse_method(entry)
+        if run.label not in [r.label for r in runs]:
+            runs.append(run)
+    return runs
+
+
+# --------------------------------------------------------------------------- vanilla
+
+
+@register_method("vanilla", lossless=True, description="plain autoregressive decoding (the reference)")
+def vanilla(target: Target, prompt_ids: list[int], params) -> Generation:
+    started = time.perf_counter()
+    batch = target.engine.start([prompt_ids], [params])
+    while not batch.done:
+        batch.step()
+    row = batch.rows[0]
+    ttft = row.first_token_at - started if row.first_token_at is not None else None
+    return Generation(list(row.output_ids), ttft, row.target_passes, row.finish_reason)
