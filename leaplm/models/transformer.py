@@ -51,9 +51,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         cache.write(self.layer, k, v, step.positions, step.contiguous_start)
         keys, values = cache.view(self.layer, step.kv_len)
-        mask = step.sliding_mask if self.sliding else step.full_mask
+        mask, causal = (step.sliding_mask, step.sliding_causal) if self.sliding else (step.full_mask, step.full_causal)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scale,
+            q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, T, D]
         return self.o(out.transpose(1, 2).reshape(B, T, self.q_size))
@@ -97,24 +97,35 @@ class Block(nn.Module):
 
 
 class _Step:
-    """Per-forward attention geometry shared by all layers."""
+    """Per-forward attention geometry shared by all layers.
+
+    Masks are built only where needed: a fresh prefill (positions ``0..T-1`` in every row, no
+    earlier slots) is plain causal attention (``is_causal``, the fast kernel path), and a single
+    decode query sees every slot below it. Otherwise ``[B, 1, T, S]`` boolean masks.
+    """
 
     def __init__(self, positions: Tensor, cfg: ModelConfig, kv_len: int, contiguous_start: int | None) -> None:
         self.positions = positions
         self.kv_len = kv_len
         self.contiguous_start = contiguous_start
         B, T = positions.shape
-        # a single query whose position is the last slot sees every slot: no mask needed
-        need_full = T > 1 or B > 1
-        slots = torch.arange(kv_len, device=positions.device)
-        causal = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        self.full_mask = causal[:, None] if need_full else None
-        self.sliding_mask = None
-        if cfg.sliding_window is not None and "sliding" in cfg.layer_types:
-            window = slots[None, None, :] > positions[:, :, None] - cfg.sliding_window
-            self.sliding_mask = (causal & window)[:, None]
-            if not need_full and bool(self.sliding_mask.all()):
-                self.sliding_mask = None
+        fresh = contiguous_start == 0 and kv_len == T
+        single = B == 1 and T == 1
+        self.full_causal = fresh and T > 1
+        self.full_mask = None
+        causal = None
+        if not (fresh or single):
+            slots = torch.arange(kv_len, device=positions.device)
+            causal = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+            self.full_mask = causal[:, None]
+        self.sliding_causal, self.sliding_mask = self.full_causal, self.full_mask
+        window = cfg.sliding_window if "sliding" in cfg.layer_types else None
+        if window is not None and not ((single and kv_len <= window) or (fresh and T <= window)):
+            slots = torch.arange(kv_len, device=positions.device)
+            if causal is None:
+                causal = slots[None, None, :] <= positions[:, :, None]
+            in_window = slots[None, None, :] > positions[:, :, None] - window
+            self.sliding_causal, self.sliding_mask = False, (causal & in_window)[:, None]
 
 
 class Transformer(nn.Module):
