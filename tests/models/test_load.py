@@ -66,36 +66,29 @@ def test_sharded_safetensors_load(tmp_path, tiny_model_dir):
         assert na == nb and torch.equal(pa, pb)
 
 
-@pytest.mark.real
-def test_smollm_gguf_logits_equal_transformers(smollm_gguf):
+def _assert_logits_equal_transformers(path, length: int) -> None:
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    ours = build_model(smollm_gguf)
-    ref = AutoModelForCausalLM.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name, dtype=torch.float32,
+    ours = build_model(path)
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                quantization_config=GgufConfig(dequantize=True)).eval()
-    ids = torch.randint(3, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
-    cache = KVCache.for_model(ours.config, 1, 64, torch.float32, "cpu")
-    logits = ours(ids, torch.arange(64)[None], cache)
+    ids = torch.randint(3, 10000, (1, length), generator=torch.Generator().manual_seed(0))
+    cache = KVCache.for_model(ours.config, 1, length, torch.float32, "cpu")
+    logits = ours(ids, torch.arange(length)[None], cache)
     with torch.no_grad():
         expected = ref(ids).logits
     assert (logits - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.real
+def test_smollm_gguf_logits_equal_transformers(smollm_gguf):
+    _assert_logits_equal_transformers(smollm_gguf, 64)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b-instruct.Q4_K_M.gguf", "gemma-3-270m.Q4_K_M.gguf"])
 def test_other_real_gguf_logits_equal_transformers(name, smollm_gguf):
-    from transformers import AutoModelForCausalLM, GgufConfig
-
     path = smollm_gguf.parent / name
     if not path.exists():
         pytest.skip(f"{path} not present")
-    ours = build_model(path)
-    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                               quantization_config=GgufConfig(dequantize=True)).eval()
-    # longer than gemma's 512-token sliding window
-    ids = torch.randint(3, 10000, (1, 600), generator=torch.Generator().manual_seed(0))
-    cache = KVCache.for_model(ours.config, 1, 600, torch.float32, "cpu")
-    logits = ours(ids, torch.arange(600)[None], cache)
-    with torch.no_grad():
-        expected = ref(ids).logits
-    assert (logits - expected).abs().max().item() < 1e-4
+    _assert_logits_equal_transformers(path, 600)  # longer than gemma's 512-token sliding window
