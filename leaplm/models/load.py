@@ -171,6 +171,12 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Tensor | None
     config = ModelConfig.from_gguf(meta, vocab_size=vocab, has_output="output.weight" in by_name)
     if "blk.0.attn_q.bias" in by_name:
         config = _replace(config, attention_bias=True)
+    q_rows = int(by_name["blk.0.attn_q.weight"].shape[-1]) if "blk.0.attn_q.weight" in by_name else None
+    if q_rows and q_rows != config.num_heads * config.head_dim and q_rows % config.num_heads == 0:
+        # files without attention.key_length whose head_dim is not hidden / heads (e.g. qwen3)
+        head_dim = q_rows // config.num_heads
+        config = _replace(config, head_dim=head_dim,
+                          attn_scale=head_dim ** -0.5 if config.attn_scale is not None else None)
     arch = meta["general.architecture"]
     permuted = arch in ("llama", "mistral")
     gemma = config.norm_offset != 0.0
