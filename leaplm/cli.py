@@ -108,6 +108,10 @@ def cmd_chat(args) -> int:
             print()
         except KeyboardInterrupt:  # stop this answer, keep the session
             print(" [interrupted]")
+        except LeapLMError as e:  # e.g. the conversation outgrew the context window: keep the session
+            print(f"\nerror: {e} (use /reset to start over)", file=sys.stderr)
+            messages.pop()
+            continue
         messages.append({"role": "assistant", "content": "".join(pieces)})
 
 

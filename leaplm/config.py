@@ -105,6 +105,10 @@ class ModelConfig:
         model_type = cfg.get("model_type")
         if model_type == "gemma3" and "text_config" in cfg:
             cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
+            model_type = "gemma3_text"
+        if model_type in ("gemma3", "gemma3_text"):
+            # published gemma-3 multimodal configs omit every field equal to Gemma3TextConfig's default
+            cfg = {**_GEMMA3_DEFAULTS, **cfg}
         family = _HF_MODEL_TYPES.get(str(model_type))
         if family is None:
             archs = cfg.get("architectures") or []
@@ -216,6 +220,14 @@ class ModelConfig:
             layer_types=layer_types,
             tie_word_embeddings=not has_output,
         )
+
+
+_GEMMA3_DEFAULTS = {
+    "vocab_size": 262208, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "query_pre_attn_scalar": 256, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "sliding_window_pattern": 6,
+    "hidden_activation": "gelu_pytorch_tanh",
+}
 
 
 def _act(name: str) -> str:

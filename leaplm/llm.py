@@ -11,6 +11,7 @@ The engine below it sees token ids only.
 """
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,10 @@ class RequestOutput:
     @property
     def outputs(self) -> list["RequestOutput"]:
         return [self]
+
+
+def _is_token_id(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -101,9 +106,9 @@ class LLM:
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
             ids = list(prompt.tolist() if hasattr(prompt, "tolist") else prompt)
-            if not all(isinstance(t, int) for t in ids):
+            if not all(_is_token_id(t) for t in ids):
                 raise InvalidParamsError("a token-id prompt must be a list of integers")
-            return ids
+            return [int(t) for t in ids]
         raise InvalidParamsError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}")
 
     def chat_prompt(self, messages: Messages) -> list[int]:
@@ -113,7 +118,9 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete each prompt. Prompts run in batches of ``max_batch_size`` (similar lengths together)."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+        if hasattr(prompts, "tolist"):  # a torch / numpy array of ids (1-D) or of prompts (2-D)
+            prompts = prompts.tolist()
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and _is_token_id(prompts[0])):
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params_list(sampling_params, len(prompts))
@@ -180,8 +187,10 @@ class LLM:
         for out in batch.step():
             tracker = texts[out.row]
             tracker.add(out.new_token_ids, finished=out.finish_reason is not None)
-            if tracker.stopped and out.finish_reason is None:
+            if tracker.stopped:
+                # a stop string completed by the row's last allowed token still counts as "stop"
                 batch.finish(out.row, "stop")
+                batch.rows[out.row].finish_reason = "stop"
 
     def _output(self, batch: Batch, b: int, tracker: "_TextTracker") -> RequestOutput:
         r = batch.rows[b]

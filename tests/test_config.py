@@ -57,3 +57,12 @@ def test_refusals_name_the_problem(change, message):
 def test_unsupported_gguf_arch_is_named():
     with pytest.raises(UnsupportedModelError, match="phi3"):
         ModelConfig.from_gguf({"general.architecture": "phi3"}, vocab_size=10, has_output=True)
+
+
+def test_sparse_gemma3_multimodal_config_gets_the_text_defaults():
+    cfg = ModelConfig.from_hf({"model_type": "gemma3", "text_config": {
+        "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}})
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (8, 4, 256)
+    assert cfg.rope.theta == 1e6 and cfg.rope.rope_type == "linear" and cfg.rope_local.theta == 1e4
+    assert cfg.layer_types[5] == "full" and cfg.layer_types[0] == "sliding" and cfg.sliding_window == 1024

@@ -107,3 +107,18 @@ def test_bad_input_messages(llm, tmp_path):
         llm.generate("hi", SamplingParams(top_p=0))  # raised when building the params
     with pytest.raises(ModelNotFoundError, match="does-not-exist"):
         LLM(str(tmp_path / "does-not-exist.gguf"))
+
+
+def test_array_prompts_and_stop_string_on_the_last_token(llm):
+    import numpy as np
+
+    ids = llm.tokenizer.encode(PROMPTS[0])
+    expected = llm.generate([ids], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
+    for prompt in (torch.tensor(ids), np.array(ids), [np.int64(t) for t in ids]):
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+        assert len(out) == 1 and out[0].token_ids == expected.token_ids
+    last_piece = llm.tokenizer.decode(expected.token_ids[-1:])
+    if last_piece.strip():
+        out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=6, stop=[last_piece.strip()]),
+                           use_tqdm=False)[0]
+        assert out.finish_reason == "stop"
