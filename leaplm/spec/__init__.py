@@ -1,0 +1,1 @@
+"""Speculative decoding: drafters propose, ``verify`` decides what survives (see verify.py)."""
