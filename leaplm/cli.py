@@ -19,6 +19,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="auto (default: float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + generated tokens")
+    p.add_argument("--spec", default=None, choices=["prompt_lookup"],
+                   help="lossless speculative decoding method (default: none)")
+    p.add_argument("--num-draft", type=int, default=8, help="draft tokens per step with --spec (default 8)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +52,9 @@ def _load(args):
 
     started = time.perf_counter()
     with _status(f"loading {args.model or 'smollm2-135m-instruct'}"):
-        llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+        spec = {"method": args.spec, "num_draft": args.num_draft} if getattr(args, "spec", None) else None
+        llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                  speculative=spec)
     _info(f"loaded {llm.model_path.name} ({llm.config.family}, {llm.dtype}, {llm.device}) in "
           f"{time.perf_counter() - started:.1f}s")
     return llm
@@ -75,6 +80,9 @@ def cmd_generate(args) -> int:
         print(out.text)
     m = out.metrics
     speed = f", {m['decode_tokens_per_s']:.1f} tok/s decode" if m.get("decode_tokens_per_s") else ""
+    if m.get("drafted"):
+        speed += (f", {m['target_passes']} target passes, {m['accepted']}/{m['drafted']} drafted tokens accepted, "
+                  f"{m['mean_accepted_tokens']:.2f} tokens/pass")
     _info(f"{m['output_tokens']} tokens ({out.finish_reason}), prompt {m['prompt_tokens']} tokens, "
           f"ttft {m['ttft_s'] * 1000:.0f} ms{speed}")
     return 0

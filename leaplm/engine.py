@@ -19,7 +19,9 @@ import torch
 
 from .cache.kv import KVCache
 from .errors import InvalidParamsError, PromptTooLongError
-from .sampling import SamplingParams, TokenHistory, make_generator, sample
+from .sampling import SamplingParams, TokenHistory, make_generator
+from .spec.drafters.base import Draft, Drafter
+from .spec.verify import target_probabilities, verify_greedy, verify_sampling
 
 
 @dataclass
@@ -36,6 +38,10 @@ class RowState:
     first_token_at: float | None = None
     finished_at: float | None = None
     target_passes: int = 0
+    drafted: int = 0                  # draft tokens proposed to the target
+    accepted: int = 0                 # draft tokens the target accepted
+    draft_s: float = 0.0              # time spent drafting
+    verify_s: float = 0.0             # time spent in target passes + verification
 
     @property
     def finished(self) -> bool:
@@ -73,7 +79,8 @@ class Engine:
         if bad:
             raise InvalidParamsError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
 
-    def start(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> "Batch":
+    def start(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+              drafter: Drafter | None = None) -> "Batch":
         if len(prompts) != len(params):
             raise InvalidParamsError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
         rows = []
@@ -87,15 +94,24 @@ class Engine:
                 generator=None if p.greedy else make_generator(p.seed, device),
                 history=TokenHistory(self.config.vocab_size, ids, device) if p.uses_penalties else None,
             ))
-        return Batch(self, rows)
+        return Batch(self, rows, drafter)
 
 
 class Batch:
-    def __init__(self, engine: Engine, rows: list[RowState]) -> None:
+    """One batch of requests in flight. Every decode step is draft -> one target pass -> verify ->
+    commit; without a drafter the draft is empty and this is plain decoding (one token per step)."""
+
+    def __init__(self, engine: Engine, rows: list[RowState], drafter: Drafter | None = None) -> None:
         self.engine = engine
         self.model = engine.model
         self.rows = rows
-        capacity = max(len(r.prompt_ids) + r.max_new for r in rows)
+        self.drafter = drafter
+        for b in range(len(rows)):
+            if drafter is not None:
+                drafter.reset(b)
+        # slack for draft tokens written past a finished row's length while other rows speculate
+        slack = drafter.num_draft if drafter is not None else 0
+        capacity = max(len(r.prompt_ids) + r.max_new for r in rows) + slack
         self.cache = KVCache.for_model(self.model.config, len(rows), capacity, self.model.dtype, self.model.device)
         self.pending: list[int | None] = [None] * len(rows)
 
@@ -112,11 +128,12 @@ class Batch:
     def step(self) -> list[StepOutput]:
         if self.done:
             return []
+        started = time.perf_counter()
         if self.pending[0] is None and not any(r.output_ids for r in self.rows):
-            logits = self._prefill()
-        else:
-            logits = self._decode()
-        return self._accept(logits)
+            return self._accept(self._prefill()[:, None], [Draft([])] * len(self.rows), started, prefill=True)
+        drafts = self._propose()
+        started = time.perf_counter()
+        return self._accept(self._decode(drafts), drafts, started, prefill=False)
 
     # ------------------------------------------------------------------ passes
     def _prefill(self) -> torch.Tensor:
@@ -147,38 +164,67 @@ class Batch:
             self.rows[b].target_passes += 1
         return out
 
-    def _decode(self) -> torch.Tensor:
-        """Feed each row's pending token at its committed length; ``[B, V]`` logits."""
+    def _propose(self) -> list[Draft]:
+        drafts = []
+        for b, r in enumerate(self.rows):
+            room = r.max_new - len(r.output_ids) - 1  # a verdict adds accepted + 1 tokens
+            if self.drafter is None or r.finished or room < 1:
+                drafts.append(Draft([]))
+                continue
+            t = time.perf_counter()
+            draft = self.drafter.propose(b, r.prompt_ids + r.output_ids, min(self.drafter.num_draft, room))
+            r.draft_s += time.perf_counter() - t
+            drafts.append(draft)
+        return drafts
+
+    def _decode(self, drafts: list[Draft]) -> torch.Tensor:
+        """Feed each row's pending token + its draft at the committed length; ``[B, 1 + k, V]`` logits."""
         device = self.model.device
         lengths = self.cache.lengths
-        feed = [p if p is not None else 0 for p in self.pending]
-        tokens = torch.tensor(feed, device=device)[:, None]
-        positions = torch.tensor(lengths, device=device)[:, None]
+        width = 1 + max(len(d.tokens) for d in drafts)
+        feed = torch.zeros(len(self.rows), width, dtype=torch.long)
+        for b, (p, d) in enumerate(zip(self.pending, drafts)):
+            feed[b, 0] = p if p is not None else 0
+            if d.tokens:
+                feed[b, 1: 1 + len(d.tokens)] = torch.tensor(d.tokens)
+        positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(width, device=device)
         same = all(n == lengths[0] for n in lengths)
-        logits = self.model(tokens, positions, self.cache, kv_len=max(lengths) + 1,
-                            contiguous_start=lengths[0] if same else None)[:, 0]
-        for b, r in enumerate(self.rows):
-            if not r.finished:
-                self.cache.commit(b, lengths[b] + 1)
-                r.target_passes += 1
-        return logits
+        return self.model(feed.to(device), positions, self.cache, kv_len=max(lengths) + width,
+                          contiguous_start=lengths[0] if same else None)
 
-    def _accept(self, logits: torch.Tensor) -> list[StepOutput]:
+    def _accept(self, logits: torch.Tensor, drafts: list[Draft], started: float, prefill: bool) -> list[StepOutput]:
+        """Verify each row's draft against ``logits [B, 1 + k, V]``, commit, apply stop rules."""
         outputs = []
         now = time.perf_counter()
         for b, r in enumerate(self.rows):
             if r.finished:
                 continue
-            token = int(sample(logits[b: b + 1], r.params, r.history, r.generator)[0])
-            r.output_ids.append(token)
-            if r.history is not None:
-                r.history.add([token])
+            draft = drafts[b].tokens
+            probs = target_probabilities(logits[b, : len(draft) + 1], r.params, r.history, draft)
+            if r.params.greedy:
+                verdict = verify_greedy(draft, probs.argmax(-1).tolist())
+            else:
+                verdict = verify_sampling(draft, probs, drafts[b].probs, r.generator)
+            if not prefill:
+                self.cache.commit(b, self.cache.lengths[b] + 1 + verdict.accepted)
+                r.target_passes += 1
+            r.drafted += len(draft)
+            r.accepted += verdict.accepted
             if r.first_token_at is None:
                 r.first_token_at = now
-            self.pending[b] = token
-            if token in r.stop_ids:
-                self.finish(b, "stop")
-            elif len(r.output_ids) >= r.max_new:
-                self.finish(b, "length")
-            outputs.append(StepOutput(b, [token], r.finish_reason))
+            new = []
+            for token in verdict.tokens:
+                new.append(token)
+                r.output_ids.append(token)
+                if r.history is not None:
+                    r.history.add([token])
+                if token in r.stop_ids:
+                    self.finish(b, "stop")
+                    break
+                if len(r.output_ids) >= r.max_new:
+                    self.finish(b, "length")
+                    break
+            self.pending[b] = new[-1]
+            r.verify_s += time.perf_counter() - started
+            outputs.append(StepOutput(b, new, r.finish_reason))
         return outputs

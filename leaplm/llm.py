@@ -79,12 +79,17 @@ class LLM:
         device: None = CUDA when available, else CPU.
         max_model_len: cap on prompt + generated tokens (default: the model's context window).
         max_batch_size: prompts run together in one batch by ``generate``.
+        speculative: a drafter for lossless speculative decoding, e.g. ``"prompt_lookup"`` or
+            ``{"method": "prompt_lookup", "num_draft": 8, "max_ngram": 3}``. None: plain decoding.
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype | None = None,
                  device: str | None = None, max_model_len: int | None = None, max_batch_size: int = 8,
-                 download: bool = True) -> None:
+                 download: bool = True, speculative: str | dict | None = None) -> None:
         from .models.load import build_model
+        from .spec.drafters import make_drafter
+
+        self.drafter = make_drafter(speculative)  # validate before the slow load
 
         self.model_path = hub.resolve(str(model) if model is not None else hub.DEFAULT_MODEL, download=download)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -152,7 +157,7 @@ class LLM:
         After the iterator ends, ``llm.last_output`` holds the finished ``RequestOutput``.
         """
         params = self._params_list(sampling_params, 1)[0]
-        batch = self.engine.start([self.encode(prompt)], [params])
+        batch = self.engine.start([self.encode(prompt)], [params], self.drafter)
         tracker = _TextTracker(self.tokenizer, params, batch.rows[0].prompt_ids)
         while not batch.done:
             self._advance(batch, [tracker])
@@ -177,7 +182,7 @@ class LLM:
         return params
 
     def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
-        batch = self.engine.start(prompts, params)
+        batch = self.engine.start(prompts, params, self.drafter)
         texts = [_TextTracker(self.tokenizer, p, ids) for p, ids in zip(params, prompts)]
         while not batch.done:
             self._advance(batch, texts)
@@ -204,6 +209,9 @@ class LLM:
                 "prompt_tokens": len(r.prompt_ids), "output_tokens": n, "target_passes": r.target_passes,
                 "ttft_s": (r.first_token_at or end) - r.started, "total_s": end - r.started,
                 "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+                "drafted": r.drafted, "accepted": r.accepted,
+                "mean_accepted_tokens": n / r.target_passes if r.target_passes else None,
+                "draft_s": r.draft_s, "verify_s": r.verify_s,
             },
         )
 

@@ -200,12 +200,24 @@ def parse_methods(text: str | None) -> list[MethodRun]:
 # --------------------------------------------------------------------------- vanilla
 
 
-@register_method("vanilla", lossless=True, description="plain autoregressive decoding (the reference)")
-def vanilla(target: Target, prompt_ids: list[int], params) -> Generation:
+def _run_engine(target: Target, prompt_ids: list[int], params, drafter=None) -> Generation:
     started = time.perf_counter()
-    batch = target.engine.start([prompt_ids], [params])
+    batch = target.engine.start([prompt_ids], [params], drafter)
     while not batch.done:
         batch.step()
     row = batch.rows[0]
     ttft = row.first_token_at - started if row.first_token_at is not None else None
     return Generation(list(row.output_ids), ttft, row.target_passes, row.finish_reason)
+
+
+@register_method("vanilla", lossless=True, description="plain autoregressive decoding (the reference)")
+def vanilla(target: Target, prompt_ids: list[int], params) -> Generation:
+    return _run_engine(target, prompt_ids, params)
+
+
+@register_method("prompt_lookup", lossless=True, description="n-gram drafts from the prompt and output (PLD)")
+def prompt_lookup(target: Target, prompt_ids: list[int], params, num_draft: int = 8, max_ngram: int = 3,
+                  min_ngram: int = 1) -> Generation:
+    from ..spec.drafters import PromptLookup
+
+    return _run_engine(target, prompt_ids, params, PromptLookup(num_draft, max_ngram, min_ngram))

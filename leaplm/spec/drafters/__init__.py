@@ -1,0 +1,26 @@
+"""Drafters, one per file. ``make_drafter(spec)`` builds one from a name or ``{"method": name, **knobs}``."""
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import InvalidParamsError
+from .base import Draft, Drafter
+from .prompt_lookup import PromptLookup
+
+DRAFTERS = {"prompt_lookup": PromptLookup}
+
+
+def make_drafter(spec: str | dict[str, Any] | Drafter | None) -> Drafter | None:
+    if spec is None or isinstance(spec, Drafter):
+        return spec
+    knobs = dict(spec) if isinstance(spec, dict) else {"method": spec}
+    method = knobs.pop("method", None)
+    if method not in DRAFTERS:
+        raise InvalidParamsError(f"unknown speculative method {method!r}; available: {', '.join(DRAFTERS)}")
+    try:
+        return DRAFTERS[method](**knobs)
+    except TypeError as e:
+        raise InvalidParamsError(f"bad options for {method}: {e}") from None
+
+
+__all__ = ["Draft", "Drafter", "PromptLookup", "make_drafter", "DRAFTERS"]

@@ -1,0 +1,94 @@
+"""Prompt lookup inside the engine: greedy output identical to vanilla; drafts actually accepted."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leaplm.engine import Engine
+from leaplm.errors import InvalidParamsError
+from leaplm.models.load import build_model
+from leaplm.sampling import SamplingParams
+from leaplm.spec.drafters import PromptLookup, make_drafter
+
+
+def test_lookup_proposes_the_latest_earlier_continuation():
+    d = PromptLookup(num_draft=3, max_ngram=2)
+    assert d.propose(0, [5, 6, 7, 8, 1, 5, 6], 3).tokens == [7, 8, 1]
+    assert d.propose(0, [5, 6, 7, 8, 1, 5, 6, 9], 3).tokens == []  # (6, 9) and (9,) never seen before
+    d.reset(0)
+    assert d.propose(0, [1, 2, 1, 2, 1], 2).tokens == [2, 1]  # latest match wins, not the first
+    assert d.propose(1, [4], 2).tokens == []
+
+
+def test_bad_knobs_are_refused():
+    with pytest.raises(InvalidParamsError, match="num_draft"):
+        PromptLookup(num_draft=0)
+    with pytest.raises(InvalidParamsError, match="unknown speculative method"):
+        make_drafter("telepathy")
+
+
+def _run(engine, prompts, params, drafter=None):
+    batch = engine.start(prompts, params, drafter)
+    while not batch.done:
+        batch.step()
+    return batch.rows
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gemma3", "qwen2-bias"])
+def test_greedy_prompt_lookup_equals_vanilla_on_ragged_batches(name, tiny_model_dir):
+    folder, _ = tiny_model_dir(name)
+    engine = Engine(build_model(folder), eos_token_ids=[2])
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randint(3, 128, (6,), generator=gen).tolist()
+    prompts = [base * 4, torch.randint(3, 128, (9,), generator=gen).tolist() + base * 2, base[:3] * 5]
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (30, 17, 25)]
+    vanilla = _run(engine, prompts, params)
+    spec = _run(engine, prompts, params, PromptLookup(num_draft=5, max_ngram=3))
+    assert [r.output_ids for r in spec] == [r.output_ids for r in vanilla]
+    assert [r.finish_reason for r in spec] == [r.finish_reason for r in vanilla]
+    assert sum(r.drafted for r in spec) > 0
+    assert sum(r.target_passes for r in spec) <= sum(r.target_passes for r in vanilla)
+
+
+def test_penalties_and_stop_ids_inside_accepted_drafts(tiny_model_dir):
+    folder, _ = tiny_model_dir("llama-gqa-untied")
+    engine = Engine(build_model(folder))
+    prompt = [7, 8, 9, 10] * 6
+    vanilla = _run(engine, [prompt], [SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3)])[0]
+    spec = _run(engine, [prompt], [SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3)],
+                PromptLookup(num_draft=4))[0]
+    assert spec.output_ids == vanilla.output_ids
+    stop = vanilla.output_ids[5]
+    p = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop])
+    a, b = _run(engine, [prompt], [p])[0], _run(engine, [prompt], [p], PromptLookup(num_draft=4))[0]
+    assert a.output_ids == b.output_ids and b.output_ids[-1] == stop and b.finish_reason == "stop"
+
+
+def test_seeded_sampling_without_drafts_is_vanilla(tiny_model_dir):
+    folder, _ = tiny_model_dir("llama-gqa-untied")
+    engine = Engine(build_model(folder))
+    p = SamplingParams(temperature=0.8, seed=3, max_tokens=12)
+    a = _run(engine, [[5, 6, 7]], [p])[0].output_ids
+    b = _run(engine, [[5, 6, 7]], [p])[0].output_ids
+    assert a == b
+
+
+@pytest.mark.real
+def test_prompt_lookup_is_exact_on_spec_bench_style_prompts(smollm_gguf):
+    from leaplm import LLM
+
+    llm = LLM(str(smollm_gguf))
+    spec = LLM.__new__(LLM)
+    spec.__dict__.update(llm.__dict__)
+    spec.drafter = make_drafter({"method": "prompt_lookup", "num_draft": 8})
+    text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+            "It is named after the engineer Gustave Eiffel, whose company designed and built the tower.")
+    prompts = [[{"role": "user", "content": f"Summarize: {text}"}],
+               [{"role": "user", "content": f"Repeat exactly: {text}"}],
+               [{"role": "user", "content": "Write a Python function that adds two numbers, then call it."}]]
+    params = SamplingParams(temperature=0, max_tokens=64)
+    ref = llm.chat(prompts, params, use_tqdm=False)
+    out = spec.chat(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+    assert sum(o.metrics["accepted"] for o in out) > 0
+    assert sum(o.metrics["target_passes"] for o in out) < sum(o.metrics["target_passes"] for o in ref)
