@@ -215,9 +215,9 @@ def vanilla(target: Target, prompt_ids: list[int], params) -> Generation:
     return _run_engine(target, prompt_ids, params)
 
 
-@register_method("prompt_lookup", lossless=True, description="n-gram drafts from the prompt and output (PLD)")
+@register_method("prompt_lookup", lossless=True, description="n-gram drafts from the prompt and output (PLD), 2..3-grams")
 def prompt_lookup(target: Target, prompt_ids: list[int], params, num_draft: int = 8, max_ngram: int = 3,
-                  min_ngram: int = 1) -> Generation:
+                  min_ngram: int = 2) -> Generation:
     from ..spec.drafters import PromptLookup
 
     return _run_engine(target, prompt_ids, params, PromptLookup(num_draft, max_ngram, min_ngram))

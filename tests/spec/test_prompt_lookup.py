@@ -8,7 +8,7 @@ from leaplm.engine import Engine
 from leaplm.errors import InvalidParamsError
 from leaplm.models.load import build_model
 from leaplm.sampling import SamplingParams
-from leaplm.spec.drafters import PromptLookup, make_drafter
+from leaplm.spec.drafters import Draft, Drafter, PromptLookup, make_drafter
 
 
 def test_lookup_proposes_the_latest_earlier_continuation():
@@ -58,19 +58,32 @@ def test_penalties_and_stop_ids_inside_accepted_drafts(tiny_model_dir):
     spec = _run(engine, [prompt], [SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3)],
                 PromptLookup(num_draft=4))[0]
     assert spec.output_ids == vanilla.output_ids
-    stop = vanilla.output_ids[5]
+    plain = _run(engine, [prompt], [SamplingParams(temperature=0, max_tokens=20)])[0]
+    stop = plain.output_ids[5]  # a token the unpenalized greedy run is known to produce
     p = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop])
     a, b = _run(engine, [prompt], [p])[0], _run(engine, [prompt], [p], PromptLookup(num_draft=4))[0]
     assert a.output_ids == b.output_ids and b.output_ids[-1] == stop and b.finish_reason == "stop"
 
 
-def test_seeded_sampling_without_drafts_is_vanilla(tiny_model_dir):
+class _Fixed(Drafter):
+    """Always proposes the same tokens (deterministic q), whatever the context."""
+
+    def __init__(self, tokens):
+        self.tokens, self.num_draft = tokens, len(tokens)
+
+    def propose(self, row, context, k):
+        return Draft(self.tokens[:k])
+
+
+def test_seeded_sampling_is_reproducible_with_and_without_drafts(tiny_model_dir):
     folder, _ = tiny_model_dir("llama-gqa-untied")
     engine = Engine(build_model(folder))
     p = SamplingParams(temperature=0.8, seed=3, max_tokens=12)
-    a = _run(engine, [[5, 6, 7]], [p])[0].output_ids
-    b = _run(engine, [[5, 6, 7]], [p])[0].output_ids
-    assert a == b
+    prompt = [5, 6, 7, 8] * 5
+    assert _run(engine, [prompt], [p])[0].output_ids == _run(engine, [prompt], [p])[0].output_ids
+    a = _run(engine, [prompt], [p], _Fixed([5, 6, 7]))[0]
+    b = _run(engine, [prompt], [p], _Fixed([5, 6, 7]))[0]
+    assert a.output_ids == b.output_ids and len(a.output_ids) == 12 and a.drafted > 0
 
 
 @pytest.mark.real
@@ -78,9 +91,7 @@ def test_prompt_lookup_is_exact_on_spec_bench_style_prompts(smollm_gguf):
     from leaplm import LLM
 
     llm = LLM(str(smollm_gguf))
-    spec = LLM.__new__(LLM)
-    spec.__dict__.update(llm.__dict__)
-    spec.drafter = make_drafter({"method": "prompt_lookup", "num_draft": 8})
+    spec = LLM(str(smollm_gguf), speculative={"method": "prompt_lookup", "num_draft": 8})
     text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
             "It is named after the engineer Gustave Eiffel, whose company designed and built the tower.")
     prompts = [[{"role": "user", "content": f"Summarize: {text}"}],

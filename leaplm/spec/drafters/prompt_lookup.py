@@ -16,7 +16,7 @@ from .base import Draft, Drafter
 class PromptLookup(Drafter):
     name = "prompt_lookup"
 
-    def __init__(self, num_draft: int = 8, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(self, num_draft: int = 8, max_ngram: int = 3, min_ngram: int = 2) -> None:
         if num_draft < 1:
             raise InvalidParamsError(f"prompt_lookup num_draft must be >= 1, got {num_draft}")
         if not 1 <= min_ngram <= max_ngram:
