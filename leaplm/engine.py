@@ -21,7 +21,7 @@ from .cache.kv import KVCache
 from .errors import InvalidParamsError, PromptTooLongError
 from .sampling import SamplingParams, TokenHistory, make_generator
 from .spec.drafters.base import Draft, Drafter
-from .spec.verify import target_probabilities, verify_greedy, verify_sampling
+from .spec.verify import target_argmax, target_probabilities, verify_greedy, verify_sampling
 
 
 @dataclass
@@ -200,10 +200,11 @@ class Batch:
             if r.finished:
                 continue
             draft = drafts[b].tokens
-            probs = target_probabilities(logits[b, : len(draft) + 1], r.params, r.history, draft)
+            scores = logits[b, : len(draft) + 1]
             if r.params.greedy:
-                verdict = verify_greedy(draft, probs.argmax(-1).tolist())
+                verdict = verify_greedy(draft, target_argmax(scores, r.params, r.history, draft))
             else:
+                probs = target_probabilities(scores, r.params, r.history, draft)
                 verdict = verify_sampling(draft, probs, drafts[b].probs, r.generator)
             if not prefill:
                 self.cache.commit(b, self.cache.lengths[b] + 1 + verdict.accepted)

@@ -51,6 +51,14 @@ def target_probabilities(logits: Tensor, params: SamplingParams, history: TokenH
     return torch.cat(rows)
 
 
+def target_argmax(logits: Tensor, params: SamplingParams, history: TokenHistory | None,
+                  draft: Sequence[int]) -> list[int]:
+    """Greedy choices ``[k + 1]`` of the target; without penalties a plain argmax (the hot path)."""
+    if history is None or not params.uses_penalties:
+        return logits.argmax(-1).tolist()
+    return target_probabilities(logits, params, history, draft).argmax(-1).tolist()
+
+
 def verify_greedy(draft: Sequence[int], target_argmax: Sequence[int]) -> Verdict:
     """``target_argmax``: the k + 1 greedy choices of the (penalized) target."""
     accepted = 0
