@@ -19,9 +19,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="auto (default: float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + generated tokens")
-    p.add_argument("--spec", default=None, choices=["prompt_lookup"],
-                   help="lossless speculative decoding method (default: none)")
-    p.add_argument("--num-draft", type=int, default=8, help="draft tokens per step with --spec (default 8)")
+    p.add_argument("--quantization", "-q", default=None,
+                   help="none (default) | int8: per-channel int8 weights (fbgemm, CPU), several times faster, lossy")
+    p.add_argument("--spec", default=None, choices=["prompt_lookup", "copyspec", "draft"],
+                   help="lossless speculative decoding method (default: none; --draft-model implies draft)")
+    p.add_argument("--draft-model", default=None,
+                   help="draft model for --spec draft: known name, .gguf or HF folder with the target's tokenizer")
+    p.add_argument("--num-draft", type=int, default=None,
+                   help="most draft tokens per step (default: the method's, 8 prompt_lookup / 10 copyspec / 6 draft)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -47,15 +52,37 @@ def _sampling(args):
     )
 
 
+def _speculative(args) -> dict | None:
+    from .errors import InvalidParamsError
+
+    spec_arg, draft_model = getattr(args, "spec", None), getattr(args, "draft_model", None)
+    num_draft = getattr(args, "num_draft", None)
+    method = spec_arg or ("draft" if draft_model else None)
+    if method is None:
+        if num_draft is not None:
+            raise InvalidParamsError("--num-draft needs --spec (or --draft-model)")
+        return None
+    spec: dict = {"method": "draft_model" if method == "draft" else method}
+    if method == "draft":
+        if not draft_model:
+            raise InvalidParamsError("--spec draft needs --draft-model NAME_OR_PATH")
+        spec["model"] = draft_model
+    elif draft_model:
+        raise InvalidParamsError(f"--draft-model is only used by --spec draft, not --spec {method}")
+    if num_draft is not None:
+        spec["num_draft"] = num_draft
+    return spec
+
+
 def _load(args):
     from .llm import LLM
 
     started = time.perf_counter()
     with _status(f"loading {args.model or 'smollm2-135m-instruct'}"):
-        spec = {"method": args.spec, "num_draft": args.num_draft} if getattr(args, "spec", None) else None
         llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                  speculative=spec)
-    _info(f"loaded {llm.model_path.name} ({llm.config.family}, {llm.dtype}, {llm.device}) in "
+                  speculative=_speculative(args), quantization=getattr(args, "quantization", None))
+    weights = f", {llm.quantization} weights" if llm.quantization else ""
+    _info(f"loaded {llm.model_path.name} ({llm.config.family}, {llm.dtype}{weights}, {llm.device}) in "
           f"{time.perf_counter() - started:.1f}s")
     return llm
 

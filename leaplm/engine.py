@@ -108,7 +108,7 @@ class Batch:
         self.drafter = drafter
         for b in range(len(rows)):
             if drafter is not None:
-                drafter.reset(b)
+                drafter.start(b, rows[b].params)
         # slack for draft tokens written past a finished row's length while other rows speculate
         slack = drafter.num_draft if drafter is not None else 0
         capacity = max(len(r.prompt_ids) + r.max_new for r in rows) + slack

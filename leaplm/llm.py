@@ -79,23 +79,33 @@ class LLM:
         device: None = CUDA when available, else CPU.
         max_model_len: cap on prompt + generated tokens (default: the model's context window).
         max_batch_size: prompts run together in one batch by ``generate``.
-        speculative: a drafter for lossless speculative decoding, e.g. ``"prompt_lookup"`` or
-            ``{"method": "prompt_lookup", "num_draft": 8, "max_ngram": 3}``. None: plain decoding.
+        speculative: a drafter for lossless speculative decoding, e.g. ``"prompt_lookup"``,
+            ``{"method": "prompt_lookup", "num_draft": 8, "max_ngram": 3}`` or
+            ``{"method": "draft_model", "model": "qwen2.5-coder-0.5b-instruct", "num_draft": 6}``.
+            None: plain decoding. ``generate``/``stream`` take the same argument per call.
+        quantization: None keeps float weights; ``"int8"`` quantizes every projection at load
+            (per-channel int8, fbgemm on CPU: several times faster decoding, small quality cost —
+            see docs/benchmarks.md). Speculation is lossless relative to the model as loaded.
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype | None = None,
                  device: str | None = None, max_model_len: int | None = None, max_batch_size: int = 8,
-                 download: bool = True, speculative: str | dict | None = None) -> None:
+                 download: bool = True, speculative: str | dict | None = None,
+                 quantization: str | None = None) -> None:
         from .models.load import build_model
-        from .spec.drafters import make_drafter
+        from .quant import check_quantization
 
-        self.drafter = make_drafter(speculative)  # validate before the slow load
+        self.download = download
+        self._drafters: dict[str, object] = {}
+        drafter = self._make_drafter(speculative)  # validate before the slow load
 
         self.model_path = hub.resolve(str(model) if model is not None else hub.DEFAULT_MODEL, download=download)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = parse_dtype(dtype, self.device)
         self.tokenizer = Tokenizer.from_path(self.model_path)
-        self.model = build_model(self.model_path, dtype=self.dtype, device=self.device)
+        self.quantization = check_quantization(quantization, self.device)
+        self.model = build_model(self.model_path, dtype=self.dtype, device=self.device, quantization=self.quantization)
+        self.drafter = self._bind(drafter)
         self.engine = Engine(self.model, self.tokenizer.eos_token_ids, max_model_len=max_model_len)
         if max_batch_size < 1:
             raise InvalidParamsError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -104,6 +114,31 @@ class LLM:
     @property
     def config(self):
         return self.model.config
+
+    # ------------------------------------------------------------------ speculation
+    def _make_drafter(self, spec):
+        from .spec.drafters import make_drafter
+
+        if isinstance(spec, dict) and spec.get("method") in ("draft_model", "draft"):
+            spec = {"download": self.download, **spec}
+        return make_drafter(spec)
+
+    def _bind(self, drafter):
+        if drafter is not None:
+            drafter.bind(self.model, self.tokenizer)
+        return drafter
+
+    def drafter_for(self, speculative=None):
+        """The drafter a call uses: the LLM's own when ``speculative`` is None, else one built (and
+        kept for later calls) from the given method name or dict; ``"none"`` turns speculation off."""
+        if speculative is None:
+            return self.drafter
+        if speculative == "none":
+            return None
+        key = repr(sorted(speculative.items())) if isinstance(speculative, dict) else repr(speculative)
+        if key not in self._drafters:
+            self._drafters[key] = self._bind(self._make_drafter(speculative))
+        return self._drafters[key]
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt) -> list[int]:
@@ -121,8 +156,10 @@ class LLM:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Complete each prompt. Prompts run in batches of ``max_batch_size`` (similar lengths together)."""
+                 use_tqdm: bool = True, speculative: str | dict | None = None) -> list[RequestOutput]:
+        """Complete each prompt. Prompts run in batches of ``max_batch_size`` (similar lengths together).
+        ``speculative`` overrides the LLM's drafter for this call (``"none"``: plain decoding)."""
+        drafter = self.drafter_for(speculative)
         if hasattr(prompts, "tolist"):  # a torch / numpy array of ids (1-D) or of prompts (2-D)
             prompts = prompts.tolist()
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and _is_token_id(prompts[0])):
@@ -137,7 +174,7 @@ class LLM:
         with _progress(len(ids), enabled=use_tqdm and len(ids) > 1) as advance:
             for start in range(0, len(order), self.max_batch_size):
                 group = order[start: start + self.max_batch_size]
-                outs = self._run([ids[i] for i in group], [params[i] for i in group])
+                outs = self._run([ids[i] for i in group], [params[i] for i in group], drafter)
                 for i, out in zip(group, outs):
                     out.prompt = prompts[i] if isinstance(prompts[i], str) else None
                     results[i] = out
@@ -145,19 +182,20 @@ class LLM:
         return results  # type: ignore[return-value]
 
     def chat(self, messages: Messages | Sequence[Messages], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, speculative: str | dict | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (list of {role, content}) or several."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         ids = [self.chat_prompt(c) for c in conversations]
-        return self.generate(ids, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(ids, sampling_params, use_tqdm=use_tqdm, speculative=speculative)
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+               speculative: str | dict | None = None) -> Iterator[str]:
         """Yield text increments as they are generated (whole UTF-8 characters only).
 
         After the iterator ends, ``llm.last_output`` holds the finished ``RequestOutput``.
         """
         params = self._params_list(sampling_params, 1)[0]
-        batch = self.engine.start([self.encode(prompt)], [params], self.drafter)
+        batch = self.engine.start([self.encode(prompt)], [params], self.drafter_for(speculative))
         tracker = _TextTracker(self.tokenizer, params, batch.rows[0].prompt_ids)
         while not batch.done:
             self._advance(batch, [tracker])
@@ -166,8 +204,9 @@ class LLM:
                 yield piece
         self.last_output = self._output(batch, 0, tracker)
 
-    def stream_chat(self, messages: Messages, sampling_params: SamplingParams | None = None) -> Iterator[str]:
-        yield from self.stream(self.chat_prompt(messages), sampling_params)
+    def stream_chat(self, messages: Messages, sampling_params: SamplingParams | None = None,
+                    speculative: str | dict | None = None) -> Iterator[str]:
+        yield from self.stream(self.chat_prompt(messages), sampling_params, speculative)
 
     # ------------------------------------------------------------------ internals
     @staticmethod
@@ -181,8 +220,8 @@ class LLM:
             raise InvalidParamsError(f"{n} prompts but {len(params)} SamplingParams")
         return params
 
-    def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
-        batch = self.engine.start(prompts, params, self.drafter)
+    def _run(self, prompts: list[list[int]], params: list[SamplingParams], drafter) -> list[RequestOutput]:
+        batch = self.engine.start(prompts, params, drafter)
         texts = [_TextTracker(self.tokenizer, p, ids) for p, ids in zip(params, prompts)]
         while not batch.done:
             self._advance(batch, texts)

@@ -37,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="known name, .gguf file or HF folder (default: smollm2-135m-instruct)")
-    p.add_argument("--draft-model", default=None, help="draft model for methods that use one")
+    p.add_argument("--draft-model", default=None, help="draft model for methods that use one and the hf_assisted peer")
     p.add_argument("--workload", "-w", required=True,
                    help="spec_bench[:PATH] | humaneval[:PATH] | builtin | FILE.jsonl "
                         "({prompt} | {turns} | {prompt_ids}, optional id, category)")
@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help=f"torch / llama.cpp threads (default: {os.cpu_count()})")
     p.add_argument("--warmup", type=int, default=1, help="warm-up samples run by every method/peer, not timed")
     p.add_argument("--dtype", default=None, help="auto (default) | float32 | bfloat16 | float16")
+    p.add_argument("--quantization", "-q", default=None,
+                   help="target weights for leaplm's methods: none (default) | int8 (peers keep their own)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar / log lines")
     p.add_argument("--out", "-o", required=True, type=Path, help="output folder")
@@ -68,7 +70,7 @@ def _command(args) -> list[str]:
     for flag, value in [("--model", args.model), ("--draft-model", args.draft_model), ("--workload", args.workload),
                         ("--limit", args.limit), ("--max-tokens", args.max_tokens), ("--methods", args.methods),
                         ("--peers", args.peers), ("--temperature", args.temperature), ("--threads", args.threads),
-                        ("--warmup", args.warmup), ("--dtype", args.dtype), ("--device", args.device),
+                        ("--warmup", args.warmup), ("--dtype", args.dtype), ("--quantization", args.quantization), ("--device", args.device),
                         ("--out", args.out)]:
         if value is not None:
             rebuilt += [flag, str(value)]
@@ -82,7 +84,7 @@ def main(args) -> int:
     cfg = BenchConfig(
         workload=args.workload, model=args.model, draft_model=args.draft_model, limit=args.limit,
         max_tokens=args.max_tokens, methods=args.methods, peers=args.peers, temperature=args.temperature,
-        threads=args.threads, warmup=args.warmup, dtype=args.dtype, device=args.device, seed=args.seed,
+        threads=args.threads, warmup=args.warmup, dtype=args.dtype, quantization=args.quantization, device=args.device, seed=args.seed,
         out=args.out, command=_command(args), progress=getattr(args, "progress", True))
     results = run_bench(cfg)
     files = write_all(results, args.out)

@@ -79,25 +79,26 @@ def _config_eos_ids(folder: Path) -> list[int]:
 
 
 def load_target(model_path: Path, *, dtype=None, device=None, need_tokenizer: bool = True,
-                draft_model_path: Path | None = None) -> Target:
+                draft_model_path: Path | None = None, quantization: str | None = None) -> Target:
     """Load the target once (see module docstring). Raises the loader's ``LeapLMError`` on bad input."""
     from ..errors import ModelNotFoundError
     from ..llm import LLM
 
     try:
-        llm = LLM(str(model_path), dtype=dtype, device=device, max_batch_size=1, download=False)
+        llm = LLM(str(model_path), dtype=dtype, device=device, max_batch_size=1, download=False,
+                  quantization=quantization)
     except ModelNotFoundError as e:
         # The path exists (already resolved): a missing tokenizer is the only ModelNotFoundError left
         # that the model-only path can get around, and only for token-id workloads.
         if need_tokenizer or not model_path.is_dir() or "tokenizer" not in str(e):
             raise
-        return _load_without_tokenizer(model_path, dtype, device, draft_model_path)
+        return _load_without_tokenizer(model_path, dtype, device, draft_model_path, quantization)
     eos = sorted(llm.tokenizer.eos_token_ids)
     return Target(Path(llm.model_path), llm.model, llm.engine, llm.tokenizer, llm, eos, llm.device, llm.dtype,
                   draft_model_path)
 
 
-def _load_without_tokenizer(folder: Path, dtype, device, draft_model_path) -> Target:
+def _load_without_tokenizer(folder: Path, dtype, device, draft_model_path, quantization=None) -> Target:
     import torch
 
     from ..engine import Engine
@@ -106,7 +107,7 @@ def _load_without_tokenizer(folder: Path, dtype, device, draft_model_path) -> Ta
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = parse_dtype(dtype, dev)
-    model = build_model(folder, dtype=dt, device=dev)
+    model = build_model(folder, dtype=dt, device=dev, quantization=quantization)
     eos = _config_eos_ids(folder)
     return Target(folder, model, Engine(model, eos), None, None, eos, dev, dt, draft_model_path)
 
@@ -221,3 +222,33 @@ def prompt_lookup(target: Target, prompt_ids: list[int], params, num_draft: int 
     from ..spec.drafters import PromptLookup
 
     return _run_engine(target, prompt_ids, params, PromptLookup(num_draft, max_ngram, min_ngram))
+
+
+@register_method("copyspec", lossless=True,
+                 description="CopySpec: copy the continuation of the last 3-gram from the context or earlier requests")
+def copyspec(target: Target, prompt_ids: list[int], params, num_draft: int = 10, gamma: int = 3,
+             max_store_tokens: int = 1_000_000) -> Generation:
+    from ..spec.drafters import CopySpec
+
+    key = ("copyspec", num_draft, gamma, max_store_tokens)  # one store across the run's requests
+    if key not in target.cache:
+        target.cache[key] = CopySpec(num_draft, gamma, max_store_tokens)
+    return _run_engine(target, prompt_ids, params, target.cache[key])
+
+
+@register_method("draft", lossless=True,
+                 description="a smaller model of the same family drafts (--draft-model; int8 by default, adaptive length)")
+def draft(target: Target, prompt_ids: list[int], params, num_draft: int = 6, confidence: float = 0.4,
+          adaptive: bool = True, quantization: str = "int8", lookup: bool = False) -> Generation:
+    from ..spec.drafters import DraftModel
+
+    if target.draft_model_path is None:
+        raise BenchError("method 'draft' needs --draft-model")
+    key = ("draft", num_draft, confidence, adaptive, quantization, lookup)
+    if key not in target.cache:
+        drafter = DraftModel(target.draft_model_path, num_draft=num_draft, confidence=confidence, adaptive=adaptive,
+                             quantization=None if quantization == "none" else quantization, lookup=lookup,
+                             download=False)
+        drafter.bind(target.model, target.tokenizer)
+        target.cache[key] = drafter
+    return _run_engine(target, prompt_ids, params, target.cache[key])

@@ -66,6 +66,7 @@ class BenchConfig:
     threads: int | None = None
     warmup: int = 1
     dtype: str | None = None
+    quantization: str | None = None
     device: str | None = None
     seed: int = 0
     out: Path | None = None
@@ -305,7 +306,7 @@ def _run(cfg: BenchConfig, threads: int) -> dict:
     model_path = hub.resolve(cfg.model or hub.DEFAULT_MODEL)
     draft_path = hub.resolve(cfg.draft_model) if cfg.draft_model else None
     target = load_target(model_path, dtype=cfg.dtype, device=cfg.device, need_tokenizer=workload.needs_tokenizer,
-                         draft_model_path=draft_path)
+                         draft_model_path=draft_path, quantization=cfg.quantization)
     peers = load_peers(peer_names, target, threads)
     contestants = _contestants(methods, peers, target)
     runnable = [c for c in contestants if c.run is not None]
@@ -506,6 +507,7 @@ def _results(cfg: BenchConfig, workload: Workload, target: Target, contestants: 
         "machine": machine_info(threads, target),
         "model": {"arg": cfg.model, "path": str(target.model_path), "family": getattr(target.model.config, "family", None),
                   "dtype": str(target.dtype).replace("torch.", ""), "device": str(target.device),
+                  "quantization": getattr(target.model, "quantization", None),
                   "tokenizer": target.tokenizer is not None, "chat_template": target.has_chat_template},
         "draft_model": str(target.draft_model_path) if target.draft_model_path else None,
         "workload": {"spec": cfg.workload, "name": workload.name, "source": workload.source,

@@ -230,14 +230,22 @@ def _replace(config: ModelConfig, **changes) -> ModelConfig:
     return dataclasses.replace(config, **changes)
 
 
-def build_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load a checkpoint and return the ready ``Transformer`` (eval mode, no grad)."""
+def build_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                quantization: str | None = None):
+    """Load a checkpoint and return the ready ``Transformer`` (eval mode, no grad), its projections
+    quantized when ``quantization`` names a mode of ``leaplm.quant``."""
+    from ..quant import check_quantization, quantize_model
     from .transformer import Transformer
+
+    quantization = check_quantization(quantization, device)
 
     config, tensors, freq_factors = load_checkpoint(path)
     with torch.device("meta"):  # no memory, no random init: weights are assigned next
         model = Transformer(config)
     model.reset_rotary(freq_factors)
     model.load_weights(tensors, dtype, device)
+    del tensors
+    model.quantization = None
+    quantize_model(model, quantization)
     model.eval()
     return model

@@ -51,12 +51,27 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         cache.write(self.layer, k, v, step.positions, step.contiguous_start)
         keys, values = cache.view(self.layer, step.kv_len)
+        if step.exact is not None:
+            return self.o(self._exact_attention(q, keys, values, step).reshape(B, T, self.q_size))
         mask, causal = (step.sliding_mask, step.sliding_causal) if self.sliding else (step.full_mask, step.full_causal)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, T, D]
         return self.o(out.transpose(1, 2).reshape(B, T, self.q_size))
+
+
+    def _exact_attention(self, q: Tensor, keys: Tensor, values: Tensor, step: "_Step") -> Tensor:
+        """One unmasked call per (row, query) over exactly its visible slots -> ``[B, T, H, D]``."""
+        B, T = q.shape[:2]
+        out = torch.empty_like(q)
+        for b in range(B):
+            for t, pos in enumerate(step.exact[b]):
+                lo = max(0, pos + 1 - step.window) if self.sliding and step.window else 0
+                out[b, t] = F.scaled_dot_product_attention(
+                    q[b: b + 1, t: t + 1].transpose(1, 2), keys[b: b + 1, :, lo: pos + 1], values[b: b + 1, :, lo: pos + 1],
+                    scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)[0, :, 0]
+        return out
 
 
 class MLP(nn.Module):
@@ -102,14 +117,31 @@ class _Step:
     Masks are built only where needed: a fresh prefill (positions ``0..T-1`` in every row, no
     earlier slots) is plain causal attention (``is_causal``, the fast kernel path), and a single
     decode query sees every slot below it. Otherwise ``[B, 1, T, S]`` boolean masks.
+
+    ``exact`` (batch-invariant decoding): for a decode/verify step (not a fresh prefill, at most
+    ``EXACT_MAX_T`` queries) every query of every row is attended on its own, unmasked, over exactly
+    the slots it sees — the same kernel call a batch-1 single-token decode makes — so a row's
+    result does not depend on the other rows or on how many draft tokens share the pass.
+    ``self.exact`` is then the host list of positions ``[B][T]``, else None.
     """
 
-    def __init__(self, positions: Tensor, cfg: ModelConfig, kv_len: int, contiguous_start: int | None) -> None:
+    EXACT_MAX_T = 64
+
+    def __init__(self, positions: Tensor, cfg: ModelConfig, kv_len: int, contiguous_start: int | None,
+                 exact: bool = False) -> None:
         self.positions = positions
         self.kv_len = kv_len
         self.contiguous_start = contiguous_start
         B, T = positions.shape
         fresh = contiguous_start == 0 and kv_len == T
+        self.window = cfg.sliding_window if "sliding" in cfg.layer_types else None
+        # a batch-1 single-token step without an active window already is that one unmasked call
+        plain_single = B == 1 and T == 1 and (self.window is None or kv_len <= self.window)
+        self.exact = positions.tolist() if exact and not fresh and not plain_single and T <= self.EXACT_MAX_T else None
+        if self.exact is not None:  # no masks needed
+            self.full_causal = self.sliding_causal = False
+            self.full_mask = self.sliding_mask = None
+            return
         single = B == 1 and T == 1
         self.full_causal = fresh and T > 1
         self.full_mask = None
@@ -136,6 +168,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.exact = False   # batch-invariant attention for decode steps (see _Step); set with int8 weights
         self.reset_rotary(rope_freq_factors)
 
     def reset_rotary(self, freq_factors: Tensor | None = None) -> None:
@@ -173,7 +206,7 @@ class Transformer(nn.Module):
         cfg = self.config
         if kv_len is None:
             kv_len = int(positions.max()) + 1
-        step = _Step(positions, cfg, kv_len, contiguous_start)
+        step = _Step(positions, cfg, kv_len, contiguous_start, exact=self.exact)
         x = F.embedding(tokens, self.embed)
         if cfg.embed_scale is not None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)

@@ -5,9 +5,12 @@ from typing import Any
 
 from ...errors import InvalidParamsError
 from .base import Draft, Drafter
+from .copyspec import CopySpec
+from .draft_model import DraftModel
 from .prompt_lookup import PromptLookup
 
-DRAFTERS = {"prompt_lookup": PromptLookup}
+DRAFTERS = {"prompt_lookup": PromptLookup, "copyspec": CopySpec, "draft_model": DraftModel}
+ALIASES = {"pld": "prompt_lookup", "draft": "draft_model"}
 
 
 def make_drafter(spec: str | dict[str, Any] | Drafter | None) -> Drafter | None:
@@ -15,6 +18,10 @@ def make_drafter(spec: str | dict[str, Any] | Drafter | None) -> Drafter | None:
         return spec
     knobs = dict(spec) if isinstance(spec, dict) else {"method": spec}
     method = knobs.pop("method", None)
+    method = ALIASES.get(method, method)
+    if method == "draft_model" and "model" not in knobs:
+        raise InvalidParamsError("draft_model needs a draft model: {'method': 'draft_model', 'model': NAME_OR_PATH} "
+                                 "(CLI: --draft-model)")
     if method not in DRAFTERS:
         raise InvalidParamsError(f"unknown speculative method {method!r}; available: {', '.join(DRAFTERS)}")
     try:
@@ -23,4 +30,4 @@ def make_drafter(spec: str | dict[str, Any] | Drafter | None) -> Drafter | None:
         raise InvalidParamsError(f"bad options for {method}: {e}") from None
 
 
-__all__ = ["Draft", "Drafter", "PromptLookup", "make_drafter", "DRAFTERS"]
+__all__ = ["CopySpec", "Draft", "Drafter", "DraftModel", "PromptLookup", "make_drafter", "DRAFTERS"]

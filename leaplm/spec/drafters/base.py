@@ -27,5 +27,12 @@ class Drafter:
     def propose(self, row: int, context: Sequence[int], k: int) -> Draft:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def bind(self, target_model, target_tokenizer=None) -> None:
+        """Prepare to draft for ``target_model`` (load weights, check compatibility). Called once."""
+
+    def start(self, row: int, params) -> None:
+        """A new request with sampling ``params`` takes ``row`` (the engine calls this)."""
+        self.reset(row)
+
     def reset(self, row: int) -> None:
         """Forget what was learnt about ``row`` (called when a new request takes the row)."""

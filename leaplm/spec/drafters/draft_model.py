@@ -1,0 +1,201 @@
+"""A smaller model with the same tokenizer drafts for the target (Leviathan et al. 2023).
+
+Per row the drafter keeps its own KV cache and the list of tokens whose keys/values it holds.
+``propose(row, context, k)``: roll the cache back to the longest prefix shared with ``context``
+(what the target accepted survives, rejected draft tokens are dropped), feed the rest of the
+context in one pass, then draft token by token — greedy (argmax) for greedy requests, sampled
+from the request's processed distribution (temperature, top-k/top-p/min-p; penalties are not
+applied to the draft) otherwise, returning ``q`` so verification stays exact.
+
+Draft length: at most ``num_draft``; with ``adaptive`` the cap follows acceptance
+(``spec.adaptive.DraftLength``) and drafting stops early when the draft's top probability is
+below ``confidence`` (0 disables it). Rows are drafted one after another (batch 1 each).
+
+``lookup=True`` first tries prompt lookup (``PromptLookup``: the continuation of the context's last
+2-3 tokens seen earlier); when it finds ``min_lookup`` tokens or more they are the draft (free, and
+long where text is copied — code edits, quotes, summaries), else the model drafts. Lookup drafts
+are deterministic (one-hot q), so mixing both stays lossless under sampling too.
+
+The draft model is loaded lazily by ``bind(target_model, target_tokenizer)`` (``LLM`` calls it),
+quantized to int8 by default: draft quality only changes how much is accepted, never the output.
+Shapes: ``Draft.probs`` ``[n, V_target]`` (zero beyond the draft's vocabulary).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...cache.kv import KVCache
+from ...errors import InvalidParamsError
+from ...sampling import SamplingParams, make_generator, processed_logits
+from ..adaptive import DraftLength, accepted_prefix
+from .base import Draft, Drafter
+
+
+@dataclass
+class _Row:
+    params: SamplingParams
+    length: DraftLength
+    generator: torch.Generator | None = None
+    cache: KVCache | None = None
+    fed: list[int] = field(default_factory=list)   # tokens whose K/V the draft cache holds
+    last_draft: list[int] = field(default_factory=list)
+    last_base: int = 0                             # len(context) when last_draft was proposed
+    last_by_model: bool = True                     # last_draft came from the model (not lookup)
+
+
+class DraftModel(Drafter):
+    name = "draft_model"
+
+    def __init__(self, model: str | os.PathLike | torch.nn.Module, num_draft: int = 6, adaptive: bool = True,
+                 confidence: float = 0.4, quantization: str | None = "int8", min_draft: int = 1,
+                 lookup: bool = False, min_lookup: int = 2, download: bool = True) -> None:
+        if not isinstance(num_draft, int) or num_draft < 1:
+            raise InvalidParamsError(f"draft_model num_draft must be an integer >= 1, got {num_draft!r}")
+        if not 1 <= min_draft <= num_draft:
+            raise InvalidParamsError(f"draft_model needs 1 <= min_draft <= num_draft, got {min_draft}, {num_draft}")
+        if not 0.0 <= confidence < 1.0:
+            raise InvalidParamsError(f"draft_model confidence must be in [0, 1), got {confidence}")
+        from ...quant import check_quantization
+
+        self.quantization = check_quantization(quantization)
+        self.num_draft, self.min_draft, self.adaptive, self.confidence = num_draft, min_draft, adaptive, confidence
+        self.download = download
+        from .prompt_lookup import PromptLookup
+
+        self.lookup = PromptLookup(num_draft) if lookup else None
+        self.min_lookup = min_lookup
+        self.model = model if isinstance(model, torch.nn.Module) else None
+        self.model_spec = None if self.model is not None else str(model)
+        self.model_path: Path | None = None
+        self.target_vocab: int | None = None
+        self._rows: dict[int, _Row] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def bind(self, target_model, target_tokenizer=None) -> None:
+        """Load the draft (if given by name/path) next to the target and check they are compatible."""
+        from ... import hub
+        from ...models.load import build_model
+        from ...tokenizer import Tokenizer
+
+        if self.model is None:
+            self.model_path = hub.resolve(self.model_spec, download=self.download)
+            quant = self.quantization if target_model.device.type == "cpu" else None
+            self.model = build_model(self.model_path, dtype=target_model.dtype, device=target_model.device,
+                                     quantization=quant)
+        tcfg, dcfg = target_model.config, self.model.config
+        if self.model_path is not None and target_tokenizer is not None:
+            check_same_tokenizer(target_tokenizer, Tokenizer.from_path(self.model_path), self.model_path)
+        elif dcfg.vocab_size != tcfg.vocab_size:
+            raise InvalidParamsError(
+                f"draft vocabulary ({dcfg.vocab_size} tokens) differs from the target's ({tcfg.vocab_size}) "
+                "and there is no tokenizer to check they agree; use a draft with the target's tokenizer")
+        if _params(self.model) > _params(target_model):
+            warnings.warn(f"the draft model ({_params(self.model):,} parameters) is larger than the target "
+                          f"({_params(target_model):,}): speculation will likely be slower than plain decoding",
+                          stacklevel=3)
+        self.target_vocab = tcfg.vocab_size
+
+    def start(self, row: int, params: SamplingParams) -> None:
+        if self.model is None:
+            raise InvalidParamsError("draft_model is not bound to a target: call bind(target_model) first")
+        self._rows[row] = _Row(params, DraftLength(self.num_draft, self.min_draft, self.adaptive),
+                               None if params.greedy else make_generator(
+                                   None if params.seed is None else params.seed + 1, self.model.device))
+
+    def reset(self, row: int) -> None:
+        self._rows.pop(row, None)
+        if self.lookup is not None:
+            self.lookup.reset(row)
+
+    # ------------------------------------------------------------------ drafting
+    def propose(self, row: int, context: Sequence[int], k: int) -> Draft:
+        st = self._rows.get(row)
+        if st is None:
+            self.start(row, SamplingParams(temperature=0.0))
+            st = self._rows[row]
+        if st.last_draft and st.last_by_model:
+            st.length.update(len(st.last_draft), accepted_prefix(st.last_draft, context[st.last_base:]))
+        if self.lookup is not None:
+            found = self.lookup.propose(row, context, k)
+            if len(found.tokens) >= self.min_lookup:
+                st.last_draft, st.last_base, st.last_by_model = found.tokens, len(context), False
+                return found
+        st.last_by_model = True
+        k = min(k, st.length.k)
+        need = len(context) + k + 1
+        dcfg = self.model.config
+        if need > dcfg.max_position_embeddings:
+            st.last_draft = []
+            return Draft([])
+        if st.cache is None or st.cache.capacity < need:
+            capacity = min(max(need, len(context) + st.params.max_tokens + self.num_draft + 1), dcfg.max_position_embeddings)
+            st.cache = KVCache.for_model(dcfg, 1, capacity, self.model.dtype, self.model.device)
+            st.fed = []
+        # keep the longest shared prefix; always re-feed the last context token to get its logits
+        common = accepted_prefix(st.fed, context)
+        common = min(common, len(context) - 1)
+        st.fed = st.fed[:common]
+        st.cache.commit(0, common)
+        logits = self._feed(st, list(context[common:]))
+        tokens, qs = [], []
+        for i in range(k):
+            logits = logits[: self.target_vocab]
+            if st.params.greedy:
+                if self.confidence > 0 and i > 0:
+                    if float(logits.softmax(-1).max()) < self.confidence:
+                        break
+                token = int(logits.argmax())
+            else:
+                q = processed_logits(logits[None], st.params, None).softmax(-1)[0]
+                if self.confidence > 0 and i > 0 and float(q.max()) < self.confidence:
+                    break
+                token = int(torch.multinomial(q, 1, generator=st.generator))
+                qs.append(q)
+            tokens.append(token)
+            if i + 1 < k:
+                logits = self._feed(st, [token])
+        st.last_draft, st.last_base = tokens, len(context)
+        probs = None
+        if qs:
+            probs = torch.stack(qs)
+            if probs.shape[-1] < self.target_vocab:
+                probs = F.pad(probs, (0, self.target_vocab - probs.shape[-1]))
+        return Draft(tokens, probs)
+
+    def _feed(self, st: _Row, tokens: list[int]) -> torch.Tensor:
+        """Run ``tokens`` after ``st.fed``; returns the logits after the last one ``[V_draft]``."""
+        device = self.model.device
+        start = len(st.fed)
+        ids = torch.tensor([tokens], device=device)
+        positions = torch.arange(start, start + len(tokens), device=device)[None]
+        logits = self.model(ids, positions, st.cache, logit_index=torch.tensor([[len(tokens) - 1]], device=device),
+                            kv_len=start + len(tokens), contiguous_start=start)[0, 0]
+        st.fed.extend(tokens)
+        st.cache.commit(0, len(st.fed))
+        return logits
+
+
+def _params(model) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    n += sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "packed"))
+    return n
+
+
+def check_same_tokenizer(target, draft, draft_path) -> None:
+    """Refuse a draft whose token ids mean different text than the target's."""
+    tv, dv = target.hf.get_vocab(), draft.hf.get_vocab()
+    common = set(tv) & set(dv)
+    differ = sum(1 for t in common if tv[t] != dv[t])
+    missing = len(set(tv) ^ set(dv))
+    if differ or missing > 0.01 * len(tv):
+        raise InvalidParamsError(
+            f"the draft model {draft_path} uses a different tokenizer than the target ({differ} shared tokens have "
+            f"different ids, {missing} tokens exist in only one vocabulary); drafting needs the same tokenizer — "
+            "pick a draft from the target's model family")

@@ -1,0 +1,186 @@
+"""Draft-model speculation: greedy output identical to vanilla, sampling distribution identical to
+vanilla (chi-square), the draft cache stays in sync, bad configurations refused."""
+from __future__ import annotations
+
+import warnings
+import zlib
+
+import pytest
+import torch
+
+from leaplm.engine import Engine
+from leaplm.errors import InvalidParamsError
+from leaplm.models.load import build_model
+from leaplm.sampling import SamplingParams, probabilities
+from leaplm.spec.drafters import DraftModel, make_drafter
+
+
+def _run(engine, prompts, params, drafter=None):
+    batch = engine.start(prompts, params, drafter)
+    while not batch.done:
+        batch.step()
+    return batch.rows
+
+
+def _bound(draft_model, target, **knobs):
+    d = DraftModel(draft_model, **knobs)
+    d.bind(target)
+    return d
+
+
+@pytest.mark.parametrize("target_name,draft_name", [("llama-mha-tied", "llama-gqa-untied"), ("gemma3", "gemma3"),
+                                                    ("qwen2-bias", "qwen3-qknorm")])
+def test_greedy_draft_model_equals_vanilla_on_ragged_batches(target_name, draft_name, tiny_model_dir):
+    target = build_model(tiny_model_dir(target_name)[0])
+    draft = build_model(tiny_model_dir(draft_name)[0], quantization="int8")
+    engine = Engine(target, eos_token_ids=[2])
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 17, 9)]
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (30, 12, 25)]
+    vanilla = _run(engine, prompts, params)
+    spec = _run(engine, prompts, params, _bound(draft, target, num_draft=4, confidence=0.0))
+    assert [r.output_ids for r in spec] == [r.output_ids for r in vanilla]
+    assert [r.finish_reason for r in spec] == [r.finish_reason for r in vanilla]
+    assert sum(r.drafted for r in spec) > 0
+
+
+def test_the_target_drafting_for_itself_is_always_accepted(tiny_model_dir):
+    """Same weights as draft: every draft token must be accepted — proves the draft cache follows
+    what the target committed (a stale or misaligned cache would make drafts diverge)."""
+    folder, _ = tiny_model_dir("llama-gqa-untied")
+    target = build_model(folder)
+    engine = Engine(target)
+    prompts = [[5, 6, 7, 8, 9], [3, 4] * 6]
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * 2
+    vanilla = _run(engine, prompts, params)
+    spec = _run(engine, prompts, params, _bound(build_model(folder), target, num_draft=5, adaptive=False,
+                                                 confidence=0.0, quantization=None))
+    assert [r.output_ids for r in spec] == [r.output_ids for r in vanilla]
+    for r in spec:
+        assert r.accepted == r.drafted > 0
+        assert r.target_passes <= 1 + -(-40 // 6)   # prefill + ceil(40 / (5 + 1)) decode passes
+
+
+def test_adaptive_length_and_confidence_stop_shorten_drafts(tiny_model_dir):
+    target = build_model(tiny_model_dir("llama-mha-tied")[0])
+    draft = build_model(tiny_model_dir("llama-gqa-untied")[0])
+    engine = Engine(target)
+    prompt, params = [[5, 6, 7, 8, 9]], [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)]
+    fixed = _run(engine, prompt, params, _bound(draft, target, num_draft=6, adaptive=False, confidence=0.0))[0]
+    adaptive = _run(engine, prompt, params, _bound(draft, target, num_draft=6, confidence=0.0))[0]
+    confident = _run(engine, prompt, params, _bound(draft, target, num_draft=6, adaptive=False, confidence=0.9))[0]
+    assert fixed.output_ids == adaptive.output_ids == confident.output_ids
+    # an unrelated random draft is mostly rejected: both rules must draft less than fixed k
+    assert adaptive.drafted < fixed.drafted and confident.drafted < fixed.drafted
+
+
+# ---------------------------------------------------------------- sampling: distribution test
+V = 4
+
+
+def _small_vocab_model(tmp_path, name):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(zlib.crc32(name.encode()))
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in pname else p.normal_(0, 0.5)
+    folder = tmp_path / name
+    model.save_pretrained(folder, safe_serialization=True)
+    return build_model(folder)
+
+
+def _exact_triples(model, prompt, params) -> torch.Tensor:
+    """P(first three generated tokens) under vanilla sampling, ``[V, V, V]``."""
+    from leaplm.cache.kv import KVCache
+
+    def dist(ctx):
+        ids = torch.tensor([prompt + ctx])
+        n = ids.shape[1]
+        logits = model(ids, torch.arange(n)[None], KVCache.for_model(model.config, 1, n, torch.float32, "cpu"))[0, -1]
+        return probabilities(logits[None], params, None)[0]
+
+    out = torch.zeros(V, V, V)
+    p1 = dist([])
+    for a in range(V):
+        p2 = dist([a])
+        for b in range(V):
+            out[a, b] = p1[a] * p2[b] * dist([a, b])
+    return out
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True),
+                                    SamplingParams(temperature=0.8, top_k=3, max_tokens=4, ignore_eos=True)])
+def test_sampled_drafts_keep_the_target_distribution(params, tmp_path):
+    """Tokens 2 and 3 are drafted by a different model and verified (tokens 1..3 counted jointly)."""
+    from .test_verify import CRITICAL, _chi_square
+
+    target, draft = _small_vocab_model(tmp_path, "t"), _small_vocab_model(tmp_path, "d")
+    engine = Engine(target)
+    drafter = _bound(draft, target, num_draft=2, adaptive=False, confidence=0.0, quantization=None)
+    prompt, rows, n = [0, 2, 3], 64, 64 * 60
+    counts = torch.zeros(V, V, V)
+    drafted = accepted = 0
+    for i in range(n // rows):
+        ps = [SamplingParams(**{**params.__dict__, "seed": i * rows + r}) for r in range(rows)]
+        for r in _run(engine, [prompt] * rows, ps, drafter):
+            a, b, c = r.output_ids[:3]
+            counts[a, b, c] += 1
+            drafted, accepted = drafted + r.drafted, accepted + r.accepted
+    assert drafted > 0 and 0 < accepted < drafted   # drafts were really tested, some rejected
+    stat, df = _chi_square(counts, _exact_triples(target, prompt, params), n)
+    assert stat < CRITICAL[df], (stat, df)
+
+
+# ---------------------------------------------------------------- configuration errors
+def test_bad_configurations_are_refused(tiny_model_dir):
+    with pytest.raises(InvalidParamsError, match="num_draft"):
+        DraftModel("x", num_draft=0)
+    with pytest.raises(InvalidParamsError, match="confidence"):
+        DraftModel("x", confidence=1.5)
+    with pytest.raises(InvalidParamsError, match="needs a draft model"):
+        make_drafter("draft_model")
+    with pytest.raises(InvalidParamsError, match="unknown quantization"):
+        make_drafter({"method": "draft", "model": "x", "quantization": "int2"})
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = build_model(tiny_model_dir("llama-gqa-untied")[0])
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    folder = tiny_model_dir("llama-gqa-untied")[0].parent / "vocab64"
+    small.save_pretrained(folder, safe_serialization=True)
+    with pytest.raises(InvalidParamsError, match="vocabulary"):
+        DraftModel(build_model(folder)).bind(target)
+    with pytest.raises(InvalidParamsError, match="bind"):
+        DraftModel("x").start(0, SamplingParams())
+
+
+def test_a_draft_larger_than_the_target_is_warned(tiny_model_dir):
+    small = build_model(tiny_model_dir("llama-gqa-untied")[0])   # 2 kv heads: fewer parameters
+    big = build_model(tiny_model_dir("llama-mha-tied")[0])
+    with pytest.warns(UserWarning, match="larger than the target"):
+        DraftModel(big).bind(small)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DraftModel(small).bind(big)
+
+
+def test_lookup_first_then_model_is_exact(tiny_model_dir):
+    target = build_model(tiny_model_dir("llama-mha-tied")[0])
+    draft = build_model(tiny_model_dir("llama-gqa-untied")[0])
+    engine = Engine(target)
+    prompts = [[5, 6, 7, 8, 9, 10] * 4, [11, 12, 13]]
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)] * 2
+    vanilla = _run(engine, prompts, params)
+    spec = _run(engine, prompts, params, _bound(draft, target, num_draft=5, lookup=True))
+    assert [r.output_ids for r in spec] == [r.output_ids for r in vanilla]
+    # a repeated 2-gram is copied without running the model; otherwise the model drafts
+    d = _bound(draft, target, num_draft=4, lookup=True, confidence=0.0, adaptive=False)
+    d.start(0, SamplingParams(temperature=0))
+    assert d.propose(0, [20, 21, 22, 23, 24, 20, 21], 4).tokens == [22, 23, 24, 20]
+    assert d._rows[0].fed == []          # the model was not run
+    assert len(d.propose(0, [30, 31, 32], 4).tokens) == 4
+    assert d._rows[0].fed[:3] == [30, 31, 32]

@@ -1,0 +1,66 @@
+"""Every drafter on the real SmolLM2 model and the Spec-Bench prompts (first question of each of the 13
+categories, first turn): greedy output token-identical to vanilla — with float weights and with int8
+weights (where the whole decode step is batch-invariant). The Qwen 1.5B/0.5B pair is the slow test."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from leaplm.bench.workloads import default_spec_bench_path
+from leaplm.sampling import SamplingParams
+
+MAX_TOKENS = 24
+
+
+def _spec_bench_first_of_each_category() -> list[list[dict]]:
+    path = default_spec_bench_path()
+    if not path.is_file():
+        pytest.skip(f"Spec-Bench questions not found at {path} (set LEAPLM_SPEC_BENCH)")
+    seen, prompts = set(), []
+    for line in path.read_text().splitlines():
+        q = json.loads(line)
+        if q["category"] not in seen:
+            seen.add(q["category"])
+            prompts.append([{"role": "user", "content": q["turns"][0]}])
+    assert len(prompts) == 13
+    return prompts
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_every_drafter_is_exact_on_spec_bench_with_smollm2(smollm_gguf, quantization):
+    from leaplm import LLM
+
+    llm = LLM(str(smollm_gguf), quantization=quantization)
+    prompts = _spec_bench_first_of_each_category()
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    ref = [o.token_ids for o in llm.chat(prompts, params, use_tqdm=False)]
+    methods = ["prompt_lookup", {"method": "copyspec"},
+               # the model drafting for itself with int8 weights (a real, different-precision draft)
+               {"method": "draft_model", "model": str(smollm_gguf), "lookup": True}]
+    for spec in methods:
+        out = llm.chat(prompts, params, use_tqdm=False, speculative=spec)
+        assert [o.token_ids for o in out] == ref, spec
+        assert sum(o.metrics["accepted"] for o in out) > 0, spec
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_qwen_pair_is_exact_on_humaneval():
+    from leaplm import LLM
+    from leaplm.bench.workloads import humaneval_path, read_jsonl
+
+    from ..conftest import models_dir
+
+    target, draft = (models_dir() / f"qwen2.5-coder-{s}-instruct.Q4_K_M.gguf" for s in ("1.5b", "0.5b"))
+    if not (target.exists() and draft.exists()):
+        pytest.skip("Qwen2.5-Coder 1.5B/0.5B not fetched (leaplm models fetch qwen2.5-coder-1.5b-instruct ...)")
+    llm = LLM(str(target), quantization="int8")
+    problems = read_jsonl(humaneval_path())[:3]
+    prompts = [[{"role": "user", "content": "Complete this Python function:\n" + p["prompt"]}] for p in problems]
+    params = SamplingParams(temperature=0, max_tokens=64)
+    ref = [o.token_ids for o in llm.chat(prompts, params, use_tqdm=False)]
+    out = llm.chat(prompts, params, use_tqdm=False, speculative={"method": "draft_model", "model": str(draft)})
+    assert [o.token_ids for o in out] == ref
+    assert sum(o.metrics["accepted"] for o in out) > 0
