@@ -41,6 +41,10 @@ def test_interactive_chat_reads_turns_until_eof(smollm_gguf):
     (["generate", "--temperature", "-1", "hi"], "temperature"),
     (["generate", "--top-p", "1.5", "hi"], "top_p"),
     (["generate", "--max-tokens", "0", "hi"], "max_tokens"),
+    (["generate", "--spec", "draft", "hi"], "--draft-model"),
+    (["generate", "--spec", "prompt_lookup", "--draft-model", "x", "hi"], "only used by --spec draft"),
+    (["generate", "--spec", "prompt_lookup", "--num-draft", "0", "hi"], "num_draft"),
+    (["generate", "--quantization", "int3", "hi"], "unknown quantization"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message):
     out = leaplm(*args)
@@ -61,3 +65,13 @@ def test_models_lists_known_names():
     assert out.returncode == 0, out.stderr
     for name in ("smollm2-135m-instruct", "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"):
         assert name in out.stdout
+
+
+def test_generate_with_a_draft_model_and_int8(smollm_gguf):
+    """The model drafting for itself (int8 draft, int8 target): same text as plain int8 decoding."""
+    plain = leaplm("generate", "--model", str(smollm_gguf), "-q", "int8", "--max-tokens", "24", "--chat", "Name three colors.")
+    spec = leaplm("generate", "--model", str(smollm_gguf), "-q", "int8", "--draft-model", str(smollm_gguf),
+                  "--max-tokens", "24", "--chat", "Name three colors.")
+    assert plain.returncode == spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout and spec.stdout.strip()
+    assert "drafted tokens accepted" in spec.stderr

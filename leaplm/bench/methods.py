@@ -239,15 +239,16 @@ def copyspec(target: Target, prompt_ids: list[int], params, num_draft: int = 10,
 @register_method("draft", lossless=True,
                  description="a smaller model of the same family drafts (--draft-model; int8 by default, adaptive length)")
 def draft(target: Target, prompt_ids: list[int], params, num_draft: int = 6, confidence: float = 0.4,
-          adaptive: bool = True, quantization: str = "int8", lookup: bool = False) -> Generation:
+          adaptive: bool = True, quantization: str = "int8", lookup: bool = False,
+          draft_vocab: int | None = None) -> Generation:
     from ..spec.drafters import DraftModel
 
     if target.draft_model_path is None:
         raise BenchError("method 'draft' needs --draft-model")
-    key = ("draft", num_draft, confidence, adaptive, quantization, lookup)
+    key = ("draft", num_draft, confidence, adaptive, quantization, lookup, draft_vocab)
     if key not in target.cache:
         drafter = DraftModel(target.draft_model_path, num_draft=num_draft, confidence=confidence, adaptive=adaptive,
-                             quantization=None if quantization == "none" else quantization, lookup=lookup,
+                             quantization=None if quantization == "none" else quantization, lookup=lookup, draft_vocab=draft_vocab,
                              download=False)
         drafter.bind(target.model, target.tokenizer)
         target.cache[key] = drafter

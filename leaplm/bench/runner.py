@@ -497,6 +497,9 @@ def _results(cfg: BenchConfig, workload: Workload, target: Target, contestants: 
     if multi:
         notes.append("multi-turn samples run all their turns (Spec-Bench style: turn 2 carries vanilla's own "
                      "turn-1 answer); a sample's tokens and times are summed over its turns")
+    if getattr(target.model, "quantization", None):
+        notes.append(f"leaplm's methods run {target.model.quantization} weights; peers run the checkpoint's float "
+                     "weights, so a peer's exact-match against vanilla measures the quantization, not a bug")
     if not greedy:
         notes.append(f"temperature {cfg.temperature}: sampled outputs are not expected to match vanilla "
                      "token for token; exact-match is informational")

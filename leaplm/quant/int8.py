@@ -69,7 +69,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
-        amax = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)
+        amax = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # (vector_norm(inf) is 7x slower here)
         buf = self._input_buffer(x2.shape[0])
         torch.div(x2, amax, out=buf[:, : self.in_features])
         y = torch.ops.quantized.linear_dynamic(buf, self.packed, REDUCE_RANGE).mul_(amax)

@@ -184,3 +184,23 @@ def test_lookup_first_then_model_is_exact(tiny_model_dir):
     assert d._rows[0].fed == []          # the model was not run
     assert len(d.propose(0, [30, 31, 32], 4).tokens) == 4
     assert d._rows[0].fed[:3] == [30, 31, 32]
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_a_shrunk_draft_vocabulary_only_proposes_kept_tokens_and_stays_exact(quantization, tiny_model_dir):
+    target = build_model(tiny_model_dir("llama-mha-tied")[0])
+    engine = Engine(target)
+    prompts = [[5, 6, 7, 8, 9], [70, 90, 100, 3]]
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)] * 2
+    vanilla = _run(engine, prompts, params)
+    drafter = _bound(build_model(tiny_model_dir("llama-gqa-untied")[0], quantization=quantization), target,
+                     num_draft=4, confidence=0.0, draft_vocab=64)
+    proposed = []
+    propose = drafter.propose
+    drafter.propose = lambda *a: proposed.extend((d := propose(*a)).tokens) or d
+    spec = _run(engine, prompts, params, drafter)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in vanilla]
+    assert proposed and all(t < 64 for t in proposed)
+    assert any(t >= 64 for r in vanilla for t in r.output_ids)   # the target still says anything
+    with pytest.raises(InvalidParamsError, match="draft_vocab"):
+        DraftModel("x", draft_vocab=0)

@@ -64,3 +64,27 @@ def test_qwen_pair_is_exact_on_humaneval():
     out = llm.chat(prompts, params, use_tqdm=False, speculative={"method": "draft_model", "model": str(draft)})
     assert [o.token_ids for o in out] == ref
     assert sum(o.metrics["accepted"] for o in out) > 0
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_smollm2_drafts_for_qwen_through_text(smollm_gguf):
+    """Different tokenizers (49k vs 152k vocabularies): greedy output still identical."""
+    from leaplm import LLM
+    from leaplm.bench.workloads import humaneval_path, read_jsonl
+
+    from ..conftest import models_dir
+
+    target = models_dir() / "qwen2.5-coder-0.5b-instruct.Q4_K_M.gguf"
+    if not target.exists():
+        pytest.skip("Qwen2.5-Coder-0.5B not fetched (leaplm models fetch qwen2.5-coder-0.5b-instruct)")
+    llm = LLM(str(target), quantization="int8")
+    prompts = [[{"role": "user", "content": "Complete this Python function:\n" + p["prompt"]}]
+               for p in read_jsonl(humaneval_path())[:2]]
+    params = SamplingParams(temperature=0, max_tokens=48)
+    ref = [o.token_ids for o in llm.chat(prompts, params, use_tqdm=False)]
+    spec = {"method": "draft_model", "model": str(smollm_gguf)}
+    out = llm.chat(prompts, params, use_tqdm=False, speculative=spec)
+    assert llm.drafter_for(spec).bridge is not None
+    assert [o.token_ids for o in out] == ref
+    assert sum(o.metrics["accepted"] for o in out) > 0

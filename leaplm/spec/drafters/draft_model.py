@@ -11,10 +11,20 @@ Draft length: at most ``num_draft``; with ``adaptive`` the cap follows acceptanc
 (``spec.adaptive.DraftLength``) and drafting stops early when the draft's top probability is
 below ``confidence`` (0 disables it). Rows are drafted one after another (batch 1 each).
 
+``draft_vocab=N`` shrinks the draft's LM head to the N lowest token ids plus every added/special
+token (FR-Spec's frequency-ranked drafting; BPE and sentencepiece ids are roughly ordered by
+frequency): on Qwen2.5 (152k tokens) the head is a quarter of the 0.5B draft's weight bytes. The
+draft then never proposes a rare token; the target still produces any token.
+
 ``lookup=True`` first tries prompt lookup (``PromptLookup``: the continuation of the context's last
 2-3 tokens seen earlier); when it finds ``min_lookup`` tokens or more they are the draft (free, and
 long where text is copied — code edits, quotes, summaries), else the model drafts. Lookup drafts
 are deterministic (one-hot q), so mixing both stays lossless under sampling too.
+
+A draft with a **different tokenizer** drafts through text (``token_bridge.TokenBridge``: universal
+assisted decoding): its proposals are re-tokenized for the target and carry no q, which keeps
+greedy and sampled output exact. This needs both tokenizers; without them a vocabulary mismatch
+is refused.
 
 The draft model is loaded lazily by ``bind(target_model, target_tokenizer)`` (``LLM`` calls it),
 quantized to int8 by default: draft quality only changes how much is accepted, never the output.
@@ -55,7 +65,8 @@ class DraftModel(Drafter):
 
     def __init__(self, model: str | os.PathLike | torch.nn.Module, num_draft: int = 6, adaptive: bool = True,
                  confidence: float = 0.4, quantization: str | None = "int8", min_draft: int = 1,
-                 lookup: bool = False, min_lookup: int = 2, download: bool = True) -> None:
+                 lookup: bool = False, min_lookup: int = 2, draft_vocab: int | None = None,
+                 tokenizer=None, download: bool = True) -> None:
         if not isinstance(num_draft, int) or num_draft < 1:
             raise InvalidParamsError(f"draft_model num_draft must be an integer >= 1, got {num_draft!r}")
         if not 1 <= min_draft <= num_draft:
@@ -66,7 +77,13 @@ class DraftModel(Drafter):
 
         self.quantization = check_quantization(quantization)
         self.num_draft, self.min_draft, self.adaptive, self.confidence = num_draft, min_draft, adaptive, confidence
+        if draft_vocab is not None and (not isinstance(draft_vocab, int) or draft_vocab < 2):
+            raise InvalidParamsError(f"draft_model draft_vocab must be an integer >= 2 (or None), got {draft_vocab!r}")
+        self.draft_vocab = draft_vocab
+        self.vocab_map: torch.Tensor | None = None   # draft head row -> token id, when shrunk
         self.download = download
+        self.tokenizer = tokenizer          # the draft's tokenizer (loaded from the path when None)
+        self.bridge = None
         from .prompt_lookup import PromptLookup
 
         self.lookup = PromptLookup(num_draft) if lookup else None
@@ -90,17 +107,32 @@ class DraftModel(Drafter):
             self.model = build_model(self.model_path, dtype=target_model.dtype, device=target_model.device,
                                      quantization=quant)
         tcfg, dcfg = target_model.config, self.model.config
-        if self.model_path is not None and target_tokenizer is not None:
-            check_same_tokenizer(target_tokenizer, Tokenizer.from_path(self.model_path), self.model_path)
+        self.bridge = None
+        draft_tokenizer = self.tokenizer
+        if draft_tokenizer is None and self.model_path is not None and target_tokenizer is not None:
+            draft_tokenizer = Tokenizer.from_path(self.model_path)
+        if draft_tokenizer is not None and target_tokenizer is not None:
+            if not same_tokenizer(target_tokenizer, draft_tokenizer):
+                from .token_bridge import TokenBridge
+
+                self.bridge = TokenBridge(target_tokenizer, draft_tokenizer)
         elif dcfg.vocab_size != tcfg.vocab_size:
             raise InvalidParamsError(
                 f"draft vocabulary ({dcfg.vocab_size} tokens) differs from the target's ({tcfg.vocab_size}) "
-                "and there is no tokenizer to check they agree; use a draft with the target's tokenizer")
+                "and there are no tokenizers to draft through text; give both tokenizers or use a draft with the "
+                "target's tokenizer")
         if _params(self.model) > _params(target_model):
             warnings.warn(f"the draft model ({_params(self.model):,} parameters) is larger than the target "
                           f"({_params(target_model):,}): speculation will likely be slower than plain decoding",
                           stacklevel=3)
         self.target_vocab = tcfg.vocab_size
+        if self.bridge is None and self.draft_vocab is not None and self.draft_vocab < min(dcfg.vocab_size, tcfg.vocab_size):
+            keep = set(range(self.draft_vocab))
+            if target_tokenizer is not None:
+                keep |= set(target_tokenizer.eos_token_ids) | set(target_tokenizer.hf.added_tokens_decoder)
+            keep_ids = torch.tensor(sorted(t for t in keep if t < min(dcfg.vocab_size, tcfg.vocab_size)))
+            _shrink_head(self.model, keep_ids)
+            self.vocab_map = keep_ids.to(self.model.device)
 
     def start(self, row: int, params: SamplingParams) -> None:
         if self.model is None:
@@ -129,24 +161,14 @@ class DraftModel(Drafter):
                 return found
         st.last_by_model = True
         k = min(k, st.length.k)
-        need = len(context) + k + 1
-        dcfg = self.model.config
-        if need > dcfg.max_position_embeddings:
-            st.last_draft = []
+        if self.bridge is not None:
+            return self._propose_through_text(st, context, k)
+        if not self._room(st, len(context), k):
             return Draft([])
-        if st.cache is None or st.cache.capacity < need:
-            capacity = min(max(need, len(context) + st.params.max_tokens + self.num_draft + 1), dcfg.max_position_embeddings)
-            st.cache = KVCache.for_model(dcfg, 1, capacity, self.model.dtype, self.model.device)
-            st.fed = []
-        # keep the longest shared prefix; always re-feed the last context token to get its logits
-        common = accepted_prefix(st.fed, context)
-        common = min(common, len(context) - 1)
-        st.fed = st.fed[:common]
-        st.cache.commit(0, common)
-        logits = self._feed(st, list(context[common:]))
+        logits = self._sync(st, context)
         tokens, qs = [], []
         for i in range(k):
-            logits = logits[: self.target_vocab]
+            logits = self._full_vocab(logits)
             if st.params.greedy:
                 if self.confidence > 0 and i > 0:
                     if float(logits.softmax(-1).max()) < self.confidence:
@@ -169,6 +191,56 @@ class DraftModel(Drafter):
                 probs = F.pad(probs, (0, self.target_vocab - probs.shape[-1]))
         return Draft(tokens, probs)
 
+    def _propose_through_text(self, st: _Row, context: Sequence[int], k: int) -> Draft:
+        """Greedy draft in the draft's own tokens, handed over as target tokens (no q: see token_bridge)."""
+        ids = self.bridge.to_draft(context)
+        if not self._room(st, len(ids), k):
+            return Draft([])
+        logits = self._sync(st, ids)
+        new: list[int] = []
+        for i in range(k):
+            if self.confidence > 0 and i > 0 and float(logits.softmax(-1).max()) < self.confidence:
+                break
+            new.append(int(logits.argmax()))
+            if i + 1 < k:
+                logits = self._feed(st, [new[-1]])
+        tokens = self.bridge.to_target(ids, new, k)
+        st.last_draft, st.last_base = tokens, len(context)
+        return Draft(tokens)
+
+    def _room(self, st: _Row, length: int, k: int) -> bool:
+        """Make sure the row's draft cache holds ``length + k + 1`` positions (False: beyond the draft's window)."""
+        need = length + k + 1
+        dcfg = self.model.config
+        if need > dcfg.max_position_embeddings:
+            st.last_draft = []
+            return False
+        if st.cache is None or st.cache.capacity < need:
+            capacity = min(max(need, length + st.params.max_tokens + self.num_draft + 1), dcfg.max_position_embeddings)
+            st.cache = KVCache.for_model(dcfg, 1, capacity, self.model.dtype, self.model.device)
+            st.fed = []
+        return True
+
+    def _sync(self, st: _Row, ids: Sequence[int]) -> torch.Tensor:
+        """Roll the draft cache back to its longest prefix shared with ``ids`` and feed the rest; returns
+        the logits after ``ids`` (the last id is always re-fed to get them)."""
+        common = min(accepted_prefix(st.fed, ids), len(ids) - 1)
+        st.fed = st.fed[:common]
+        st.cache.commit(0, common)
+        return self._feed(st, list(ids[common:]))
+
+    def _full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft logits over the target's vocabulary ``[V_target]`` (-inf where the draft has no row)."""
+        if self.vocab_map is None and logits.shape[-1] == self.target_vocab:
+            return logits
+        full = torch.full((self.target_vocab,), float("-inf"), device=logits.device)
+        if self.vocab_map is None:
+            n = min(self.target_vocab, logits.shape[-1])
+            full[:n] = logits[:n]
+        else:
+            full[self.vocab_map] = logits
+        return full
+
     def _feed(self, st: _Row, tokens: list[int]) -> torch.Tensor:
         """Run ``tokens`` after ``st.fed``; returns the logits after the last one ``[V_draft]``."""
         device = self.model.device
@@ -182,20 +254,39 @@ class DraftModel(Drafter):
         return logits
 
 
+def _shrink_head(model, keep_ids: torch.Tensor) -> None:
+    """Replace the draft's LM head by its rows ``keep_ids`` (logits ``[..., len(keep_ids)]``)."""
+    from ...models.layers import Linear
+    from ...quant.int8 import Int8Linear
+
+    head = model.lm_head
+    if head is None:
+        weight, bias = model.embed, None
+    elif isinstance(head, Int8Linear):
+        weight, bias = head.dequantized_weight(), head.bias
+    else:
+        weight, bias = head.weight, head.bias
+    weight = weight[keep_ids.to(weight.device)]
+    bias = None if bias is None else bias[keep_ids.to(bias.device)]
+    if isinstance(head, Int8Linear) or (head is None and getattr(model, "quantization", None)):
+        model.lm_head = Int8Linear.from_weight(weight, bias)
+    else:
+        new = Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        new.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
+        if bias is not None:
+            new.bias = torch.nn.Parameter(bias.contiguous(), requires_grad=False)
+        model.lm_head = new
+
+
 def _params(model) -> int:
     n = sum(p.numel() for p in model.parameters())
     n += sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "packed"))
     return n
 
 
-def check_same_tokenizer(target, draft, draft_path) -> None:
-    """Refuse a draft whose token ids mean different text than the target's."""
+def same_tokenizer(target, draft) -> bool:
+    """Do the draft's token ids mean the same text as the target's? (Padding rows may differ.)"""
     tv, dv = target.hf.get_vocab(), draft.hf.get_vocab()
-    common = set(tv) & set(dv)
-    differ = sum(1 for t in common if tv[t] != dv[t])
+    differ = sum(1 for t in set(tv) & set(dv) if tv[t] != dv[t])
     missing = len(set(tv) ^ set(dv))
-    if differ or missing > 0.01 * len(tv):
-        raise InvalidParamsError(
-            f"the draft model {draft_path} uses a different tokenizer than the target ({differ} shared tokens have "
-            f"different ids, {missing} tokens exist in only one vocabulary); drafting needs the same tokenizer — "
-            "pick a draft from the target's model family")
+    return differ == 0 and missing <= 0.01 * len(tv)
