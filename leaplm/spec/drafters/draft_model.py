@@ -106,6 +106,7 @@ class DraftModel(Drafter):
             quant = self.quantization if target_model.device.type == "cpu" else None
             self.model = build_model(self.model_path, dtype=target_model.dtype, device=target_model.device,
                                      quantization=quant)
+        self.model.exact = False  # batch invariance matters for the target only; drafts are just proposals
         tcfg, dcfg = target_model.config, self.model.config
         self.bridge = None
         draft_tokenizer = self.tokenizer
