@@ -125,6 +125,12 @@ class Batch:
             state.finish_reason = reason
             state.finished_at = time.perf_counter()
 
+    def run(self) -> list[RowState]:
+        """Step until every row is finished; returns the rows (``output_ids``, stats)."""
+        while not self.done:
+            self.step()
+        return self.rows
+
     def step(self) -> list[StepOutput]:
         if self.done:
             return []

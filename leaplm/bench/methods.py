@@ -203,10 +203,7 @@ def parse_methods(text: str | None) -> list[MethodRun]:
 
 def _run_engine(target: Target, prompt_ids: list[int], params, drafter=None) -> Generation:
     started = time.perf_counter()
-    batch = target.engine.start([prompt_ids], [params], drafter)
-    while not batch.done:
-        batch.step()
-    row = batch.rows[0]
+    row = target.engine.start([prompt_ids], [params], drafter).run()[0]
     ttft = row.first_token_at - started if row.first_token_at is not None else None
     return Generation(list(row.output_ids), ttft, row.target_passes, row.finish_reason)
 

@@ -245,7 +245,6 @@ def build_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
     model.reset_rotary(freq_factors)
     model.load_weights(tensors, dtype, device)
     del tensors
-    model.quantization = None
     quantize_model(model, quantization)
     model.eval()
     return model

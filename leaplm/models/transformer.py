@@ -60,7 +60,6 @@ class Attention(nn.Module):
         )  # [B, H, T, D]
         return self.o(out.transpose(1, 2).reshape(B, T, self.q_size))
 
-
     def _exact_attention(self, q: Tensor, keys: Tensor, values: Tensor, step: "_Step") -> Tensor:
         """One unmasked call per (row, query) over exactly its visible slots -> ``[B, T, H, D]``."""
         B, T = q.shape[:2]
@@ -151,7 +150,7 @@ class _Step:
             causal = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
             self.full_mask = causal[:, None]
         self.sliding_causal, self.sliding_mask = self.full_causal, self.full_mask
-        window = cfg.sliding_window if "sliding" in cfg.layer_types else None
+        window = self.window
         if window is not None and not ((single and kv_len <= window) or (fresh and T <= window)):
             slots = torch.arange(kv_len, device=positions.device)
             if causal is None:
@@ -168,6 +167,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.quantization: str | None = None   # set by leaplm.quant.quantize_model
         self.exact = False   # batch-invariant attention for decode steps (see _Step); set with int8 weights
         self.reset_rotary(rope_freq_factors)
 

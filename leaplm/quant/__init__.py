@@ -38,14 +38,12 @@ def quantize_model(model: nn.Module, mode: str | None) -> nn.Module:
 
     if model.dtype != torch.float32:
         raise InvalidParamsError(f"quantization {mode!r} needs the model loaded in float32, not {model.dtype}")
-    for module in list(model.modules()):
+    for module in list(model.modules()):  # every projection, an untied LM head included
         for name, child in list(module.named_children()):
             if isinstance(child, Linear):
                 setattr(module, name, Int8Linear.from_weight(child.weight, child.bias))
     if model.lm_head is None:  # tied: the embedding table stays float for the lookup
         model.lm_head = Int8Linear.from_weight(model.embed, None)
-    elif isinstance(model.lm_head, Linear):
-        model.lm_head = Int8Linear.from_weight(model.lm_head.weight, model.lm_head.bias)
     model.quantization = mode
     # int8 projections are row-invariant; with per-query attention the whole decode step is, so
     # speculation reproduces this model's own greedy decoding bit for bit (see models/transformer._Step)

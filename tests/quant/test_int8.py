@@ -74,10 +74,7 @@ def test_quantized_model_is_close_to_float_and_exact_under_speculation(name, tin
     params = [SamplingParams(temperature=0, max_tokens=24)] * 2
 
     def run(drafter=None):
-        batch = engine.start(prompts, params, drafter)
-        while not batch.done:
-            batch.step()
-        return batch.rows
+        return engine.start(prompts, params, drafter).run()
 
     vanilla, spec = run(), run(PromptLookup(num_draft=6, min_ngram=1))
     assert [r.output_ids for r in spec] == [r.output_ids for r in vanilla]

@@ -15,11 +15,7 @@ from leaplm.sampling import SamplingParams, probabilities
 from leaplm.spec.drafters import DraftModel, make_drafter
 
 
-def _run(engine, prompts, params, drafter=None):
-    batch = engine.start(prompts, params, drafter)
-    while not batch.done:
-        batch.step()
-    return batch.rows
+from .cases import run as _run
 
 
 def _bound(draft_model, target, **knobs):

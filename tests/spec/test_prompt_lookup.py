@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from leaplm.engine import Engine
 from leaplm.errors import InvalidParamsError
 from leaplm.models.load import build_model
 from leaplm.sampling import SamplingParams
 from leaplm.spec.drafters import Draft, Drafter, PromptLookup, make_drafter
+
+from .cases import greedy_equals_vanilla_on_ragged_batch
+from .cases import run as _run
 
 
 def test_lookup_proposes_the_latest_earlier_continuation():
@@ -27,27 +29,10 @@ def test_bad_knobs_are_refused():
         make_drafter("telepathy")
 
 
-def _run(engine, prompts, params, drafter=None):
-    batch = engine.start(prompts, params, drafter)
-    while not batch.done:
-        batch.step()
-    return batch.rows
-
-
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "gemma3", "qwen2-bias"])
 def test_greedy_prompt_lookup_equals_vanilla_on_ragged_batches(name, tiny_model_dir):
-    folder, _ = tiny_model_dir(name)
-    engine = Engine(build_model(folder), eos_token_ids=[2])
-    gen = torch.Generator().manual_seed(5)
-    base = torch.randint(3, 128, (6,), generator=gen).tolist()
-    prompts = [base * 4, torch.randint(3, 128, (9,), generator=gen).tolist() + base * 2, base[:3] * 5]
-    params = [SamplingParams(temperature=0, max_tokens=n) for n in (30, 17, 25)]
-    vanilla = _run(engine, prompts, params)
-    spec = _run(engine, prompts, params, PromptLookup(num_draft=5, max_ngram=3))
-    assert [r.output_ids for r in spec] == [r.output_ids for r in vanilla]
-    assert [r.finish_reason for r in spec] == [r.finish_reason for r in vanilla]
+    _, spec = greedy_equals_vanilla_on_ragged_batch(tiny_model_dir(name)[0], PromptLookup(num_draft=5, max_ngram=3))
     assert sum(r.drafted for r in spec) > 0
-    assert sum(r.target_passes for r in spec) <= sum(r.target_passes for r in vanilla)
 
 
 def test_penalties_and_stop_ids_inside_accepted_drafts(tiny_model_dir):

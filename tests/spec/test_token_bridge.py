@@ -77,10 +77,7 @@ def test_a_draft_with_another_tokenizer_keeps_the_output_exact(tokenizers_pair, 
     params = [SamplingParams(temperature=temperature, seed=7, max_tokens=n, ignore_eos=True) for n in (20, 9, 16)]
 
     def run(d=None):
-        batch = engine.start(prompts, params, d)
-        while not batch.done:
-            batch.step()
-        return batch.rows
+        return engine.start(prompts, params, d).run()
 
     vanilla, spec = run(), run(drafter)
     assert sum(r.drafted for r in spec) > 0

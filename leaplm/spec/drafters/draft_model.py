@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ...cache.kv import KVCache
 from ...errors import InvalidParamsError
@@ -185,12 +184,7 @@ class DraftModel(Drafter):
             if i + 1 < k:
                 logits = self._feed(st, [token])
         st.last_draft, st.last_base = tokens, len(context)
-        probs = None
-        if qs:
-            probs = torch.stack(qs)
-            if probs.shape[-1] < self.target_vocab:
-                probs = F.pad(probs, (0, self.target_vocab - probs.shape[-1]))
-        return Draft(tokens, probs)
+        return Draft(tokens, torch.stack(qs) if qs else None)  # q rows are already [V_target] (_full_vocab)
 
     def _propose_through_text(self, st: _Row, context: Sequence[int], k: int) -> Draft:
         """Greedy draft in the draft's own tokens, handed over as target tokens (no q: see token_bridge)."""

@@ -1,0 +1,30 @@
+"""Shared speculation test cases (imported by the per-drafter test files)."""
+from __future__ import annotations
+
+import torch
+
+from leaplm.engine import Engine
+from leaplm.models.load import build_model
+from leaplm.sampling import SamplingParams
+
+
+def run(engine, prompts, params, drafter=None):
+    """Generate to the end; returns the batch rows."""
+    return engine.start(prompts, params, drafter).run()
+
+
+def greedy_equals_vanilla_on_ragged_batch(folder, drafter):
+    """Three ragged prompts built from a repeated 6-gram (so copy drafters find matches), an EOS id and
+    three max_tokens. Asserts the drafter's greedy output and finish reasons equal vanilla's and that it
+    took no more target passes; returns ``(vanilla_rows, spec_rows)`` for drafter-specific checks."""
+    engine = Engine(build_model(folder), eos_token_ids=[2])
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randint(3, 128, (6,), generator=gen).tolist()
+    prompts = [base * 4, torch.randint(3, 128, (9,), generator=gen).tolist() + base * 2, base[:3] * 5]
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (30, 17, 25)]
+    vanilla = run(engine, prompts, params)
+    spec = run(engine, prompts, params, drafter)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in vanilla]
+    assert [r.finish_reason for r in spec] == [r.finish_reason for r in vanilla]
+    assert sum(r.target_passes for r in spec) <= sum(r.target_passes for r in vanilla)
+    return vanilla, spec
