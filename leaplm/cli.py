@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from .errors import LeapLMError
 
@@ -21,12 +22,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + generated tokens")
     p.add_argument("--quantization", "-q", default=None,
                    help="none (default) | int8: per-channel int8 weights (fbgemm, CPU), several times faster, lossy")
-    p.add_argument("--spec", default=None, choices=["prompt_lookup", "copyspec", "draft"],
+    p.add_argument("--spec", default=None, choices=["prompt_lookup", "copyspec", "recycling", "aded", "retrieval", "draft"],
                    help="lossless speculative decoding method (default: none; --draft-model implies draft)")
     p.add_argument("--draft-model", default=None,
                    help="draft model for --spec draft: known name, .gguf or HF folder with the target's tokenizer")
+    p.add_argument("--corpus", default=None,
+                   help="for --spec retrieval: a text file or folder of text files to draft from (REST datastore)")
+    p.add_argument("--tree", type=int, default=None, metavar="TOP_K",
+                   help="for --spec draft: draft a token tree branching into the draft's TOP_K best tokens")
     p.add_argument("--num-draft", type=int, default=None,
-                   help="most draft tokens per step (default: the method's, 8 prompt_lookup / 10 copyspec / 6 draft)")
+                   help="most draft tokens (tree nodes) per step (default: the method's, 8 prompt_lookup / "
+                        "10 copyspec / 24 recycling, aded, retrieval / 6 draft)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -42,6 +48,48 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def _add_structured_args(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("structured output (at most one; see docs/structured-output.md)")
+    s.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="the output is one JSON instance of the JSON Schema in FILE")
+    s.add_argument("--regex", metavar="R", default=None, help="the whole output matches regular expression R")
+    s.add_argument("--grammar", metavar="FILE", default=None,
+                   help="the output follows the Lark (llguidance dialect) or GBNF grammar in FILE")
+    s.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+
+
+def _read_text(flag: str, path: str) -> str:
+    from .errors import InvalidParamsError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidParamsError(f"{flag}: cannot read {path!r}: {e.strerror if isinstance(e, OSError) else e}") from None
+
+
+def _structured(args) -> dict:
+    """``--json-schema FILE`` / ``--regex R`` / ``--grammar FILE`` / ``--json-object`` -> SamplingParams fields."""
+    import json
+
+    from .errors import InvalidConstraintError
+
+    out: dict = {}
+    if getattr(args, "json_schema", None) is not None:
+        text = _read_text("--json-schema", args.json_schema)
+        try:
+            out["json_schema"] = json.loads(text)
+        except ValueError as e:
+            raise InvalidConstraintError(f"--json-schema: {args.json_schema!r} is not valid JSON: {e}") from None
+    if getattr(args, "regex", None) is not None:
+        out["regex"] = args.regex
+    if getattr(args, "grammar", None) is not None:
+        out["grammar"] = _read_text("--grammar", args.grammar)
+    if getattr(args, "json_object", False):
+        out["json_object"] = True
+    return out
+
+
 def _sampling(args):
     from .sampling import SamplingParams
 
@@ -49,6 +97,7 @@ def _sampling(args):
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
+        **_structured(args),
     )
 
 
@@ -69,6 +118,17 @@ def _speculative(args) -> dict | None:
         spec["model"] = draft_model
     elif draft_model:
         raise InvalidParamsError(f"--draft-model is only used by --spec draft, not --spec {method}")
+    corpus, tree = getattr(args, "corpus", None), getattr(args, "tree", None)
+    if method == "retrieval":
+        if not corpus:
+            raise InvalidParamsError("--spec retrieval needs --corpus PATH (a text file or a folder of text files)")
+        spec["corpus"] = corpus
+    elif corpus:
+        raise InvalidParamsError(f"--corpus is only used by --spec retrieval, not --spec {method}")
+    if tree is not None:
+        if method != "draft":
+            raise InvalidParamsError(f"--tree is only used by --spec draft, not --spec {method}")
+        spec["tree_top_k"] = tree
     if num_draft is not None:
         spec["num_draft"] = num_draft
     return spec
@@ -91,6 +151,7 @@ def cmd_generate(args) -> int:
     params = _sampling(args)  # validate before the (slow) load
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     llm = _load(args)
+    llm.compile_constraint(params)  # a schema the grammar engine cannot take fails here, before generating
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
         ids = llm.chat_prompt(messages)
@@ -110,6 +171,8 @@ def cmd_generate(args) -> int:
     if m.get("drafted"):
         speed += (f", {m['target_passes']} target passes, {m['accepted']}/{m['drafted']} drafted tokens accepted, "
                   f"{m['mean_accepted_tokens']:.2f} tokens/pass")
+    if m.get("forced_tokens"):
+        speed += f", {m['forced_tokens']} tokens forced by the grammar (jump-forward)"
     _info(f"{m['output_tokens']} tokens ({out.finish_reason}), prompt {m['prompt_tokens']} tokens, "
           f"ttft {m['ttft_s'] * 1000:.0f} ms{speed}")
     return 0
@@ -118,6 +181,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     params = _sampling(args)
     llm = _load(args)
+    llm.compile_constraint(params)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     _info("chat: type a message; /reset clears the conversation, /exit (or Ctrl-D) quits")
     while True:
@@ -174,6 +238,24 @@ def cmd_profile(args) -> int:
 
         torch.set_num_threads(args.threads)
     llm = _load(args)
+    if args.verify_curve:
+        import json
+
+        from .bench.verify_curve import format_verify_curve, plot_verify_curve, verify_curve
+
+        _info(f"timing verification passes of 0..64 draft nodes after a {args.context}-token context")
+        curve = verify_curve(llm.model, context=args.context)
+        curve["model"] = llm.model_path.name
+        curve["quantization"] = llm.model.quantization
+        print(format_verify_curve(curve))
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "verify_curve.json").write_text(json.dumps(curve, indent=2))
+            plot_verify_curve(curve, out / "verify_curve.png", title=f"{llm.model_path.name}"
+                              f"{' int8' if llm.model.quantization else ''}: verification cost vs nodes")
+            _info(f"wrote {out / 'verify_curve.json'} and {out / 'verify_curve.png'}")
+        return 0
     _info("measuring memory bandwidth and profiling greedy decode (about a minute)")
     print(format_roofline(llm.model_path.name, roofline(llm.model)))
     return 0
@@ -190,12 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     _add_model_args(g)
     _add_sampling_args(g)
+    _add_structured_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive streaming chat")
     c.add_argument("--system", default=None, help="system message")
     _add_model_args(c)
     _add_sampling_args(c)
+    _add_structured_args(c)
     c.set_defaults(func=cmd_chat, temperature=0.0)
 
     m = sub.add_parser("models", help="list known models, or `models fetch NAME` to download one")
@@ -205,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="decode speed vs the memory-bandwidth ceiling, and where the time goes")
     pr.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    pr.add_argument("--verify-curve", action="store_true",
+                    help="instead: time one verification pass vs the number of draft tree nodes (0..64)")
+    pr.add_argument("--context", type=int, default=512, help="context length for --verify-curve (default 512)")
+    pr.add_argument("--out", default=None, help="with --verify-curve: folder for verify_curve.json and .png")
     _add_model_args(pr)
     pr.set_defaults(func=cmd_profile)
 

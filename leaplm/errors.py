@@ -27,6 +27,17 @@ class InvalidParamsError(LeapLMError, ValueError):
     """Sampling or engine parameters outside their valid range."""
 
 
+class InvalidConstraintError(InvalidParamsError):
+    """A structured-output constraint (JSON schema, regex, grammar) that cannot be compiled: a syntax error,
+    a JSON-schema feature the grammar engine does not support (the message names it), an unsatisfiable
+    schema, or one too complex to compile within the limits. Raised before generation starts."""
+
+
+class ConstraintError(LeapLMError, RuntimeError):
+    """A structured-output constraint failed during generation: a token the grammar does not allow was
+    fed to it, or a step of the grammar engine ran past its resource limits."""
+
+
 class PromptTooLongError(LeapLMError, ValueError):
     """A prompt (plus the requested tokens) that does not fit the context window."""
 

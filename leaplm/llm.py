@@ -6,8 +6,14 @@
     print(out[0].text, out[0].token_ids, out[0].finish_reason)
     for piece in llm.stream("Tell me a story", SamplingParams(max_tokens=50)): print(piece, end="")
 
-This layer owns text: tokenization, chat templates, incremental detokenization and stop strings.
-The engine below it sees token ids only.
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    out = llm.chat([{"role": "user", "content": "Where is the Eiffel tower? Answer in JSON."}],
+                   SamplingParams(temperature=0, json_schema=schema))      # out[0].text parses, validates
+
+This layer owns text: tokenization, chat templates, incremental detokenization and stop strings,
+and compiling structured-output grammars (``compile_constraint``: JSON schema / regex / grammar ->
+a grammar for this tokenizer and the model's vocabulary, cached). The engine below it sees token ids
+only: it gets a fresh grammar cursor per constrained request through its ``constrainer``.
 """
 from __future__ import annotations
 
@@ -37,8 +43,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]
-    finish_reason: str            # "stop" (EOS, stop token or stop string) | "length"
-    metrics: dict = field(default_factory=dict)
+    finish_reason: str            # "stop" (EOS, stop token, stop string, grammar complete) | "length"
+    metrics: dict = field(default_factory=dict)   # see LLM._output; "forced_tokens": jump-forward tokens
 
     @property
     def outputs(self) -> list["RequestOutput"]:
@@ -86,6 +92,10 @@ class LLM:
         quantization: None keeps float weights; ``"int8"`` quantizes every projection at load
             (per-channel int8, fbgemm on CPU: several times faster decoding, small quality cost —
             see docs/benchmarks.md). Speculation is lossless relative to the model as loaded.
+
+    Structured output is asked for per request (``SamplingParams(json_schema=...)``, ``regex``,
+    ``grammar``, ``json_object``; docs/structured-output.md). ``generate`` compiles every request's
+    grammar before it runs any of them, so a bad schema fails the call before generation starts.
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype | None = None,
@@ -106,7 +116,8 @@ class LLM:
         self.quantization = check_quantization(quantization, self.device)
         self.model = build_model(self.model_path, dtype=self.dtype, device=self.device, quantization=self.quantization)
         self.drafter = self._bind(drafter)
-        self.engine = Engine(self.model, self.tokenizer.eos_token_ids, max_model_len=max_model_len)
+        self.engine = Engine(self.model, self.tokenizer.eos_token_ids, max_model_len=max_model_len,
+                             constrainer=self._new_constraint)
         if max_batch_size < 1:
             raise InvalidParamsError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
@@ -140,6 +151,23 @@ class LLM:
             self._drafters[key] = self._bind(self._make_drafter(speculative))
         return self._drafters[key]
 
+    # ------------------------------------------------------------------ structured output
+    def compile_constraint(self, params: SamplingParams):
+        """The compiled grammar (``leaplm.constrain.CompiledConstraint``) of ``params``' structured-output
+        request for this model's tokenizer and vocabulary, or None when it asks for none. Cached: the same
+        schema / regex / grammar compiles once. Raises ``InvalidConstraintError`` naming what is wrong or
+        unsupported (compile time limit: ``leaplm.constrain.DEFAULT_TIMEOUT_S``)."""
+        spec = params.constraint
+        if spec is None:
+            return None
+        from .constrain import compile_constraint
+
+        return compile_constraint(self.tokenizer, **spec, vocab_size=self.config.vocab_size)
+
+    def _new_constraint(self, params: SamplingParams):
+        """The engine's constrainer: a fresh per-request cursor of the (cached) compiled grammar."""
+        return self.compile_constraint(params).new()
+
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -169,6 +197,8 @@ class LLM:
         ids = [self.encode(p) for p in prompts]
         for one in ids:
             self.engine.check_prompt(one)
+        for p in {id(p): p for p in params}.values():  # every grammar compiles before anything runs
+            self.compile_constraint(p)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         results: list[RequestOutput | None] = [None] * len(ids)
         with _progress(len(ids), enabled=use_tqdm and len(ids) > 1) as advance:
@@ -251,6 +281,7 @@ class LLM:
                 "drafted": r.drafted, "accepted": r.accepted,
                 "mean_accepted_tokens": n / r.target_passes if r.target_passes else None,
                 "draft_s": r.draft_s, "verify_s": r.verify_s,
+                "forced_tokens": r.forced_tokens, "pruned_draft_tokens": r.pruned, "constraint_s": r.constraint_s,
             },
         )
 

@@ -7,6 +7,11 @@ speculative verification later): ``processed_logits`` applies, in this order,
 3. temperature, 4. top-k, 5. top-p, 6. min-p  (the order of transformers' warpers),
 masking removed tokens with -inf. ``temperature == 0`` means greedy: the argmax of the penalized
 logits. Shapes: logits ``[N, V]`` (N positions of one request, all with the same history).
+
+Structured output (``json_schema`` / ``regex`` / ``grammar`` / ``json_object``) comes *before* step 1:
+the engine sets the logits of tokens the grammar does not allow to -inf on the raw logits
+(``leaplm.constrain.apply_bitmask_``), so every step above only ever sees, and picks among, allowed
+tokens (penalties and warpers keep -inf at -inf).
 """
 from __future__ import annotations
 
@@ -25,6 +30,20 @@ class SamplingParams:
     """Per-request decoding options (names as vLLM's ``SamplingParams``).
 
     ``max_tokens`` defaults to 256 (vLLM: 16) so a plain call gives a useful answer.
+
+    Structured output (at most one of these; see docs/structured-output.md):
+
+    * ``json_schema`` - a JSON Schema (dict, bool or JSON text): the output is one JSON instance of it;
+    * ``regex`` - the whole output matches this regular expression (Rust ``regex`` syntax);
+    * ``grammar`` - a Lark grammar (llguidance's dialect) or a llama.cpp GBNF grammar;
+    * ``json_object=True`` - any JSON object.
+
+    It is compiled before generation starts (an unsupported schema feature, a bad regex or grammar
+    raises ``InvalidConstraintError`` naming it); EOS is allowed only where the grammar may end, and a
+    row whose grammar is complete and cannot go on finishes with ``"stop"``. ``jump_forward`` (default
+    on): where the grammar allows exactly one continuation, its tokens are appended without being
+    sampled (the model still reads them). They are the grammar's canonical tokenization of that text,
+    which can differ from the tokens the model would have picked; turn it off to let the model choose.
     """
 
     temperature: float = 1.0
@@ -41,6 +60,11 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    json_schema: dict | bool | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    jump_forward: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -73,14 +97,42 @@ class SamplingParams:
             raise bad("seed", self.seed, "must be an integer or None")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "must be non-negative integers")
+        given = [k for k in CONSTRAINT_KINDS if getattr(self, k) not in (None, False) or
+                 (k == "json_schema" and self.json_schema is False)]
+        if len(given) > 1:
+            raise InvalidParamsError(f"give at most one of json_schema, regex, grammar, json_object=True "
+                                     f"(got {', '.join(given)})")
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, bool, str)):
+            raise bad("json_schema", type(self.json_schema).__name__, "must be a dict, a bool or JSON text")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise bad(name, type(value).__name__, "must be a string")
+        for name in ("json_object", "jump_forward"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, getattr(self, name), "must be True or False")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
     @property
+    def constraint(self) -> dict | None:
+        """The structured-output request as ``compile_constraint`` keyword arguments, or None."""
+        if self.json_object:
+            return {"json_object": True}
+        for kind in ("json_schema", "regex", "grammar"):
+            value = getattr(self, kind)
+            if value is not None:
+                return {kind: value}
+        return None
+
+    @property
     def uses_penalties(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+CONSTRAINT_KINDS = ("json_schema", "regex", "grammar", "json_object")
 
 
 def _finite(x) -> bool:

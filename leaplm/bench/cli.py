@@ -2,7 +2,7 @@
 
     leaplm bench [--model M] [--draft-model D] --workload W [--limit N] [--max-tokens N]
                  [--methods m1,m2:k=v] [--peers hf,llamacpp] [--temperature T] [--threads N]
-                 [--warmup N] --out DIR
+                 [--warmup N] [--jump-forward on|off|both] --out DIR
 
 ``add_parser(subparsers)`` registers the sub-command (its ``func`` is ``main``); ``main(args) -> int``
 runs it and writes ``DIR/results.json``, ``DIR/report.md``, ``DIR/outputs.jsonl`` and the PNG plots,
@@ -39,8 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="known name, .gguf file or HF folder (default: smollm2-135m-instruct)")
     p.add_argument("--draft-model", default=None, help="draft model for methods that use one and the hf_assisted peer")
     p.add_argument("--workload", "-w", required=True,
-                   help="spec_bench[:PATH] | humaneval[:PATH] | builtin | FILE.jsonl "
-                        "({prompt} | {turns} | {prompt_ids}, optional id, category)")
+                   help="spec_bench[:PATH] | humaneval[:PATH] | builtin | json[:PATH] | FILE.jsonl "
+                        "({prompt} | {turns} | {prompt_ids}, optional id, category, json_schema | regex | grammar)")
+    p.add_argument("--jump-forward", choices=["on", "off", "both"], default="on",
+                   help="structured-output workloads (json): constrained runs with jump-forward on (default), off, "
+                        "or both side by side")
     p.add_argument("--limit", type=int, default=None, help="first N samples of each category")
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per generation (default 256)")
     p.add_argument("--methods", default=None,
@@ -71,6 +74,7 @@ def _command(args) -> list[str]:
                         ("--limit", args.limit), ("--max-tokens", args.max_tokens), ("--methods", args.methods),
                         ("--peers", args.peers), ("--temperature", args.temperature), ("--threads", args.threads),
                         ("--warmup", args.warmup), ("--dtype", args.dtype), ("--quantization", args.quantization), ("--device", args.device),
+                        ("--jump-forward", None if getattr(args, "jump_forward", "on") == "on" else args.jump_forward),
                         ("--out", args.out)]:
         if value is not None:
             rebuilt += [flag, str(value)]
@@ -85,7 +89,8 @@ def main(args) -> int:
         workload=args.workload, model=args.model, draft_model=args.draft_model, limit=args.limit,
         max_tokens=args.max_tokens, methods=args.methods, peers=args.peers, temperature=args.temperature,
         threads=args.threads, warmup=args.warmup, dtype=args.dtype, quantization=args.quantization, device=args.device, seed=args.seed,
-        out=args.out, command=_command(args), progress=getattr(args, "progress", True))
+        out=args.out, command=_command(args), progress=getattr(args, "progress", True),
+        jump_forward=getattr(args, "jump_forward", "on"))
     results = run_bench(cfg)
     files = write_all(results, args.out)
     print_table(results)

@@ -38,6 +38,9 @@ class Generation:
     ttft_s: float | None = None            # first token's arrival after the call started (prefill)
     target_passes: int | None = None       # target model forward passes (None: not counted, e.g. peers)
     finish_reason: str | None = None
+    # leaplm methods: first_tokens (tokens that arrived with the first); constrained runs also forced_tokens,
+    # pruned_draft_tokens, constraint_s, mask_times (seconds per next-token mask), compile_s (the grammar's)
+    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- the loaded target
@@ -203,9 +206,18 @@ def parse_methods(text: str | None) -> list[MethodRun]:
 
 def _run_engine(target: Target, prompt_ids: list[int], params, drafter=None) -> Generation:
     started = time.perf_counter()
-    row = target.engine.start([prompt_ids], [params], drafter).run()[0]
+    batch = target.engine.start([prompt_ids], [params], drafter)
+    first = 0   # tokens that arrived with the first one (prefill; jump-forward can add several)
+    while not batch.done and not first:
+        first = sum(len(o.new_token_ids) for o in batch.step())
+    row = batch.run()[0]
     ttft = row.first_token_at - started if row.first_token_at is not None else None
-    return Generation(list(row.output_ids), ttft, row.target_passes, row.finish_reason)
+    extra: dict = {"first_tokens": first}
+    if row.constraint is not None:
+        extra |= {"forced_tokens": row.forced_tokens, "pruned_draft_tokens": row.pruned, "constraint_s": row.constraint_s,
+                 "mask_times": list(row.mask_times),
+                 "compile_s": getattr(getattr(row.constraint, "grammar", None), "compile_s", None)}
+    return Generation(list(row.output_ids), ttft, row.target_passes, row.finish_reason, extra)
 
 
 @register_method("vanilla", lossless=True, description="plain autoregressive decoding (the reference)")
@@ -233,20 +245,67 @@ def copyspec(target: Target, prompt_ids: list[int], params, num_draft: int = 10,
     return _run_engine(target, prompt_ids, params, target.cache[key])
 
 
+def _bound_drafter(target: Target, key: tuple, make):
+    """One drafter per configuration for the whole run (its learnt state carries across requests),
+    bound to the target on first use."""
+    if key not in target.cache:
+        drafter = make()
+        drafter.bind(target.model, getattr(target, "tokenizer", None))
+        target.cache[key] = drafter
+    return target.cache[key]
+
+
+@register_method("recycling", lossless=True,
+                 description="Token Recycling: a token tree from the target's own top-k candidates of earlier passes")
+def recycling(target: Target, prompt_ids: list[int], params, num_draft: int = 24, top_k: int = 8,
+              max_depth: int = 8, node_cost: float | None = None) -> Generation:
+    from ..spec.drafters import TokenRecycling
+
+    drafter = _bound_drafter(target, ("recycling", num_draft, top_k, max_depth, node_cost),  # one matrix per run
+                             lambda: TokenRecycling(num_draft, top_k, max_depth, node_cost=node_cost))
+    return _run_engine(target, prompt_ids, params, drafter)
+
+
+@register_method("aded", lossless=True,
+                 description="ADED: a token tree from tri-gram statistics of the outputs, adapting while decoding")
+def aded(target: Target, prompt_ids: list[int], params, num_draft: int = 24, max_depth: int = 8,
+         exploration: float = 0.1, node_cost: float | None = None) -> Generation:
+    from ..spec.drafters import ADED
+
+    drafter = _bound_drafter(target, ("aded", num_draft, max_depth, exploration, node_cost),  # statistics per run
+                             lambda: ADED(num_draft=num_draft, max_depth=max_depth, exploration=exploration,
+                                          node_cost=node_cost))
+    return _run_engine(target, prompt_ids, params, drafter)
+
+
+@register_method("retrieval", lossless=True,
+                 description="REST: a token tree of continuations found in a datastore (corpus=PATH) and the context")
+def retrieval(target: Target, prompt_ids: list[int], params, corpus: str = "", num_draft: int = 24,
+              max_occurrences: int = 64, depth: int = 10, tree: bool = True) -> Generation:
+    from ..spec.drafters import Retrieval
+
+    if not corpus:
+        raise BenchError("method 'retrieval' needs a datastore: retrieval:corpus=PATH (a text file or folder)")
+    drafter = _bound_drafter(target, ("retrieval", corpus, num_draft, max_occurrences, depth, tree),
+                             lambda: Retrieval(corpus=corpus, num_draft=num_draft, max_occurrences=max_occurrences,
+                                               depth=depth, tree=tree, progress=False))
+    return _run_engine(target, prompt_ids, params, drafter)
+
+
 @register_method("draft", lossless=True,
                  description="a smaller model of the same family drafts (--draft-model; int8 by default, adaptive length)")
 def draft(target: Target, prompt_ids: list[int], params, num_draft: int = 6, confidence: float = 0.4,
           adaptive: bool = True, quantization: str = "int8", lookup: bool = False,
-          draft_vocab: int | None = None) -> Generation:
+          draft_vocab: int | None = None, tree_top_k: int = 0, tree_extra: int = 6) -> Generation:
     from ..spec.drafters import DraftModel
 
     if target.draft_model_path is None:
         raise BenchError("method 'draft' needs --draft-model")
-    key = ("draft", num_draft, confidence, adaptive, quantization, lookup, draft_vocab)
+    key = ("draft", num_draft, confidence, adaptive, quantization, lookup, draft_vocab, tree_top_k, tree_extra)
     if key not in target.cache:
         drafter = DraftModel(target.draft_model_path, num_draft=num_draft, confidence=confidence, adaptive=adaptive,
                              quantization=None if quantization == "none" else quantization, lookup=lookup, draft_vocab=draft_vocab,
-                             download=False)
+                             tree_top_k=tree_top_k, tree_extra=tree_extra, download=False)
         drafter.bind(target.model, target.tokenizer)
         target.cache[key] = drafter
     return _run_engine(target, prompt_ids, params, target.cache[key])

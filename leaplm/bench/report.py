@@ -5,7 +5,8 @@
 * ``results.json`` - the results as is;
 * ``report.md`` - setup (model, workload, command, machine, date), the main table (one row per method
   and peer: tok/s, speed-up, mean accepted, TTFT, exact match, peak RSS, status), a speed-up table per
-  category, divergences, failures and notes. A method that claims losslessness and is not 100% exact
+  category, for structured-output workloads a "Structured output" table (``structured.report_lines``),
+  divergences, failures and notes. A method that claims losslessness and is not 100% exact
   under greedy is flagged ``NOT EXACT`` at the top of the report and in its table row;
 * ``speedup_by_category.png`` (grouped bars, one group per category) and ``tokens_per_s_per_sample.png``
   (one line per contestant), made with matplotlib's Agg backend (skipped with a note when matplotlib is
@@ -119,6 +120,9 @@ def render_markdown(results: dict, plots: list[str]) -> str:
     ]
     for name in plots:
         out += [f"![{name}]({name})", ""]
+    from .structured import report_lines
+
+    out += report_lines(results)
     divergent = [(k, s) for k, s in _contestants(results).items()
                  if s["status"] == "ok" and s["exact_match_vs_vanilla"] not in (None, 1.0)]
     if divergent:
@@ -127,7 +131,8 @@ def render_markdown(results: dict, plots: list[str]) -> str:
             items = [f"{r['id']} at token {r['first_divergence']}" for r in s["samples"]
                      if r.get("first_divergence") is not None]
             flag = " **NOT EXACT**" if s["not_exact"] else ""
-            out.append(f"- {k}{flag}: {len(items)} of {s['n_ok']} samples differ: " + "; ".join(items[:20])
+            ref = (s.get("structured") or {}).get("exact_reference") or "vanilla"
+            out.append(f"- {k}{flag} (vs {ref}): {len(items)} of {s['n_ok']} samples differ: " + "; ".join(items[:20])
                        + (" ..." if len(items) > 20 else ""))
         out.append("")
     failures = [(k, s) for k, s in _contestants(results).items() if s["status"] != "ok" or s["errors"]]
@@ -212,5 +217,15 @@ def print_table(results: dict) -> None:
         table.add_row(*[c.replace("**NOT EXACT**", "[bold red]NOT EXACT[/]") for c in r])
     console = Console() if sys.stdout.isatty() else Console(width=200)  # logs: do not squeeze to 80 columns
     console.print(table)
+    if results.get("structured"):
+        from .structured import table_rows
+
+        srows = table_rows(results)
+        st = Table(title="structured output")
+        for i, h in enumerate(srows[0]):
+            st.add_column(h, justify="left" if i < 2 else "right", overflow="fold")
+        for r in srows[1:]:
+            st.add_row(*r)
+        console.print(st)
     if results["not_exact"]:
         console.print(f"[bold red]NOT EXACT:[/] {', '.join(results['not_exact'])} differ from vanilla under greedy")

@@ -27,6 +27,12 @@ Metrics per contestant (methods and peers alike; a sample is one question, its t
   index (into the sample's concatenated turns) of the first differing token, or None.
 * ``lossy`` (the method does not claim losslessness; None for peers), ``claims_exact``, ``not_exact``
   (claims exactness, greedy, and exact-match < 1), ``status``, ``errors``; all of it also ``per_category``.
+* ``decode_tokens_per_s`` - mean over samples of the tokens after the first arrival / (wall time - time to
+  first token) (the first arrival is one token, or several when jump-forward appends tokens at the start).
+
+Structured-output workloads (samples with a constraint, e.g. ``--workload json``): every method also runs
+constrained (``M+json``), compared for exactness with ``vanilla+json``; see ``structured.py`` for the
+contestants, the ``structured`` metrics (mask time per token, compile time, validity) and ``--jump-forward``.
 
 A contestant that raises on a sample gets an ``error`` for that sample (excluded from its means), never a
 crash of the whole run; a peer that cannot load is listed with its skipped/failed status.
@@ -46,6 +52,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import BenchError
+from . import structured
 from .methods import Generation, MethodRun, Target, load_target, parse_methods
 from .peers import PeerEntry, load_peers, parse_peers
 from .workloads import Sample, Workload, load_workload
@@ -72,6 +79,7 @@ class BenchConfig:
     out: Path | None = None
     command: list[str] = field(default_factory=list)
     progress: bool = True
+    jump_forward: str = "on"    # constrained variants: on | off | both (structured-output workloads)
 
 
 @dataclass
@@ -86,6 +94,11 @@ class Contestant:
     records: list[dict] = field(default_factory=list)
     peak_rss_mb: float | None = None
     rss_after_mb: float | None = None
+    constrained: bool = False                   # runs with the samples' constraints (structured output)
+    jump_forward: bool = True
+    reference: str = "vanilla"                  # the contestant its exact match is measured against
+    base: str | None = None                     # its unconstrained twin (constrained contestants)
+    mask_times: list[float] = field(default_factory=list)   # seconds per grammar mask, timed runs
 
 
 # --------------------------------------------------------------------------- helpers
@@ -212,12 +225,19 @@ def render_prompt(target: Target, sample: Sample, turn: int, answers: list[str])
 # --------------------------------------------------------------------------- protocol
 
 
-def _contestants(methods: list[MethodRun], peers: list[PeerEntry], target: Target) -> list[Contestant]:
+def _contestants(methods: list[MethodRun], peers: list[PeerEntry], target: Target, workload: Workload | None = None,
+                 jump_forward: str = "on") -> list[Contestant]:
     out = []
+    variants = structured.variants(jump_forward) if workload is not None and workload.constrained else ()
     for m in methods:
+        info = {"name": m.spec.name, "knobs": m.knobs, "description": m.spec.description}
         out.append(Contestant(m.label, "method", (lambda ids, p, m=m: m(target, ids, p)),
-                              lossy=not m.spec.lossless, claims_exact=m.spec.lossless,
-                              info={"name": m.spec.name, "knobs": m.knobs, "description": m.spec.description}))
+                              lossy=not m.spec.lossless, claims_exact=m.spec.lossless, info=info))
+        for jf in variants:
+            t = structured.tag(workload, jf)
+            out.append(Contestant(m.label + t, "method", (lambda ids, p, m=m: m(target, ids, p)),
+                                  lossy=not m.spec.lossless, claims_exact=m.spec.lossless, info=info,
+                                  constrained=True, jump_forward=jf, reference="vanilla" + t, base=m.label))
     for e in peers:
         run = e.peer.generate if e.peer is not None else None
         out.append(Contestant(e.name, "peer", run, status=e.status, lossy=None, claims_exact=False, info=e.info))
@@ -229,6 +249,10 @@ def _params(cfg: BenchConfig, sample_index: int, turn: int):
 
     seed = None if cfg.temperature == 0 else cfg.seed + 1000 * sample_index + turn
     return SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=seed)
+
+
+def _params_for(c: Contestant, sample: Sample, params):
+    return structured.constrained_params(params, sample, c.jump_forward) if c.constrained else params
 
 
 def _timed(c: Contestant, ids: list[int], params) -> tuple[Generation | None, float, str | None]:
@@ -307,8 +331,10 @@ def _run(cfg: BenchConfig, threads: int) -> dict:
     draft_path = hub.resolve(cfg.draft_model) if cfg.draft_model else None
     target = load_target(model_path, dtype=cfg.dtype, device=cfg.device, need_tokenizer=workload.needs_tokenizer,
                          draft_model_path=draft_path, quantization=cfg.quantization)
+    structured.variants(cfg.jump_forward)
+    compile_info = structured.compile_times(target, workload) if workload.constrained else None
     peers = load_peers(peer_names, target, threads)
-    contestants = _contestants(methods, peers, target)
+    contestants = _contestants(methods, peers, target, workload, cfg.jump_forward)
     runnable = [c for c in contestants if c.run is not None]
     outputs: list[dict] = []
     try:
@@ -322,6 +348,8 @@ def _run(cfg: BenchConfig, threads: int) -> dict:
                 e.peer.close()
 
     results = _results(cfg, workload, target, contestants, threads, elapsed)
+    if compile_info is not None:
+        results["structured"] = {**compile_info, "jump_forward": cfg.jump_forward}
     if cfg.out is not None:
         cfg.out.mkdir(parents=True, exist_ok=True)
         with open(cfg.out / "outputs.jsonl", "w", encoding="utf-8") as f:
@@ -338,7 +366,7 @@ def _warmup(cfg: BenchConfig, workload: Workload, target: Target, runnable: list
         except Exception:  # noqa: BLE001 - the timed run reports it
             continue
         for c in runnable:
-            _timed(c, ids, _params(cfg, i, 0))
+            _timed(c, ids, _params_for(c, sample, _params(cfg, i, 0)))
 
 
 def _measure(cfg: BenchConfig, workload: Workload, target: Target, runnable: list[Contestant],
@@ -360,15 +388,23 @@ def _measure(cfg: BenchConfig, workload: Workload, target: Target, runnable: lis
                 except Exception as e:  # noqa: BLE001 - e.g. prompt too long: recorded for everyone
                     ids, prompt_error = [], _error(e)
                 ref: Generation | None = None
+                refs: dict[str, Generation | None] = {}   # this turn's outputs of the exactness references
                 for c in runnable:
                     if prompt_error is not None:
                         gen, wall, err = None, 0.0, prompt_error
                     else:
-                        gen, wall, err = _timed(c, ids, params)
+                        gen, wall, err = _timed(c, ids, _params_for(c, sample, params))
                         c.peak_rss_mb, c.rss_after_mb = peak_rss_mb(), rss_mb()
+                        if gen is not None:
+                            c.mask_times.extend(gen.extra.get("mask_times", ()))
                     if c is vanilla:
                         ref = gen
-                    per[c.label].append(_turn_record(gen, wall, err, ids, ref, target, c is vanilla, params))
+                    refs[c.label] = gen
+                    record = _turn_record(gen, wall, err, ids, refs.get(c.reference), target, c.label == c.reference,
+                                          params)
+                    if sample.constraint is not None:
+                        record.update(structured.turn_extra(gen, target, sample))
+                    per[c.label].append(record)
                     outputs.append({"label": c.label, "id": sample.id, "category": sample.category, "turn": turn,
                                     "prompt_ids": ids if c is vanilla else None,
                                     "token_ids": gen.token_ids if gen else None, "error": err,
@@ -398,7 +434,7 @@ def _turn_record(gen: Generation | None, wall: float, err: str | None, ids: list
     if gen is None:
         return rec
     rec.update(output_tokens=len(gen.token_ids), ttft_s=gen.ttft_s, target_passes=gen.target_passes,
-               finish_reason=gen.finish_reason)
+               finish_reason=gen.finish_reason, first_tokens=gen.extra.get("first_tokens", min(1, len(gen.token_ids))))
     if ref is not None:
         def cut(g: Generation) -> bool:  # stopped by a context window before max_tokens, without EOS
             return g.finish_reason == "length" and len(g.token_ids) < params.max_tokens
@@ -413,8 +449,8 @@ def _sample_record(sample: Sample, turns: list[dict]) -> dict:
     rec: dict = {"id": sample.id, "category": sample.category, "turns": len(turns), "error": error,
                  "prompt_tokens": [t["prompt_tokens"] for t in turns]}
     if error is not None:
-        rec.update(output_tokens=None, wall_s=None, tokens_per_s=None, ttft_s=None, target_passes=None,
-                   exact=None, first_divergence=None)
+        rec.update(output_tokens=None, wall_s=None, tokens_per_s=None, decode_tokens_per_s=None, ttft_s=None,
+                   target_passes=None, exact=None, first_divergence=None, stopped=None)
         return rec
     out = sum(t["output_tokens"] for t in turns)
     wall = sum(t["wall_s"] for t in turns)
@@ -425,10 +461,21 @@ def _sample_record(sample: Sample, turns: list[dict]) -> dict:
             divergence = offset + t["first_divergence"]
         offset += t["output_tokens"]
     compared = all(t["compared"] for t in turns)
+    ttfts = [t["ttft_s"] for t in turns]
+    decode_s = wall - sum(ttfts) if all(x is not None for x in ttfts) else None
+    decoded = out - sum(t["first_tokens"] for t in turns)   # tokens after each turn's first arrival
     rec.update(output_tokens=out, wall_s=wall, tokens_per_s=out / wall if wall > 0 else None,
+               decode_tokens_per_s=decoded / decode_s if decode_s and decoded > 0 else None,
                ttft_s=_mean(t["ttft_s"] for t in turns),
                target_passes=sum(passes) if all(p is not None for p in passes) else None,
-               exact=(divergence is None) if compared else None, first_divergence=divergence)
+               exact=(divergence is None) if compared else None, first_divergence=divergence,
+               stopped=all(t["finish_reason"] == "stop" for t in turns))
+    if "valid" in turns[0]:   # structured-output sample (single turn in practice): summed / all-of over turns
+        valid = [t["valid"] for t in turns]
+        rec["valid"] = None if any(v is None for v in valid) else all(valid)
+        for key in ("forced_tokens", "pruned_draft_tokens", "constraint_s"):
+            vals = [t[key] for t in turns]
+            rec[key] = None if any(v is None for v in vals) else sum(vals)
     return rec
 
 
@@ -445,6 +492,7 @@ def _metrics(records: list[dict], vanilla_records: list[dict]) -> dict:
     return {
         "n_samples": len(records), "n_ok": len(ok), "n_failed": len(records) - len(ok),
         "tokens_per_s": tps,
+        "decode_tokens_per_s": _mean(r.get("decode_tokens_per_s") for r in ok),
         "speedup_vs_vanilla": tps / v_tps if tps is not None and v_tps else None,
         "mean_accepted_tokens": outs / sum(passes) if ok and all(p is not None for p in passes) and sum(passes) else None,
         "ttft_s": _mean(r["ttft_s"] for r in ok),
@@ -488,6 +536,10 @@ def _results(cfg: BenchConfig, workload: Workload, target: Target, contestants: 
     cats = workload.categories
     greedy = cfg.temperature == 0
     summaries = {c.label: _summary(c, vanilla, cats, greedy) for c in contestants}
+    if workload.constrained:
+        for c in contestants:
+            if c.run is not None:
+                summaries[c.label]["structured"] = structured.summary(c, summaries, c.mask_times)
     multi = any(len(s.turns) > 1 for s in workload.samples)
     notes = ["tokens/s = mean over samples of output tokens / generation wall time; token ids only "
              "(no detokenization) for every method and peer; batch 1",
@@ -503,6 +555,10 @@ def _results(cfg: BenchConfig, workload: Workload, target: Target, contestants: 
     if not greedy:
         notes.append(f"temperature {cfg.temperature}: sampled outputs are not expected to match vanilla "
                      "token for token; exact-match is informational")
+    if workload.constrained:
+        notes.append("structured output: each method also ran constrained by the samples' schemas (label +json; "
+                     "+json-nojf without jump-forward); a constrained contestant's exact match is against its "
+                     "vanilla counterpart (vanilla+json), its speed-up against plain vanilla; peers run unconstrained")
     return {
         "schema": SCHEMA,
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),

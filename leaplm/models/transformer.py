@@ -8,6 +8,10 @@
   sliding-window layers), so ragged batches and rolled-back slots need no extra bookkeeping.
 - ``logit_index`` ``[B, K]`` picks the positions (indices into T) whose logits are computed; by
   default all T. Prefill asks for the last prompt token only, which saves a ``[T, vocab]`` matmul.
+- Token trees (``tree=(base, feed_mask)``, see ``spec/tree.py``): row b's T fed tokens are written
+  into slots ``base[b] .. base[b] + T - 1`` (not at their positions, which repeat across branches),
+  and token t sees the committed slots ``< base[b]`` plus the fed tokens ``j`` with
+  ``feed_mask[b, t, j]`` (its ancestors and itself).
 
 Weights use fused projections: ``qkv`` ``[(H + 2*KV) * D, hidden]`` and ``gate_up``
 ``[2 * I, hidden]``, built by ``load_weights`` from per-projection Hugging Face names.
@@ -49,9 +53,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache.write(self.layer, k, v, step.positions, step.contiguous_start)
+        cache.write(self.layer, k, v, step.slots, step.contiguous_start)
         keys, values = cache.view(self.layer, step.kv_len)
-        if step.exact is not None:
+        if step.exact:
             return self.o(self._exact_attention(q, keys, values, step).reshape(B, T, self.q_size))
         mask, causal = (step.sliding_mask, step.sliding_causal) if self.sliding else (step.full_mask, step.full_causal)
         out = F.scaled_dot_product_attention(
@@ -61,15 +65,36 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(B, T, self.q_size))
 
     def _exact_attention(self, q: Tensor, keys: Tensor, values: Tensor, step: "_Step") -> Tensor:
-        """One unmasked call per (row, query) over exactly its visible slots -> ``[B, T, H, D]``."""
+        """One unmasked call per (row, query) over exactly its visible slots -> ``[B, T, H, D]``.
+
+        The query's heads are laid out as ``[kv_heads, group, D]`` (the heads sharing a key/value head
+        become that head's queries), so no call expands keys for grouped-query attention. A tree query
+        whose ancestors are not contiguous slots attends over a row buffer holding the committed slots
+        followed by its ancestors in depth order: the same keys in the same order as the chain it lies
+        on, so its result is the chain's bit for bit.
+        """
         B, T = q.shape[:2]
+        kv, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
         out = torch.empty_like(q)
         for b in range(B):
-            for t, pos in enumerate(step.exact[b]):
-                lo = max(0, pos + 1 - step.window) if self.sliding and step.window else 0
-                out[b, t] = F.scaled_dot_product_attention(
-                    q[b: b + 1, t: t + 1].transpose(1, 2), keys[b: b + 1, :, lo: pos + 1], values[b: b + 1, :, lo: pos + 1],
-                    scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)[0, :, 0]
+            spans = step.exact_slots(b, self.sliding)
+            buf_k = buf_v = None
+            for t, (lo, hi, ancestors) in enumerate(spans):
+                query = q[b, t].view(kv, group, self.head_dim)[None]
+                if ancestors is None:
+                    k, v = keys[b: b + 1, :, lo: hi], values[b: b + 1, :, lo: hi]
+                else:
+                    if buf_k is None:  # committed slots copied once per row and layer
+                        buf_k = keys.new_empty(1, kv, hi + T, self.head_dim)
+                        buf_v = values.new_empty(1, kv, hi + T, self.head_dim)
+                        buf_k[:, :, :hi], buf_v[:, :, :hi] = keys[b: b + 1, :, :hi], values[b: b + 1, :, :hi]
+                    end = hi + len(ancestors)
+                    buf_k[:, :, hi: end] = keys[b: b + 1].index_select(2, ancestors)
+                    buf_v[:, :, hi: end] = values[b: b + 1].index_select(2, ancestors)
+                    start = min(lo, hi)  # lo > hi: the window leaves no committed slot
+                    k, v = buf_k[:, :, start: end], buf_v[:, :, start: end]
+                out[b, t] = F.scaled_dot_product_attention(query, k, v, scale=self.scale)[0].reshape(
+                    self.num_heads, self.head_dim)
         return out
 
 
@@ -115,48 +140,97 @@ class _Step:
 
     Masks are built only where needed: a fresh prefill (positions ``0..T-1`` in every row, no
     earlier slots) is plain causal attention (``is_causal``, the fast kernel path), and a single
-    decode query sees every slot below it. Otherwise ``[B, 1, T, S]`` boolean masks.
+    decode query sees every slot below it. Otherwise ``[B, 1, T, S]`` boolean masks. A query sees a
+    slot when the slot is committed below it (chains: slot <= position) or, in a tree, when the
+    slot holds one of its ancestors; on sliding layers also only when the slot's *position* is
+    within the window.
 
     ``exact`` (batch-invariant decoding): for a decode/verify step (not a fresh prefill, at most
     ``EXACT_MAX_T`` queries) every query of every row is attended on its own, unmasked, over exactly
     the slots it sees — the same kernel call a batch-1 single-token decode makes — so a row's
     result does not depend on the other rows or on how many draft tokens share the pass.
-    ``self.exact`` is then the host list of positions ``[B][T]``, else None.
     """
 
     EXACT_MAX_T = 64
 
     def __init__(self, positions: Tensor, cfg: ModelConfig, kv_len: int, contiguous_start: int | None,
-                 exact: bool = False) -> None:
+                 exact: bool = False, tree: tuple[list[int], Tensor] | None = None) -> None:
         self.positions = positions
         self.kv_len = kv_len
-        self.contiguous_start = contiguous_start
         B, T = positions.shape
-        fresh = contiguous_start == 0 and kv_len == T
+        device = positions.device
+        self.tree_base, self.feed_mask = (None, None) if tree is None else tree
+        if tree is not None:
+            base = torch.tensor(self.tree_base, device=device)
+            self.slots = base[:, None] + torch.arange(T, device=device)
+            same = all(n == self.tree_base[0] for n in self.tree_base)
+            contiguous_start = self.tree_base[0] if same else None
+        else:
+            self.slots = positions
+        self.contiguous_start = contiguous_start
+        fresh = tree is None and contiguous_start == 0 and kv_len == T
         self.window = cfg.sliding_window if "sliding" in cfg.layer_types else None
-        # a batch-1 single-token step without an active window already is that one unmasked call
-        plain_single = B == 1 and T == 1 and (self.window is None or kv_len <= self.window)
-        self.exact = positions.tolist() if exact and not fresh and not plain_single and T <= self.EXACT_MAX_T else None
-        if self.exact is not None:  # no masks needed
+        # batch-1 single-token decode steps take the same per-query call, so speculation matches them
+        self.exact = exact and not fresh and T <= self.EXACT_MAX_T
+        if self.exact:  # no masks needed
+            self._positions = positions.tolist()
+            self._exact_cache: dict = {}
+            self._feed = None if tree is None else self.feed_mask.tolist()
             self.full_causal = self.sliding_causal = False
             self.full_mask = self.sliding_mask = None
             return
-        single = B == 1 and T == 1
+        single = tree is None and B == 1 and T == 1
         self.full_causal = fresh and T > 1
         self.full_mask = None
-        causal = None
+        slots = torch.arange(kv_len, device=device)
+        visible = None
         if not (fresh or single):
-            slots = torch.arange(kv_len, device=positions.device)
-            causal = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
-            self.full_mask = causal[:, None]
+            if tree is None:
+                visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+            else:
+                visible = (slots[None, None, :] < base[:, None, None]).expand(B, T, kv_len).clone()
+                rows = torch.arange(B, device=device)[:, None]
+                visible[rows, :, self.slots] = self.feed_mask.transpose(1, 2)
+            self.full_mask = visible[:, None]
         self.sliding_causal, self.sliding_mask = self.full_causal, self.full_mask
         window = self.window
         if window is not None and not ((single and kv_len <= window) or (fresh and T <= window)):
-            slots = torch.arange(kv_len, device=positions.device)
-            if causal is None:
-                causal = slots[None, None, :] <= positions[:, :, None]
-            in_window = slots[None, None, :] > positions[:, :, None] - window
-            self.sliding_causal, self.sliding_mask = False, (causal & in_window)[:, None]
+            if visible is None:
+                visible = slots[None, None, :] <= positions[:, :, None]
+            slot_pos = slots[None].expand(B, -1)
+            if tree is not None:
+                slot_pos = slot_pos.clone()
+                slot_pos[torch.arange(B, device=device)[:, None], self.slots] = positions
+            in_window = slot_pos[:, None, :] > positions[:, :, None] - window
+            self.sliding_causal, self.sliding_mask = False, (visible & in_window)[:, None]
+
+    def exact_slots(self, row: int, sliding: bool) -> list[tuple[int, int, Tensor | None]]:
+        """Per query of ``row``: its visible slots as a slice ``[lo, hi)``, or as the committed slots
+        ``[lo, hi)`` plus the slots of its ancestors (an index tensor, by depth) when those are not
+        contiguous (computed once per step and kind of layer)."""
+        key = (row, sliding and self.window is not None)
+        cached = self._exact_cache.get(key)
+        if cached is None:
+            cached = self._exact_cache[key] = self._exact_slots(row, sliding)
+        return cached
+
+    def _exact_slots(self, row: int, sliding: bool) -> list[tuple[int, int, Tensor | None]]:
+        out = []
+        window = self.window if sliding else None
+        for t, pos in enumerate(self._positions[row]):
+            lo = max(0, pos + 1 - window) if window else 0
+            if self._feed is None:
+                out.append((lo, pos + 1, None))
+                continue
+            base = self.tree_base[row]
+            seen = [j for j, v in enumerate(self._feed[row][t]) if v
+                    and (window is None or self._positions[row][j] > pos - window)]
+            if seen == list(range(seen[0], t + 1)):  # a chain-like run of slots: slice, no copy
+                # the root is visible exactly when no committed slot is cut by the window (lo <= base)
+                out.append((lo if seen[0] == 0 else base + seen[0], base + t + 1, None))
+            else:
+                out.append((lo, base, torch.tensor([base + j for j in seen], device=self.positions.device)))
+        return out
 
 
 class Transformer(nn.Module):
@@ -197,16 +271,18 @@ class Transformer(nn.Module):
         logit_index: Tensor | None = None,
         kv_len: int | None = None,
         contiguous_start: int | None = None,
+        tree: tuple[list[int], Tensor] | None = None,
     ) -> Tensor:
         """tokens, positions ``[B, T]`` -> logits ``[B, K, vocab]`` (float32).
 
         ``kv_len``: 1 + the largest position in ``positions`` (pass it to avoid a device sync).
         ``contiguous_start``: every row's positions are ``start .. start+T-1`` (fast cache write).
+        ``tree``: ``(base [B] host ints, feed_mask [B, T, T] bool)`` for token-tree verification.
         """
         cfg = self.config
         if kv_len is None:
             kv_len = int(positions.max()) + 1
-        step = _Step(positions, cfg, kv_len, contiguous_start, exact=self.exact)
+        step = _Step(positions, cfg, kv_len, contiguous_start, exact=self.exact, tree=tree)
         x = F.embedding(tokens, self.embed)
         if cfg.embed_scale is not None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)

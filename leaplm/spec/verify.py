@@ -18,6 +18,19 @@ first rejection, or the bonus token when all are accepted), so every verdict yie
 extended by the draft prefix: ``target_probabilities`` below), so that speculation reproduces
 vanilla sampling with the same penalties, temperature, top-k/top-p/min-p.
 Shapes: ``draft`` list of k ids; ``target_probs`` ``[k + 1, V]``; ``draft_probs`` ``[k, V]``.
+
+Token trees (``parents``, see ``spec/tree.py``; row f of the target arrays belongs to feed index f:
+0 = the root, 1 + i = node i):
+- ``verify_tree_greedy``: from the root, follow the child equal to the target's argmax while there
+  is one; then the argmax.
+- ``verify_tree_sampling``: recursive rejection sampling over siblings (Jeon et al. 2024, Recursive
+  Speculative Decoding; SpecTr's k-sequential scheme). At a node with children c1..cm, try them in
+  order against a residual target r (initially p): child c_i is accepted with probability
+  min(1, r(x_i) / q_i(x_i)); on rejection r <- norm(max(0, r - q_i)). q_i is one-hot on x_i for a
+  deterministic drafter, or the parent's draft distribution with c1..c_{i-1} removed and
+  renormalized (siblings drawn without replacement). Each try is a speculative-sampling step, so
+  the token leaving the node is distributed exactly as p; when every child is rejected it is drawn
+  from the final residual. The chain verifier is the one-child case.
 """
 from __future__ import annotations
 
@@ -29,20 +42,35 @@ import torch
 from torch import Tensor
 
 from ..sampling import SamplingParams, TokenHistory, probabilities
+from .tree import children, path_to
 
 
 @dataclass(frozen=True)
 class Verdict:
     tokens: list[int]   # the accepted draft prefix followed by one target token
     accepted: int       # how many draft tokens were accepted (len(tokens) - 1)
+    path: list[int] | None = None   # trees: the accepted node indices, root's child first
+
+    @property
+    def nodes(self) -> list[int]:
+        """Accepted draft node indices (a chain's are 0..accepted-1)."""
+        return self.path if self.path is not None else list(range(self.accepted))
 
 
 def target_probabilities(logits: Tensor, params: SamplingParams, history: TokenHistory | None,
-                         draft: Sequence[int]) -> Tensor:
-    """``logits [k + 1, V]`` -> processed distributions ``[k + 1, V]``; row i sees ``draft[:i]`` as output."""
+                         draft: Sequence[int], parents: Sequence[int] | None = None) -> Tensor:
+    """``logits [k + 1, V]`` -> processed distributions ``[k + 1, V]``; row i sees ``draft[:i]`` as output
+    (a tree's row 1 + i sees the tokens on the path to node i)."""
     if history is None or not params.uses_penalties:
         return probabilities(logits, params, None)
     rows = []
+    if parents is not None:
+        for f in range(logits.shape[0]):
+            extended = copy.deepcopy(history)
+            if f:
+                extended.add([draft[i] for i in path_to(parents, f - 1)])
+            rows.append(probabilities(logits[f: f + 1], params, extended))
+        return torch.cat(rows)
     extended = copy.deepcopy(history)
     for i in range(logits.shape[0]):
         rows.append(probabilities(logits[i: i + 1], params, extended))
@@ -52,11 +80,11 @@ def target_probabilities(logits: Tensor, params: SamplingParams, history: TokenH
 
 
 def target_argmax(logits: Tensor, params: SamplingParams, history: TokenHistory | None,
-                  draft: Sequence[int]) -> list[int]:
+                  draft: Sequence[int], parents: Sequence[int] | None = None) -> list[int]:
     """Greedy choices ``[k + 1]`` of the target; without penalties a plain argmax (the hot path)."""
     if history is None or not params.uses_penalties:
         return logits.argmax(-1).tolist()
-    return target_probabilities(logits, params, history, draft).argmax(-1).tolist()
+    return target_probabilities(logits, params, history, draft, parents).argmax(-1).tolist()
 
 
 def verify_greedy(draft: Sequence[int], target_argmax: Sequence[int]) -> Verdict:
@@ -93,3 +121,52 @@ def verify_sampling(draft: Sequence[int], target_probs: Tensor, draft_probs: Ten
         return Verdict(list(draft[:i]) + [token], i)
     bonus = int(torch.multinomial(target_probs[k], 1, generator=generator))
     return Verdict(list(draft) + [bonus], k)
+
+
+def verify_tree_greedy(draft: Sequence[int], parents: Sequence[int], target_argmax: Sequence[int]) -> Verdict:
+    """``target_argmax [1 + n]``: the greedy choice after the root and after each node."""
+    kids = children(parents)
+    path: list[int] = []
+    feed = 0
+    while True:
+        choice = int(target_argmax[feed])
+        nxt = next((c for c in kids[feed] if draft[c] == choice), None)
+        if nxt is None:
+            return Verdict([draft[i] for i in path] + [choice], len(path), path)
+        path.append(nxt)
+        feed = nxt + 1
+
+
+def verify_tree_sampling(draft: Sequence[int], parents: Sequence[int], target_probs: Tensor,
+                         draft_probs: Tensor | None, generator: torch.Generator | None) -> Verdict:
+    """Recursive rejection sampling down a token tree; ``target_probs [1 + n, V]``, ``draft_probs [n, V]``."""
+    if target_probs.shape[0] != len(draft) + 1:
+        raise ValueError(f"target_probs has {target_probs.shape[0]} rows for a tree of {len(draft)} nodes (need n + 1)")
+    kids = children(parents)
+    path: list[int] = []
+    feed = 0
+    while True:
+        residual = target_probs[feed]
+        q_parent = draft_probs[kids[feed][0]].clone() if draft_probs is not None and kids[feed] else None
+        for c in kids[feed]:
+            x = draft[c]
+            if q_parent is None:
+                q = torch.zeros_like(residual)
+                q[x] = 1.0
+            else:
+                q = q_parent / q_parent.sum() if float(q_parent.sum()) > 0 else q_parent
+            rx, qx = float(residual[x]), float(q[x])
+            u = float(torch.rand((), generator=generator, device=residual.device))
+            if qx > 0 and u < min(1.0, rx / qx):
+                path.append(c)
+                feed = c + 1
+                break
+            left = (residual - q).clamp_min(0.0)
+            total = float(left.sum())
+            # residual == q up to rounding: the remaining mass is gone, any draw from residual is exact
+            residual = left / total if total > 0 else residual
+            if q_parent is not None:
+                q_parent[x] = 0.0   # the next sibling was drawn without replacement
+        else:
+            token = int(torch.multinomial(residual, 1, generator=generator))
+            return Verdict([draft[i] for i in path] + [token], len(path), path)

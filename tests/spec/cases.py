@@ -28,3 +28,19 @@ def greedy_equals_vanilla_on_ragged_batch(folder, drafter):
     assert [r.finish_reason for r in spec] == [r.finish_reason for r in vanilla]
     assert sum(r.target_passes for r in spec) <= sum(r.target_passes for r in vanilla)
     return vanilla, spec
+
+
+def hot_start_int8_exact(folder, drafter):
+    """Two rounds of the same two prompts with one ``drafter`` on int8 weights: both rounds equal int8
+    vanilla bit for bit, and the second (hot: the drafter learnt the first) takes fewer target passes."""
+    from leaplm.quant import quantize_model
+
+    engine = Engine(quantize_model(build_model(folder), "int8"), eos_token_ids=[2])
+    prompts = [[7, 8, 9, 10, 11] * 3, [20, 21, 22] * 4]
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (24, 18)]
+    vanilla = run(engine, prompts, params)
+    first = run(engine, prompts, params, drafter)
+    second = run(engine, prompts, params, drafter)
+    for rows in (first, second):
+        assert [r.output_ids for r in rows] == [r.output_ids for r in vanilla]
+    assert sum(r.target_passes for r in second) < sum(r.target_passes for r in first)

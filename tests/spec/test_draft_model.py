@@ -200,3 +200,47 @@ def test_a_shrunk_draft_vocabulary_only_proposes_kept_tokens_and_stays_exact(qua
     assert any(t >= 64 for r in vanilla for t in r.output_ids)   # the target still says anything
     with pytest.raises(InvalidParamsError, match="draft_vocab"):
         DraftModel("x", draft_vocab=0)
+
+
+# ---------------------------------------------------------------- tree mode
+@pytest.mark.parametrize("target_name,draft_name", [("llama-mha-tied", "llama-gqa-untied"), ("gemma3", "gemma3")])
+def test_greedy_draft_model_tree_equals_vanilla(target_name, draft_name, tiny_model_dir):
+    target = build_model(tiny_model_dir(target_name)[0])
+    draft = build_model(tiny_model_dir(draft_name)[0], quantization="int8")
+    engine = Engine(target, eos_token_ids=[2])
+    gen = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (6, 15, 9)]
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (26, 11, 20)]
+    vanilla = _run(engine, prompts, params)
+    drafter = _bound(draft, target, num_draft=4, confidence=0.0, tree_top_k=3, tree_extra=5, tree_min_prob=0.0)
+    assert drafter.num_draft == 9
+    spec = _run(engine, prompts, params, drafter)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in vanilla]
+    assert [r.finish_reason for r in spec] == [r.finish_reason for r in vanilla]
+
+
+def test_tree_mode_drafts_the_chain_plus_alternative_leaves(tiny_model_dir):
+    folder, _ = tiny_model_dir("llama-gqa-untied")
+    target = build_model(folder)
+    drafter = _bound(build_model(folder), target, num_draft=3, adaptive=False, confidence=0.0,
+                     quantization=None, tree_top_k=2, tree_extra=4, tree_min_prob=0.0)
+    drafter.start(0, SamplingParams(temperature=0))
+    draft = drafter.propose(0, [5, 6, 7, 8], 7)
+    assert draft.is_tree and len(draft.tokens) == 7      # 3 chain tokens + the 4 likeliest alternatives
+    spine = [0]
+    while len(spine) < 3:
+        spine.append(next(i for i, p in enumerate(draft.parents) if p == spine[-1] and i > spine[-1]))
+    assert all(draft.parents[i] in [-1] + spine for i in range(len(draft.tokens)))   # alternatives are leaves
+    # the same weights drafting: every chain token is what the target picks greedily
+    engine = Engine(target)
+    prompt, params = [[5, 6, 7, 8]], [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)]
+    rows = _run(engine, prompt, params, drafter)
+    assert rows[0].output_ids == _run(engine, prompt, params)[0].output_ids
+    assert rows[0].accepted >= 3 * (rows[0].target_passes - 2)
+
+
+def test_tree_knobs_are_refused():
+    with pytest.raises(InvalidParamsError, match="tree_top_k"):
+        DraftModel("x", tree_top_k=-1)
+    with pytest.raises(InvalidParamsError, match="tree_min_prob"):
+        DraftModel("x", tree_top_k=2, tree_min_prob=1.5)

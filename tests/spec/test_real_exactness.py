@@ -4,6 +4,7 @@ weights (where the whole decode step is batch-invariant). The Qwen 1.5B/0.5B pai
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -36,12 +37,20 @@ def test_every_drafter_is_exact_on_spec_bench_with_smollm2(smollm_gguf, quantiza
     prompts = _spec_bench_first_of_each_category()
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     ref = [o.token_ids for o in llm.chat(prompts, params, use_tqdm=False)]
-    methods = ["prompt_lookup", {"method": "copyspec"},
-               # the model drafting for itself with int8 weights (a real, different-precision draft)
-               {"method": "draft_model", "model": str(smollm_gguf), "lookup": True}]
-    for spec in methods:
-        out = llm.chat(prompts, params, use_tqdm=False, speculative=spec)
-        assert [o.token_ids for o in out] == ref, spec
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    chains = ["prompt_lookup", {"method": "copyspec"},
+              # the model drafting for itself with int8 weights (a real, different-precision draft)
+              {"method": "draft_model", "model": str(smollm_gguf), "lookup": True}]
+    # token trees: full-size trees (no cost cut), a draft-model tree, a datastore of docs
+    trees = [{"method": "recycling", "num_draft": 16, "node_cost": 0.0}, {"method": "aded", "node_cost": 0.0},
+             {"method": "draft_model", "model": str(smollm_gguf), "tree_top_k": 3, "confidence": 0.0},
+             {"method": "retrieval", "corpus": str(docs)}]
+    # int8 verifies each tree query with its own attention call (batch invariance): 6 categories there
+    tree_prompts = prompts if quantization is None else prompts[:6]
+    for spec in chains + trees:
+        subset = tree_prompts if spec in trees else prompts
+        out = llm.chat(subset, params, use_tqdm=False, speculative=spec)
+        assert [o.token_ids for o in out] == ref[: len(subset)], spec
         assert sum(o.metrics["accepted"] for o in out) > 0, spec
 
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import InvalidParamsError
+from .aded import ADED
 from .base import Draft, Drafter
 from .copyspec import CopySpec
 from .draft_model import DraftModel
 from .prompt_lookup import PromptLookup
+from .recycling import TokenRecycling
+from .retrieval import Retrieval
 
-DRAFTERS = {"prompt_lookup": PromptLookup, "copyspec": CopySpec, "draft_model": DraftModel}
-ALIASES = {"pld": "prompt_lookup", "draft": "draft_model"}
+DRAFTERS = {"prompt_lookup": PromptLookup, "copyspec": CopySpec, "draft_model": DraftModel,
+            "recycling": TokenRecycling, "retrieval": Retrieval, "aded": ADED}
+ALIASES = {"pld": "prompt_lookup", "draft": "draft_model", "token_recycling": "recycling"}
 
 
 def make_drafter(spec: str | dict[str, Any] | Drafter | None) -> Drafter | None:
@@ -22,6 +26,9 @@ def make_drafter(spec: str | dict[str, Any] | Drafter | None) -> Drafter | None:
     if method == "draft_model" and "model" not in knobs:
         raise InvalidParamsError("draft_model needs a draft model: {'method': 'draft_model', 'model': NAME_OR_PATH} "
                                  "(CLI: --draft-model)")
+    if method == "retrieval" and "corpus" not in knobs:
+        raise InvalidParamsError("retrieval needs a corpus to draft from: {'method': 'retrieval', 'corpus': PATH} "
+                                 "(a text file, a folder of text files, or token id lists; CLI: --corpus)")
     if method not in DRAFTERS:
         raise InvalidParamsError(f"unknown speculative method {method!r}; available: {', '.join(DRAFTERS)}")
     try:
@@ -30,4 +37,4 @@ def make_drafter(spec: str | dict[str, Any] | Drafter | None) -> Drafter | None:
         raise InvalidParamsError(f"bad options for {method}: {e}") from None
 
 
-__all__ = ["CopySpec", "Draft", "Drafter", "DraftModel", "PromptLookup", "make_drafter", "DRAFTERS"]
+__all__ = ["ADED", "CopySpec", "Draft", "Drafter", "DraftModel", "PromptLookup", "Retrieval", "TokenRecycling", "make_drafter", "DRAFTERS"]

@@ -1,10 +1,27 @@
 """The drafter contract.
 
 ``propose(row, context, k) -> Draft``: up to ``k`` tokens that might follow ``context`` (the row's
-prompt + output so far, pending token included). ``Draft.probs`` ``[n, V]`` is the drafter's
-distribution for each proposed token, or None for a deterministic drafter (one-hot q).
-The engine verifies and commits; a drafter only keeps its own state (it may look at how the
-context grew between calls, which is how it learns what was accepted).
+prompt + output so far, pending token included). The engine verifies and commits; a drafter only
+keeps its own state (it may look at how the context grew between calls, which is how it learns
+what was accepted).
+
+A draft is a **chain** (``parents is None``: token i follows token i - 1) or a **token tree**
+(``parents[i]`` is the index of node i's parent, ``-1`` for children of the context's last token;
+nodes are in topological order, ``parents[i] < i``, and siblings carry distinct tokens). ``k``
+bounds the number of nodes either way. One target pass scores every node (tree attention: a node
+sees the committed context and its own ancestors), and the longest accepted root-to-leaf path is
+committed.
+
+``Draft.probs`` ``[n, V]``: for node i, the drafter's distribution *at its parent* that it was
+drawn from, or None for a deterministic drafter (one-hot q: each sibling is a fixed candidate, tried
+in order). With probs, siblings share that distribution and must have been drawn from it without
+replacement, in the order they appear. Chains and trees stay within ``k`` nodes, which also
+bounds their depth by the tokens the row may still generate.
+
+``observe_topk > 0`` asks the engine to call ``observe(row, fed, topk)`` after each target pass:
+``fed`` the tokens of that pass (the pending token, then every draft node in order; the last prompt
+token after a prefill) and ``topk`` ``[len(fed), observe_topk]`` the target's highest-scoring next
+token ids after each of them (raw logits, best first). Token Recycling builds its drafts from them.
 """
 from __future__ import annotations
 
@@ -18,14 +35,23 @@ from torch import Tensor
 class Draft:
     tokens: list[int]
     probs: Tensor | None = None
+    parents: list[int] | None = None   # None: a chain
+
+    @property
+    def is_tree(self) -> bool:
+        return self.parents is not None
 
 
 class Drafter:
     name = "none"
     num_draft: int = 0
+    observe_topk: int = 0
 
     def propose(self, row: int, context: Sequence[int], k: int) -> Draft:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def observe(self, row: int, fed: Sequence[int], topk: Tensor) -> None:
+        """The target's top ``observe_topk`` next tokens ``[len(fed), observe_topk]`` after each fed token."""
 
     def bind(self, target_model, target_tokenizer=None) -> None:
         """Prepare to draft for ``target_model`` (load weights, check compatibility). Called once."""

@@ -21,6 +21,14 @@ draft then never proposes a rare token; the target still produces any token.
 long where text is copied — code edits, quotes, summaries), else the model drafts. Lookup drafts
 are deterministic (one-hot q), so mixing both stays lossless under sampling too.
 
+Tree mode (``tree_top_k = m > 0``): the draft still runs its greedy chain (one draft pass per
+token), and at each depth its next-best ``m`` tokens with draft probability at least
+``tree_min_prob`` become alternative leaves under the previous chain token — free to draft (the
+draft's distribution is already computed), paid for in target verification width. Of those, the
+``tree_extra`` most likely ones (draft probability of the path) are kept. If the target rejects the
+chain token at some depth but takes an alternative, that depth still gains a token. Tree drafts
+are deterministic (no q), so lossless under sampling too.
+
 A draft with a **different tokenizer** drafts through text (``token_bridge.TokenBridge``: universal
 assisted decoding): its proposals are re-tokenized for the target and carry no q, which keeps
 greedy and sampled output exact. This needs both tokenizers; without them a vocabulary mismatch
@@ -65,7 +73,8 @@ class DraftModel(Drafter):
     def __init__(self, model: str | os.PathLike | torch.nn.Module, num_draft: int = 6, adaptive: bool = True,
                  confidence: float = 0.4, quantization: str | None = "int8", min_draft: int = 1,
                  lookup: bool = False, min_lookup: int = 2, draft_vocab: int | None = None,
-                 tokenizer=None, download: bool = True) -> None:
+                 tokenizer=None, download: bool = True, tree_top_k: int = 0, tree_extra: int = 6,
+                 tree_min_prob: float = 0.05) -> None:
         if not isinstance(num_draft, int) or num_draft < 1:
             raise InvalidParamsError(f"draft_model num_draft must be an integer >= 1, got {num_draft!r}")
         if not 1 <= min_draft <= num_draft:
@@ -79,6 +88,16 @@ class DraftModel(Drafter):
         if draft_vocab is not None and (not isinstance(draft_vocab, int) or draft_vocab < 2):
             raise InvalidParamsError(f"draft_model draft_vocab must be an integer >= 2 (or None), got {draft_vocab!r}")
         self.draft_vocab = draft_vocab
+        if not isinstance(tree_top_k, int) or tree_top_k < 0:
+            raise InvalidParamsError(f"draft_model tree_top_k must be an integer >= 0 (0 = chain), got {tree_top_k!r}")
+        if not isinstance(tree_extra, int) or tree_extra < 1:
+            raise InvalidParamsError(f"draft_model tree_extra must be an integer >= 1, got {tree_extra!r}")
+        if not 0.0 <= tree_min_prob < 1.0:
+            raise InvalidParamsError(f"draft_model tree_min_prob must be in [0, 1), got {tree_min_prob}")
+        self.tree_top_k, self.tree_extra, self.tree_min_prob = tree_top_k, tree_extra, tree_min_prob
+        self.chain_draft = num_draft
+        if tree_top_k:
+            self.num_draft = num_draft + tree_extra   # the node budget the engine grants per step
         self.vocab_map: torch.Tensor | None = None   # draft head row -> token id, when shrunk
         self.download = download
         self.tokenizer = tokenizer          # the draft's tokenizer (loaded from the path when None)
@@ -137,7 +156,7 @@ class DraftModel(Drafter):
     def start(self, row: int, params: SamplingParams) -> None:
         if self.model is None:
             raise InvalidParamsError("draft_model is not bound to a target: call bind(target_model) first")
-        self._rows[row] = _Row(params, DraftLength(self.num_draft, self.min_draft, self.adaptive),
+        self._rows[row] = _Row(params, DraftLength(self.chain_draft, self.min_draft, self.adaptive),
                                None if params.greedy else make_generator(
                                    None if params.seed is None else params.seed + 1, self.model.device))
 
@@ -160,12 +179,15 @@ class DraftModel(Drafter):
                 st.last_draft, st.last_base, st.last_by_model = found.tokens, len(context), False
                 return found
         st.last_by_model = True
-        k = min(k, st.length.k)
+        budget = k
+        k = min(k, st.length.k, self.chain_draft)
         if self.bridge is not None:
             return self._propose_through_text(st, context, k)
         if not self._room(st, len(context), k):
             return Draft([])
         logits = self._sync(st, context)
+        if self.tree_top_k:
+            return self._propose_tree(st, logits, context, k, budget)
         tokens, qs = [], []
         for i in range(k):
             logits = self._full_vocab(logits)
@@ -185,6 +207,38 @@ class DraftModel(Drafter):
                 logits = self._feed(st, [token])
         st.last_draft, st.last_base = tokens, len(context)
         return Draft(tokens, torch.stack(qs) if qs else None)  # q rows are already [V_target] (_full_vocab)
+
+    def _propose_tree(self, st: _Row, logits: torch.Tensor, context: Sequence[int], k: int, budget: int) -> Draft:
+        """The greedy chain plus next-best alternatives as leaves (see the module docstring)."""
+        chain: list[int] = []
+        alternatives: list[tuple[float, int, int]] = []   # (path probability, depth index, token)
+        reach = 1.0                                         # draft probability of the chain so far
+        for i in range(k):
+            probs = self._full_vocab(logits).softmax(-1)
+            top = probs.topk(self.tree_top_k + 1)
+            values, ids = top.values.tolist(), top.indices.tolist()
+            if self.confidence > 0 and i > 0 and values[0] < self.confidence:
+                break
+            chain.append(ids[0])
+            alternatives += [(reach * p, i, t) for p, t in zip(values[1:], ids[1:]) if p >= self.tree_min_prob]
+            reach *= values[0]
+            if i + 1 < k:
+                logits = self._feed(st, [ids[0]])
+        keep = sorted(alternatives, reverse=True)[: max(0, budget - len(chain))]
+        tokens, parents, chain_index = [], [], []
+        by_depth: dict[int, list[int]] = {}
+        for _, depth, token in keep:
+            by_depth.setdefault(depth, []).append(token)
+        for depth, token in enumerate(chain):
+            parent = chain_index[-1] if chain_index else -1
+            chain_index.append(len(tokens))
+            tokens.append(token)
+            parents.append(parent)
+            for alt in by_depth.get(depth, []):
+                tokens.append(alt)
+                parents.append(parent)
+        st.last_draft, st.last_base = chain, len(context)
+        return Draft(tokens, parents=parents) if len(tokens) > len(chain) else Draft(tokens)
 
     def _propose_through_text(self, st: _Row, context: Sequence[int], k: int) -> Draft:
         """Greedy draft in the draft's own tokens, handed over as target tokens (no q: see token_bridge)."""

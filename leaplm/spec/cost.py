@@ -1,0 +1,79 @@
+"""What a verification pass costs as the draft grows, measured on the machine the model runs on.
+
+``time_tree_pass(model, nodes, context)`` times the target's tree pass over ``1 + n`` tokens (``n``
+draft nodes as a random tree after a ``context``-token prompt; ``n = 0`` is the plain decode step)
+and returns milliseconds per pass for each ``n``. ``relative_cost(model, max_nodes)`` interpolates a
+few of those timings into ``cost[n] = time(n) / time(0)`` for ``n = 0..max_nodes``, cached on the
+model object; drafters that size their tree by expected gain per unit of time use it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+
+from ..cache.kv import KVCache
+from .tree import ancestor_matrix, depths
+
+
+def _random_tree(n: int, gen: torch.Generator) -> list[int]:
+    """A bushy tree: each node hangs under a random earlier node or the root (shape barely changes cost)."""
+    return [int(torch.randint(-1, i, (1,), generator=gen)) if i else -1 for i in range(n)]
+
+
+def time_tree_pass(model, nodes: Sequence[int], context: int = 512, repeats: int = 5) -> list[float]:
+    """Median milliseconds of one target pass verifying ``n`` tree nodes, for each ``n`` in ``nodes``."""
+    cfg, device = model.config, model.device
+    context = min(context, cfg.max_position_embeddings - 1 - max(nodes))
+    gen = torch.Generator().manual_seed(0)
+    cache = KVCache.for_model(cfg, 1, context + 1 + max(nodes), model.dtype, device)
+    prompt = torch.randint(0, cfg.vocab_size, (1, context), generator=gen).to(device)
+    model(prompt, torch.arange(context, device=device)[None], cache, kv_len=context, contiguous_start=0,
+          logit_index=torch.tensor([[context - 1]], device=device))
+    cache.commit(0, context)
+    out = []
+    for n in nodes:
+        parents = _random_tree(n, gen)
+        feed = torch.randint(0, cfg.vocab_size, (1, 1 + n), generator=gen).to(device)
+        positions = torch.tensor([[context] + [context + d for d in depths(parents)]], device=device)
+        mask = ancestor_matrix(parents)[None].to(device)
+
+        def one() -> None:
+            if n == 0:
+                model(feed, positions, cache, kv_len=context + 1, contiguous_start=context)
+            else:
+                model(feed, positions, cache, kv_len=context + 1 + n, tree=([context], mask))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        one()  # warm-up (allocations, kernel selection)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            one()
+            times.append(time.perf_counter() - t)
+        out.append(1000 * sorted(times)[len(times) // 2])
+    return out
+
+
+def relative_cost(model, max_nodes: int, context: int = 256) -> list[float]:
+    """``cost[n]`` = pass time with ``n`` nodes / pass time with none, ``n = 0..max_nodes`` (measured at a
+    few sizes, linearly interpolated, non-decreasing; cached per model and ``max_nodes``)."""
+    cache = model.__dict__.setdefault("_leaplm_pass_cost", {})
+    if max_nodes in cache:
+        return cache[max_nodes]
+    probe = sorted({0, 1, 2, 4, 8, 16, 32, 64, max_nodes} & set(range(max_nodes + 1)))
+    ms = time_tree_pass(model, probe, context=context, repeats=3)
+    rel = [m / ms[0] for m in ms]
+    cost = []
+    for n in range(max_nodes + 1):
+        j = next(i for i, p in enumerate(probe) if p >= n)
+        if probe[j] == n:
+            c = rel[j]
+        else:
+            a, b = probe[j - 1], probe[j]
+            c = rel[j - 1] + (rel[j] - rel[j - 1]) * (n - a) / (b - a)
+        cost.append(max(c, cost[-1]) if cost else 1.0)
+    cache[max_nodes] = cost
+    return cost

@@ -1,0 +1,86 @@
+"""Token Recycling: the adjacency matrix follows what the target computed, trees are grown best-first
+from it within the cost-aware budget, acceptance rates are learnt, and greedy output equals vanilla."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leaplm.engine import Engine
+from leaplm.errors import InvalidParamsError
+from leaplm.models.load import build_model
+from leaplm.sampling import SamplingParams
+from leaplm.spec.drafters import TokenRecycling, make_drafter
+from leaplm.spec.tree import check_tree, depths
+
+from .cases import greedy_equals_vanilla_on_ragged_batch, hot_start_int8_exact, run
+
+
+def _drafter(**knobs) -> TokenRecycling:
+    d = TokenRecycling(**{"num_draft": 6, "top_k": 2, "node_cost": 0.0, **knobs})
+    # the target's candidates: after 5 -> (6, 7); after 6 -> (8, 9); after 7 -> (9, 6); after 8 -> (5, 6)
+    d.observe(0, [5, 6, 7, 8], torch.tensor([[6, 7], [8, 9], [9, 6], [5, 6]]))
+    return d
+
+
+def test_trees_are_grown_best_first_from_the_matrix():
+    d = _drafter()
+    draft = d.propose(0, [1, 2, 5], 6)
+    check_tree(draft.tokens, draft.parents)
+    # by prior path probability: 6 (rank 0), 8 (0.45^2), 7 (rank 1 at the root, 0.15), 5 (0.45^3) ...
+    assert draft.tokens[:4] == [6, 8, 7, 5] and draft.parents[:4] == [-1, 0, -1, 1]
+    assert len(draft.tokens) == 6
+    assert d.propose(1, [3], 6).tokens == []          # nothing known after token 3
+    assert len(d.propose(0, [5], 2).tokens) == 2      # the engine's budget wins
+
+
+def test_observe_overwrites_a_token_s_candidates():
+    d = _drafter()
+    d.observe(0, [5], torch.tensor([[9, 8]]))
+    assert d.propose(2, [5], 1).tokens == [9]
+    assert d.next_tokens.shape[1] == 2 and d.next_tokens[3].tolist() == [-1, -1]
+
+
+def test_costly_nodes_shrink_the_tree():
+    assert _drafter(node_cost=10.0).propose(0, [5], 6).tokens == []          # never worth a wider pass
+    small = _drafter(node_cost=0.3).propose(0, [5], 6).tokens
+    assert 0 < len(small) < 6
+
+
+def test_acceptance_rates_are_learnt_from_the_accepted_branch():
+    d = _drafter()
+    draft = d.propose(0, [5], 6)
+    before = d.acceptance().copy()
+    # the target accepted the rank-1 child of the root (7), then said 4 (not in the tree)
+    d.propose(0, [5, 7, 4], 6)
+    after = d.acceptance()
+    assert after[1, 1] > before[1, 1] and after[1, 0] < before[1, 0]
+    assert after[2, 0] < before[2, 0]          # depth 2 was reached under 7 and missed
+    assert max(depths(draft.parents)) >= 2
+
+
+def test_bad_knobs_are_refused():
+    for knobs in ({"num_draft": 0}, {"top_k": 0}, {"top_k": 100}, {"node_cost": -1}):
+        with pytest.raises(InvalidParamsError, match="recycling"):
+            TokenRecycling(**knobs)
+    assert isinstance(make_drafter("token_recycling"), TokenRecycling)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gemma3", "qwen3-qknorm"])
+def test_greedy_recycling_equals_vanilla_on_ragged_batches(name, tiny_model_dir):
+    _, spec = greedy_equals_vanilla_on_ragged_batch(tiny_model_dir(name)[0], TokenRecycling(num_draft=12, node_cost=0.0))
+    assert sum(r.accepted for r in spec) > 0
+
+
+def test_hot_start_across_requests_and_int8_exactness(tiny_model_dir):
+    hot_start_int8_exact(tiny_model_dir("llama-gqa-untied")[0], TokenRecycling(num_draft=10, node_cost=0.0))
+
+
+def test_sampling_with_recycling_is_reproducible(tiny_model_dir):
+    engine = Engine(build_model(tiny_model_dir("qwen2-bias")[0]), eos_token_ids=[2])
+    params = [SamplingParams(temperature=0.9, top_p=0.9, seed=4, max_tokens=20)]
+    drafter = TokenRecycling(num_draft=8, node_cost=0.0)
+    a = run(engine, [[4, 5, 6] * 4], params, drafter)
+    b = run(engine, [[4, 5, 6] * 4], params, TokenRecycling(num_draft=8, node_cost=0.0))
+    assert len(a[0].output_ids) == 20 and a[0].drafted > 0
+    # a different matrix state changes the drafts, never the seeded sample path's validity
+    assert all(0 <= t < 128 for t in a[0].output_ids + b[0].output_ids)

@@ -1,0 +1,114 @@
+"""Tree verification, no model: exact greedy cases, and recursive rejection sampling over siblings
+reproduces the target distribution (deterministic siblings, and siblings drawn without replacement)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leaplm.sampling import SamplingParams, TokenHistory, probabilities
+from leaplm.spec.verify import target_probabilities, verify_tree_greedy, verify_tree_sampling
+
+from .test_verify import CRITICAL, V, _chi_square, _chi_square_loose, _exact_pair_distribution, _toy_draft, _toy_target
+
+PARENTS = [-1, -1, 0, 0, 1, 2]   # root -> {0, 1}; 0 -> {2, 3}; 1 -> {4}; 2 -> {5}
+
+
+def test_greedy_follows_the_matching_branch():
+    tokens = [10, 11, 12, 13, 14, 15]
+    #                 root node0 node1 node2 node3 node4 node5
+    v = verify_tree_greedy(tokens, PARENTS, [11, 9, 14, 9, 9, 9, 9])
+    assert v.tokens == [11, 14, 9] and v.path == [1, 4] and v.accepted == 2
+    v = verify_tree_greedy(tokens, PARENTS, [10, 12, 9, 15, 9, 9, 7])
+    assert v.tokens == [10, 12, 15, 7] and v.path == [0, 2, 5]
+    v = verify_tree_greedy(tokens, PARENTS, [3, 12, 9, 15, 9, 9, 7])
+    assert v.tokens == [3] and v.path == [] and v.accepted == 0
+    assert verify_tree_greedy([], [], [4]).tokens == [4]
+
+
+def test_sampling_exact_cases():
+    p = torch.tensor([[0.0, 0.0, 1.0]] + [[1.0, 0.0, 0.0]] * 2)
+    # root children 0 (p=0, rejected) then 2 (p=1 after removing 0: accepted), then the bonus
+    v = verify_tree_sampling([0, 2], [-1, -1], p, None, torch.Generator().manual_seed(0))
+    assert v.tokens == [2, 0] and v.path == [1]
+    v = verify_tree_sampling([0, 1], [-1, -1], p, None, torch.Generator().manual_seed(0))
+    assert v.tokens == [2] and v.accepted == 0       # both rejected: the residual leaves only token 2
+    with pytest.raises(ValueError, match="n \\+ 1"):
+        verify_tree_sampling([0, 1], [-1, -1], p[:2], None, None)
+
+
+def _without_replacement(q: torch.Tensor, count: int, gen: torch.Generator) -> list[int]:
+    q = q.clone()
+    out = []
+    for _ in range(count):
+        x = int(torch.multinomial(q / q.sum(), 1, generator=gen))
+        out.append(x)
+        q[x] = 0
+    return out
+
+
+def _sample_tree(gen, deterministic: bool, width: int):
+    """Root gets ``width`` distinct children, each one child: a 2-level tree; returns tokens, parents, q."""
+    q_root = _toy_draft(())
+    firsts = q_root.topk(width).indices.tolist() if deterministic else _without_replacement(q_root, width, gen)
+    tokens, parents, qs = list(firsts), [-1] * width, [q_root] * width
+    for i, a in enumerate(firsts):
+        q = _toy_draft((a,))
+        tokens.append(int(q.argmax()) if deterministic else int(torch.multinomial(q, 1, generator=gen)))
+        parents.append(i)
+        qs.append(q)
+    return tokens, parents, torch.stack(qs)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3),
+    SamplingParams(temperature=1.2, top_p=0.8, presence_penalty=0.7),
+])
+@pytest.mark.parametrize("deterministic,width", [(True, 3), (False, 2), (False, 3)])
+def test_recursive_rejection_sampling_reproduces_the_target_distribution(params, deterministic, width):
+    n = 6000
+    gen = torch.Generator().manual_seed(4321 + width)
+    counts = torch.zeros(V, V)
+    for _ in range(n):
+        tokens, parents, qs = _sample_tree(gen, deterministic, width)
+        feeds = [()] + [((tokens[p],) if p >= 0 else ()) + (t,) for t, p in zip(tokens, parents)]
+        logits = torch.stack([_toy_target(ctx) for ctx in feeds])
+        p = target_probabilities(logits, params, TokenHistory(V, [], "cpu"), tokens, parents)
+        out = verify_tree_sampling(tokens, parents, p, None if deterministic else qs, gen).tokens
+        if len(out) < 2:
+            h = TokenHistory(V, [], "cpu")
+            h.add(out)
+            nxt = probabilities(_toy_target(tuple(out))[None], params, h)[0]
+            out = out + [int(torch.multinomial(nxt, 1, generator=gen))]
+        counts[out[0], out[1]] += 1
+    stat, df = _chi_square(counts, _exact_pair_distribution(params), n)
+    assert stat < CRITICAL[df], (stat, df)
+
+
+def test_ignoring_without_replacement_is_caught():
+    """Treating siblings drawn without replacement as if each came from the full q is biased."""
+    params, n = SamplingParams(temperature=1.0), 6000
+    gen = torch.Generator().manual_seed(11)
+    counts = torch.zeros(V, V)
+    for _ in range(n):
+        tokens, parents, qs = _sample_tree(gen, False, 3)
+        feeds = [()] + [((tokens[p],) if p >= 0 else ()) + (t,) for t, p in zip(tokens, parents)]
+        p = probabilities(torch.stack([_toy_target(ctx) for ctx in feeds]), params, None)
+        out = _wrong_tree_verify(tokens, parents, p, qs, gen)
+        if len(out) < 2:
+            out = out + [int(torch.multinomial(probabilities(_toy_target(tuple(out))[None], params, None)[0], 1,
+                                               generator=gen))]
+        counts[out[0], out[1]] += 1
+    stat, df = _chi_square_loose(counts, _exact_pair_distribution(params), n)
+    assert stat > CRITICAL[df]
+
+
+def _wrong_tree_verify(tokens, parents, p, qs, gen):
+    """Root level only: each sibling against the *unreduced* q (the bug), then plain sampling."""
+    residual = p[0]
+    for c in [i for i, par in enumerate(parents) if par == -1]:
+        x, q = tokens[c], qs[c]
+        if float(torch.rand((), generator=gen)) < min(1.0, float(residual[x] / q[x])):
+            return [x]
+        left = (residual - q).clamp_min(0)
+        residual = left / left.sum()
+    return [int(torch.multinomial(residual, 1, generator=gen))]
