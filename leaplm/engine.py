@@ -51,6 +51,7 @@ from .constrain.base import Constraint, apply_bitmask_, bitmask_width
 from .errors import ConstraintError, InvalidParamsError, PromptTooLongError
 from .sampling import SamplingParams, TokenHistory, make_generator
 from .spec.drafters.base import Draft, Drafter
+from .models.transformer import EXACT_MAX_T
 from .spec.tree import ancestor_matrix, chain_parents, check_tree, compaction, depths, path_to
 from .spec.verify import (target_argmax, target_probabilities, verify_greedy, verify_sampling,
                           verify_tree_greedy, verify_tree_sampling)
@@ -269,7 +270,11 @@ class Batch:
                 draft = Draft([])
             else:
                 t = time.perf_counter()
-                draft = self.drafter.propose(b, r.prompt_ids + r.output_ids, min(self.drafter.num_draft, room))
+                budget = min(self.drafter.num_draft, room)
+                if getattr(self.model, "exact", False):   # wider passes fall back to batched attention
+                    budget = min(budget, EXACT_MAX_T - len(self.pending[b]))
+                draft = (self.drafter.propose(b, r.prompt_ids + r.output_ids, budget) if budget > 0
+                         else Draft([]))
                 r.draft_s += time.perf_counter() - t
                 if draft.is_tree:
                     check_tree(draft.tokens, draft.parents)

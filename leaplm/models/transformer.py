@@ -135,6 +135,9 @@ class Block(nn.Module):
         return x + h
 
 
+EXACT_MAX_T = 64   # widest decode/verify pass attended per query in exact mode (wider: batched, not invariant)
+
+
 class _Step:
     """Per-forward attention geometry shared by all layers.
 
@@ -150,8 +153,6 @@ class _Step:
     the slots it sees — the same kernel call a batch-1 single-token decode makes — so a row's
     result does not depend on the other rows or on how many draft tokens share the pass.
     """
-
-    EXACT_MAX_T = 64
 
     def __init__(self, positions: Tensor, cfg: ModelConfig, kv_len: int, contiguous_start: int | None,
                  exact: bool = False, tree: tuple[list[int], Tensor] | None = None) -> None:
@@ -171,7 +172,7 @@ class _Step:
         fresh = tree is None and contiguous_start == 0 and kv_len == T
         self.window = cfg.sliding_window if "sliding" in cfg.layer_types else None
         # batch-1 single-token decode steps take the same per-query call, so speculation matches them
-        self.exact = exact and not fresh and T <= self.EXACT_MAX_T
+        self.exact = exact and not fresh and T <= EXACT_MAX_T
         if self.exact:  # no masks needed
             self._positions = positions.tolist()
             self._exact_cache: dict = {}
