@@ -37,8 +37,8 @@ SCHEMAS = {
 }
 
 
-def tiny_tokenizer() -> Tokenizer:
-    """A byte-level BPE (~300 ids, EOS ``<eos>`` = 0) trained in-process on a little JSON."""
+def tiny_tokenizer(corpus: list[str] | None = None) -> Tokenizer:
+    """A byte-level BPE (~300 ids, EOS ``<eos>`` = 0) trained in-process on a little JSON (or ``corpus``)."""
     from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,7 +47,7 @@ def tiny_tokenizer() -> Tokenizer:
     t.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t.train_from_iterator(CORPUS * 20, trainer)
+    t.train_from_iterator((corpus or CORPUS) * 20, trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", pad_token="<pad>")
     assert hf.eos_token_id == EOS and len(hf) < VOCAB
     return Tokenizer(hf, [EOS])

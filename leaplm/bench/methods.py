@@ -258,11 +258,11 @@ def _bound_drafter(target: Target, key: tuple, make):
 @register_method("recycling", lossless=True,
                  description="Token Recycling: a token tree from the target's own top-k candidates of earlier passes")
 def recycling(target: Target, prompt_ids: list[int], params, num_draft: int = 24, top_k: int = 8,
-              max_depth: int = 8, node_cost: float | None = None) -> Generation:
+              max_depth: int = 8, node_cost: float | None = None, lookup: bool = False) -> Generation:
     from ..spec.drafters import TokenRecycling
 
-    drafter = _bound_drafter(target, ("recycling", num_draft, top_k, max_depth, node_cost),  # one matrix per run
-                             lambda: TokenRecycling(num_draft, top_k, max_depth, node_cost=node_cost))
+    drafter = _bound_drafter(target, ("recycling", num_draft, top_k, max_depth, node_cost, lookup),  # one matrix per run
+                             lambda: TokenRecycling(num_draft, top_k, max_depth, node_cost=node_cost, lookup=lookup))
     return _run_engine(target, prompt_ids, params, drafter)
 
 

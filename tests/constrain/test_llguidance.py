@@ -23,6 +23,8 @@ from leaplm.constrain import (Constraint, CompiledConstraint, allocate_bitmask, 
 from leaplm.errors import ConstraintError, InvalidConstraintError, InvalidParamsError
 from leaplm.tokenizer import Tokenizer
 
+from ..structured_helpers import tiny_tokenizer
+
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT.parent / "shared" / "data" / "json-schema-test-suite"
 
@@ -31,17 +33,7 @@ SUITE = ROOT.parent / "shared" / "data" / "json-schema-test-suite"
 @pytest.fixture(scope="module")
 def tiny() -> Tokenizer:
     """A byte-level BPE tokenizer (~300 ids, EOS ``<eos>``) trained in-process: no checkpoint needed."""
-    from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = RustTokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t.train_from_iterator(['{"name": "Bob", "age": 12}', "hello world 123 abc", '[1, 2, 3]'] * 20, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", pad_token="<pad>")
-    return Tokenizer(hf, [hf.eos_token_id])
+    return tiny_tokenizer(['{"name": "Bob", "age": 12}', "hello world 123 abc", '[1, 2, 3]'])
 
 
 @pytest.fixture(scope="module")

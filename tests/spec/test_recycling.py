@@ -84,3 +84,12 @@ def test_sampling_with_recycling_is_reproducible(tiny_model_dir):
     assert len(a[0].output_ids) == 20 and a[0].drafted > 0
     # a different matrix state changes the drafts, never the seeded sample path's validity
     assert all(0 <= t < 128 for t in a[0].output_ids + b[0].output_ids)
+
+
+def test_lookup_first_drafts_the_copy_when_there_is_one(tiny_model_dir):
+    d = _drafter(lookup=True)
+    assert d.propose(0, [5, 6, 7, 8, 1, 5, 6], 3).tokens == [7, 8, 1]      # a 2-gram seen before: copied
+    assert d.propose(1, [3, 5], 6).is_tree                                  # no copy: the recycled tree
+    _, spec = greedy_equals_vanilla_on_ragged_batch(tiny_model_dir("llama-gqa-untied")[0],
+                                                    TokenRecycling(num_draft=12, node_cost=0.0, lookup=True))
+    assert sum(r.accepted for r in spec) > 0

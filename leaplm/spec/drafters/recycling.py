@@ -21,7 +21,11 @@ maximizes that gain per unit of pass time, ``(1 + sum) / cost[n]``, where ``cost
 time with ``n`` nodes relative to a plain decode step: measured on this machine when the drafter is
 bound to its target (``spec.cost.relative_cost``, about a second) or given as a linear
 ``node_cost`` per node. On a CPU, where a wide pass is expensive, trees stay small unless the text
-is predictable; on a GPU they grow to the budget. Siblings are distinct (top-k rows are). Drafts are
+is predictable; on a GPU they grow to the budget.
+
+``lookup=True`` (not in the paper) first tries prompt lookup (``PromptLookup``: the continuation of the
+context's last 2-3 tokens seen earlier); when it finds ``min_lookup`` tokens or more, that chain is the
+draft — copying from the prompt beats the model's generic candidates where the output quotes it. Siblings are distinct (top-k rows are). Drafts are
 deterministic given the context and the matrix, so verification is lossless under greedy and
 sampling (one-hot q).
 """
@@ -55,7 +59,7 @@ class TokenRecycling(Drafter):
     name = "recycling"
 
     def __init__(self, num_draft: int = 24, top_k: int = 8, max_depth: int = 8,
-                 node_cost: float | None = None) -> None:
+                 node_cost: float | None = None, lookup: bool = False, min_lookup: int = 2) -> None:
         for knob, value, low in (("num_draft", num_draft, 1), ("top_k", top_k, 1), ("max_depth", max_depth, 1)):
             if not isinstance(value, int) or value < low:
                 raise InvalidParamsError(f"recycling {knob} must be an integer >= {low}, got {value!r}")
@@ -65,6 +69,10 @@ class TokenRecycling(Drafter):
             raise InvalidParamsError(f"recycling node_cost must be a number >= 0 (None = measure), got {node_cost!r}")
         self.num_draft, self.top_k, self.max_depth = num_draft, top_k, max_depth
         self.node_cost = node_cost
+        from .prompt_lookup import PromptLookup
+
+        self.lookup = PromptLookup(num_draft) if lookup else None
+        self.min_lookup = min_lookup
         # cost[n]: pass time with n nodes relative to none; measured in bind() unless node_cost is given
         self.cost = [1.0 + (node_cost if node_cost is not None else _DEFAULT_NODE_COST) * n
                      for n in range(num_draft + 1)]
@@ -118,6 +126,10 @@ class TokenRecycling(Drafter):
 
     def propose(self, row: int, context: Sequence[int], k: int) -> Draft:
         self._learn(row, context)
+        if self.lookup is not None:
+            found = self.lookup.propose(row, context, k)
+            if len(found.tokens) >= self.min_lookup:
+                return found
         if self.next_tokens is None or not context or context[-1] >= self.next_tokens.shape[0]:
             return Draft([])
         table, rates = self.next_tokens, self.acceptance()
@@ -160,3 +172,5 @@ class TokenRecycling(Drafter):
 
     def reset(self, row: int) -> None:
         self._last.pop(row, None)
+        if self.lookup is not None:
+            self.lookup.reset(row)
