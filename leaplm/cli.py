@@ -104,31 +104,26 @@ def _sampling(args):
 def _speculative(args) -> dict | None:
     from .errors import InvalidParamsError
 
-    spec_arg, draft_model = getattr(args, "spec", None), getattr(args, "draft_model", None)
     num_draft = getattr(args, "num_draft", None)
-    method = spec_arg or ("draft" if draft_model else None)
+    method = getattr(args, "spec", None) or ("draft" if getattr(args, "draft_model", None) else None)
     if method is None:
         if num_draft is not None:
             raise InvalidParamsError("--num-draft needs --spec (or --draft-model)")
         return None
     spec: dict = {"method": "draft_model" if method == "draft" else method}
-    if method == "draft":
-        if not draft_model:
-            raise InvalidParamsError("--spec draft needs --draft-model NAME_OR_PATH")
-        spec["model"] = draft_model
-    elif draft_model:
-        raise InvalidParamsError(f"--draft-model is only used by --spec draft, not --spec {method}")
-    corpus, tree = getattr(args, "corpus", None), getattr(args, "tree", None)
-    if method == "retrieval":
-        if not corpus:
-            raise InvalidParamsError("--spec retrieval needs --corpus PATH (a text file or a folder of text files)")
-        spec["corpus"] = corpus
-    elif corpus:
-        raise InvalidParamsError(f"--corpus is only used by --spec retrieval, not --spec {method}")
-    if tree is not None:
-        if method != "draft":
-            raise InvalidParamsError(f"--tree is only used by --spec draft, not --spec {method}")
-        spec["tree_top_k"] = tree
+    # options that belong to one method: (argument, flag, that method, the knob it sets, what it needs there)
+    for attr, flag, owner, knob, needed in (
+            ("draft_model", "--draft-model", "draft", "model", "NAME_OR_PATH"),
+            ("corpus", "--corpus", "retrieval", "corpus", "PATH (a text file or a folder of text files)"),
+            ("tree", "--tree", "draft", "tree_top_k", None)):
+        value = getattr(args, attr, None)
+        given = value is not None and value != ""
+        if method == owner and needed and not given:
+            raise InvalidParamsError(f"--spec {owner} needs {flag} {needed}")
+        if given:
+            if method != owner:
+                raise InvalidParamsError(f"{flag} is only used by --spec {owner}, not --spec {method}")
+            spec[knob] = value
     if num_draft is not None:
         spec["num_draft"] = num_draft
     return spec

@@ -44,3 +44,15 @@ def hot_start_int8_exact(folder, drafter):
     for rows in (first, second):
         assert [r.output_ids for r in rows] == [r.output_ids for r in vanilla]
     assert sum(r.target_passes for r in second) < sum(r.target_passes for r in first)
+
+
+def sampled_runs_are_reproducible(folder, make_drafter):
+    """Seeded sampling through a fresh ``make_drafter()`` twice: it drafts, honours max_tokens, and
+    gives the same draws both times (the drafts, and so the random numbers verification consumes,
+    depend only on the context and the drafter's state)."""
+    engine = Engine(build_model(folder), eos_token_ids=[2])
+    params = [SamplingParams(temperature=0.9, top_p=0.9, seed=4, max_tokens=20)]
+    a = run(engine, [[4, 5, 6] * 4], params, make_drafter())
+    b = run(engine, [[4, 5, 6] * 4], params, make_drafter())
+    assert len(a[0].output_ids) == 20 and a[0].drafted > 0
+    assert a[0].output_ids == b[0].output_ids

@@ -6,14 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leaplm.engine import Engine
 from leaplm.errors import InvalidParamsError
-from leaplm.models.load import build_model
-from leaplm.sampling import SamplingParams
 from leaplm.spec.drafters.aded import ADED
 from leaplm.spec.tree import check_tree, depths
 
-from .cases import greedy_equals_vanilla_on_ragged_batch, hot_start_int8_exact, run
+from .cases import greedy_equals_vanilla_on_ragged_batch, hot_start_int8_exact, sampled_runs_are_reproducible
 
 
 def _drafter(**knobs) -> ADED:
@@ -187,9 +184,4 @@ def test_hot_start_across_requests_and_int8_exactness(tiny_model_dir):
 
 
 def test_sampling_with_aded_runs(tiny_model_dir):
-    engine = Engine(build_model(tiny_model_dir("qwen2-bias")[0]), eos_token_ids=[2])
-    params = [SamplingParams(temperature=0.9, top_p=0.9, seed=4, max_tokens=20)]
-    a = run(engine, [[4, 5, 6] * 4], params, ADED(num_draft=8, node_cost=0.0))
-    b = run(engine, [[4, 5, 6] * 4], params, ADED(num_draft=8, node_cost=0.0))
-    assert len(a[0].output_ids) == 20 and a[0].drafted > 0
-    assert a[0].output_ids == b[0].output_ids       # same seed, same drafter state: same draws
+    sampled_runs_are_reproducible(tiny_model_dir("qwen2-bias")[0], lambda: ADED(num_draft=8, node_cost=0.0))

@@ -26,7 +26,8 @@ def _bound(draft_model, target, **knobs):
 
 @pytest.mark.parametrize("target_name,draft_name", [("llama-mha-tied", "llama-gqa-untied"), ("gemma3", "gemma3"),
                                                     ("qwen2-bias", "qwen3-qknorm")])
-def test_greedy_draft_model_equals_vanilla_on_ragged_batches(target_name, draft_name, tiny_model_dir):
+@pytest.mark.parametrize("tree", [{}, {"tree_top_k": 3, "tree_extra": 5, "tree_min_prob": 0.0}], ids=["chain", "tree"])
+def test_greedy_draft_model_equals_vanilla_on_ragged_batches(target_name, draft_name, tree, tiny_model_dir):
     target = build_model(tiny_model_dir(target_name)[0])
     draft = build_model(tiny_model_dir(draft_name)[0], quantization="int8")
     engine = Engine(target, eos_token_ids=[2])
@@ -34,7 +35,9 @@ def test_greedy_draft_model_equals_vanilla_on_ragged_batches(target_name, draft_
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 17, 9)]
     params = [SamplingParams(temperature=0, max_tokens=n) for n in (30, 12, 25)]
     vanilla = _run(engine, prompts, params)
-    spec = _run(engine, prompts, params, _bound(draft, target, num_draft=4, confidence=0.0))
+    drafter = _bound(draft, target, num_draft=4, confidence=0.0, **tree)
+    assert drafter.num_draft == (9 if tree else 4)    # a tree adds tree_extra nodes to the chain's 4
+    spec = _run(engine, prompts, params, drafter)
     assert [r.output_ids for r in spec] == [r.output_ids for r in vanilla]
     assert [r.finish_reason for r in spec] == [r.finish_reason for r in vanilla]
     assert sum(r.drafted for r in spec) > 0
@@ -203,22 +206,6 @@ def test_a_shrunk_draft_vocabulary_only_proposes_kept_tokens_and_stays_exact(qua
 
 
 # ---------------------------------------------------------------- tree mode
-@pytest.mark.parametrize("target_name,draft_name", [("llama-mha-tied", "llama-gqa-untied"), ("gemma3", "gemma3")])
-def test_greedy_draft_model_tree_equals_vanilla(target_name, draft_name, tiny_model_dir):
-    target = build_model(tiny_model_dir(target_name)[0])
-    draft = build_model(tiny_model_dir(draft_name)[0], quantization="int8")
-    engine = Engine(target, eos_token_ids=[2])
-    gen = torch.Generator().manual_seed(12)
-    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (6, 15, 9)]
-    params = [SamplingParams(temperature=0, max_tokens=n) for n in (26, 11, 20)]
-    vanilla = _run(engine, prompts, params)
-    drafter = _bound(draft, target, num_draft=4, confidence=0.0, tree_top_k=3, tree_extra=5, tree_min_prob=0.0)
-    assert drafter.num_draft == 9
-    spec = _run(engine, prompts, params, drafter)
-    assert [r.output_ids for r in spec] == [r.output_ids for r in vanilla]
-    assert [r.finish_reason for r in spec] == [r.finish_reason for r in vanilla]
-
-
 def test_tree_mode_drafts_the_chain_plus_alternative_leaves(tiny_model_dir):
     folder, _ = tiny_model_dir("llama-gqa-untied")
     target = build_model(folder)

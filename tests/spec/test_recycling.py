@@ -5,14 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leaplm.engine import Engine
 from leaplm.errors import InvalidParamsError
-from leaplm.models.load import build_model
-from leaplm.sampling import SamplingParams
 from leaplm.spec.drafters import TokenRecycling, make_drafter
 from leaplm.spec.tree import check_tree, depths
 
-from .cases import greedy_equals_vanilla_on_ragged_batch, hot_start_int8_exact, run
+from .cases import greedy_equals_vanilla_on_ragged_batch, hot_start_int8_exact, sampled_runs_are_reproducible
 
 
 def _drafter(**knobs) -> TokenRecycling:
@@ -76,14 +73,7 @@ def test_hot_start_across_requests_and_int8_exactness(tiny_model_dir):
 
 
 def test_sampling_with_recycling_is_reproducible(tiny_model_dir):
-    engine = Engine(build_model(tiny_model_dir("qwen2-bias")[0]), eos_token_ids=[2])
-    params = [SamplingParams(temperature=0.9, top_p=0.9, seed=4, max_tokens=20)]
-    drafter = TokenRecycling(num_draft=8, node_cost=0.0)
-    a = run(engine, [[4, 5, 6] * 4], params, drafter)
-    b = run(engine, [[4, 5, 6] * 4], params, TokenRecycling(num_draft=8, node_cost=0.0))
-    assert len(a[0].output_ids) == 20 and a[0].drafted > 0
-    # a different matrix state changes the drafts, never the seeded sample path's validity
-    assert all(0 <= t < 128 for t in a[0].output_ids + b[0].output_ids)
+    sampled_runs_are_reproducible(tiny_model_dir("qwen2-bias")[0], lambda: TokenRecycling(num_draft=8, node_cost=0.0))
 
 
 def test_lookup_first_drafts_the_copy_when_there_is_one(tiny_model_dir):

@@ -54,6 +54,17 @@ def _exact_pair_distribution(params: SamplingParams) -> torch.Tensor:
     return out
 
 
+def first_two(tokens: list[int], params: SamplingParams, gen: torch.Generator) -> list[int]:
+    """The first two output tokens: a verdict of one token (rejected at the first position) is
+    continued by vanilla sampling from the toy target."""
+    if len(tokens) >= 2:
+        return tokens[:2]
+    h = TokenHistory(V, [], "cpu")
+    h.add(tokens)
+    nxt = probabilities(_toy_target(tuple(tokens))[None], params, h)[0]
+    return tokens + [int(torch.multinomial(nxt, 1, generator=gen))]
+
+
 def _chi_square(counts: torch.Tensor, expected_probs: torch.Tensor, n: int) -> tuple[float, int]:
     expected = expected_probs.flatten() * n
     keep = expected > 5
@@ -89,12 +100,7 @@ def test_speculative_sampling_reproduces_the_target_distribution(params, determi
         logits = torch.stack([_toy_target(()), _toy_target((draft[0],)), _toy_target((draft[1],))])
         p = target_probabilities(logits, params, TokenHistory(V, [], "cpu"), draft)
         verdict = verify_sampling(draft, p, None if deterministic_drafter else torch.stack(qs), gen)
-        tokens = verdict.tokens
-        if len(tokens) < 2:  # rejected at the first position: continue with vanilla sampling
-            h = TokenHistory(V, [], "cpu")
-            h.add(tokens)
-            nxt = probabilities(_toy_target(tuple(tokens))[None], params, h)[0]
-            tokens = tokens + [int(torch.multinomial(nxt, 1, generator=gen))]
+        tokens = first_two(verdict.tokens, params, gen)
         counts[tokens[0], tokens[1]] += 1
     stat, df = _chi_square(counts, _exact_pair_distribution(params), n)
     assert stat < CRITICAL[df], (stat, df)

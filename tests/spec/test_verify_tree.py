@@ -8,7 +8,8 @@ import torch
 from leaplm.sampling import SamplingParams, TokenHistory, probabilities
 from leaplm.spec.verify import target_probabilities, verify_tree_greedy, verify_tree_sampling
 
-from .test_verify import CRITICAL, V, _chi_square, _chi_square_loose, _exact_pair_distribution, _toy_draft, _toy_target
+from .test_verify import (CRITICAL, V, _chi_square, _chi_square_loose, _exact_pair_distribution, _toy_draft,
+                          _toy_target, first_two)
 
 PARENTS = [-1, -1, 0, 0, 1, 2]   # root -> {0, 1}; 0 -> {2, 3}; 1 -> {4}; 2 -> {5}
 
@@ -73,12 +74,8 @@ def test_recursive_rejection_sampling_reproduces_the_target_distribution(params,
         feeds = [()] + [((tokens[p],) if p >= 0 else ()) + (t,) for t, p in zip(tokens, parents)]
         logits = torch.stack([_toy_target(ctx) for ctx in feeds])
         p = target_probabilities(logits, params, TokenHistory(V, [], "cpu"), tokens, parents)
-        out = verify_tree_sampling(tokens, parents, p, None if deterministic else qs, gen).tokens
-        if len(out) < 2:
-            h = TokenHistory(V, [], "cpu")
-            h.add(out)
-            nxt = probabilities(_toy_target(tuple(out))[None], params, h)[0]
-            out = out + [int(torch.multinomial(nxt, 1, generator=gen))]
+        out = first_two(verify_tree_sampling(tokens, parents, p, None if deterministic else qs, gen).tokens,
+                        params, gen)
         counts[out[0], out[1]] += 1
     stat, df = _chi_square(counts, _exact_pair_distribution(params), n)
     assert stat < CRITICAL[df], (stat, df)
@@ -93,10 +90,7 @@ def test_ignoring_without_replacement_is_caught():
         tokens, parents, qs = _sample_tree(gen, False, 3)
         feeds = [()] + [((tokens[p],) if p >= 0 else ()) + (t,) for t, p in zip(tokens, parents)]
         p = probabilities(torch.stack([_toy_target(ctx) for ctx in feeds]), params, None)
-        out = _wrong_tree_verify(tokens, parents, p, qs, gen)
-        if len(out) < 2:
-            out = out + [int(torch.multinomial(probabilities(_toy_target(tuple(out))[None], params, None)[0], 1,
-                                               generator=gen))]
+        out = first_two(_wrong_tree_verify(tokens, parents, p, qs, gen), params, gen)
         counts[out[0], out[1]] += 1
     stat, df = _chi_square_loose(counts, _exact_pair_distribution(params), n)
     assert stat > CRITICAL[df]
