@@ -1,4 +1,4 @@
-"""The ``leaplm`` command: generate | chat | models | bench.
+"""The ``leaplm`` command: generate | chat | models | profile | bench | eval.
 
 Errors a user can cause (bad path, corrupt file, bad sampling values, prompt too long) print one
 ``error: ...`` line and exit with status 2 — no traceback. ``LEAPLM_DEBUG=1`` shows tracebacks.
@@ -20,8 +20,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="auto (default: float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + generated tokens")
-    p.add_argument("--quantization", "-q", default=None,
-                   help="none (default) | int8: per-channel int8 weights (fbgemm, CPU), several times faster, lossy")
+    p.add_argument("--quantization", "-q", default="auto",
+                   help="auto (default: int8 for a low-bit GGUF file on CPU, else float) | none (float weights, "
+                        "the exact checkpoint) | int8: per-channel int8 weights (fbgemm, CPU), several times faster, lossy")
     p.add_argument("--spec", default=None, choices=["prompt_lookup", "copyspec", "recycling", "aded", "retrieval", "draft"],
                    help="lossless speculative decoding method (default: none; --draft-model implies draft)")
     p.add_argument("--draft-model", default=None,
@@ -297,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench = None
     if add_bench is not None:
         add_bench(sub)
+
+    from .evals.cli import add_parser as add_eval
+
+    add_eval(sub)
     return parser
 
 

@@ -280,6 +280,8 @@ class Batch:
                     check_tree(draft.tokens, draft.parents)
                     if max(depths(draft.parents), default=0) > room:
                         raise ValueError(f"{self.drafter.name} drafted a tree deeper than the {room} tokens left")
+                    if draft.parents == chain_parents(len(draft.parents)):   # a chain after all:
+                        draft = Draft(draft.tokens, draft.probs)   # the chain pass is cheaper (no tree mask)
             if r.constraint is not None and not r.finished and not self._feed_only[b]:
                 draft = self._constrain(b, draft)
             drafts.append(draft)

@@ -89,9 +89,11 @@ class LLM:
             ``{"method": "prompt_lookup", "num_draft": 8, "max_ngram": 3}`` or
             ``{"method": "draft_model", "model": "qwen2.5-coder-0.5b-instruct", "num_draft": 6}``.
             None: plain decoding. ``generate``/``stream`` take the same argument per call.
-        quantization: None keeps float weights; ``"int8"`` quantizes every projection at load
-            (per-channel int8, fbgemm on CPU: several times faster decoding, small quality cost —
-            see docs/benchmarks.md). Speculation is lossless relative to the model as loaded.
+        quantization: ``"auto"`` (default) keeps a low-bit GGUF file low-bit on CPU (int8 weights) and
+            float weights otherwise; None forces float weights (the exact checkpoint, e.g. to compare
+            with transformers); ``"int8"`` quantizes every projection at load (per-channel int8, fbgemm
+            on CPU: several times faster decoding, small quality cost — docs/benchmarks.md). The mode
+            chosen is ``llm.quantization``. Speculation is lossless relative to the model as loaded.
 
     Structured output is asked for per request (``SamplingParams(json_schema=...)``, ``regex``,
     ``grammar``, ``json_object``; docs/structured-output.md). ``generate`` compiles every request's
@@ -101,9 +103,9 @@ class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype | None = None,
                  device: str | None = None, max_model_len: int | None = None, max_batch_size: int = 8,
                  download: bool = True, speculative: str | dict | None = None,
-                 quantization: str | None = None) -> None:
+                 quantization: str | None = "auto") -> None:
         from .models.load import build_model
-        from .quant import check_quantization
+        from .quant import check_quantization, resolve_quantization
 
         self.download = download
         self._drafters: dict[str, object] = {}
@@ -113,7 +115,8 @@ class LLM:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = parse_dtype(dtype, self.device)
         self.tokenizer = Tokenizer.from_path(self.model_path)
-        self.quantization = check_quantization(quantization, self.device)
+        self.quantization = resolve_quantization(check_quantization(quantization), self.model_path,
+                                                 self.device, self.dtype)
         self.model = build_model(self.model_path, dtype=self.dtype, device=self.device, quantization=self.quantization)
         self.drafter = self._bind(drafter)
         self.engine = Engine(self.model, self.tokenizer.eos_token_ids, max_model_len=max_model_len,

@@ -19,7 +19,14 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm(smollm_gguf):
-    return LLM(str(smollm_gguf))
+    return LLM(str(smollm_gguf), quantization=None)   # float weights: the checkpoint transformers runs
+
+
+def test_a_low_bit_gguf_loads_int8_by_default(smollm_gguf):
+    auto = LLM(str(smollm_gguf), max_model_len=64)
+    assert auto.quantization == "int8" and auto.model.quantization == "int8"
+    out = auto.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=6))[0]
+    assert len(out.token_ids) == 6
 
 
 @pytest.fixture(scope="module")

@@ -248,11 +248,16 @@ class LlamaCppPeer:
         from llama_cpp import Llama
 
         self.target = target
-        self.llm = Llama(model_path=str(target.model_path), n_ctx=LLAMACPP_N_CTX, n_threads=threads,
-                         n_threads_batch=threads, verbose=False, **self._llama_kwargs())
+        extra_bufts = llamacpp_extra_buffers_work(target.model_path)
+        with _model_params(**({} if extra_bufts else {"use_extra_bufts": False})):
+            self.llm = Llama(model_path=str(target.model_path), n_ctx=LLAMACPP_N_CTX, n_threads=threads,
+                             n_threads_batch=threads, verbose=False, **self._llama_kwargs())
         self.context = min(LLAMACPP_N_CTX, target.engine.max_model_len)
         self.info = {"engine": "llama.cpp (llama-cpp-python)", "version": getattr(llama_cpp, "__version__", "?"),
-                     "n_ctx": LLAMACPP_N_CTX, "n_threads": threads}
+                     "n_ctx": LLAMACPP_N_CTX, "n_threads": threads, "extra_buffer_types": extra_bufts}
+        if not extra_bufts:
+            self.info["note"] = ("llama.cpp's extra buffer types (AMX / weight repacking) crashed a probe "
+                                 "generation on this CPU, so they are off (use_extra_bufts=False)")
 
     def _llama_kwargs(self) -> dict:
         """Extra ``Llama(...)`` arguments (subclasses: a drafter)."""
@@ -307,6 +312,63 @@ class LlamaCppPromptLookupPeer(LlamaCppPeer):
 
         return dict(draft_model=LlamaPromptLookupDecoding(max_ngram_size=PLD_MAX_NGRAM,
                                                           num_pred_tokens=PLD_NUM_TOKENS))
+
+
+_PROBE = """
+import sys, llama_cpp
+m = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, n_threads=1, verbose=False)
+for i, _ in enumerate(m.generate([1, 2, 3], temp=0.0, top_k=1)):
+    if i >= 1:
+        break
+"""
+_probed: dict[str, bool] = {}
+
+
+def llamacpp_extra_buffers_work(model_path) -> bool:
+    """Whether llama.cpp generates with its default extra buffer types (AMX tiles, repacked weights).
+    A llama.cpp built with ``-march=native`` on a CPU that reports AMX segfaulted on the first decode in
+    a VM here, and a crash cannot be caught in-process: a child process tries it first (once per file)."""
+    import subprocess
+    import sys
+
+    key = str(model_path)
+    if key not in _probed:
+        try:
+            run = subprocess.run([sys.executable, "-c", _PROBE, key], capture_output=True, timeout=300)
+            _probed[key] = run.returncode == 0
+        except subprocess.TimeoutExpired:
+            _probed[key] = False
+    return _probed[key]
+
+
+class _model_params:
+    """Context manager: ``Llama(...)`` built inside uses model params with the given overrides
+    (llama-cpp-python exposes no argument for ``use_extra_bufts``)."""
+
+    def __init__(self, **overrides) -> None:
+        self.overrides = overrides
+
+    def __enter__(self):
+        self.module = None
+        if not self.overrides:
+            return self
+        import llama_cpp.llama as L
+
+        self.module, self.orig = L.llama_cpp, L.llama_cpp.llama_model_default_params
+
+        def params():
+            p = self.orig()
+            for k, v in self.overrides.items():
+                if hasattr(p, k):
+                    setattr(p, k, v)
+            return p
+
+        self.module.llama_model_default_params = params
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.module is not None:
+            self.module.llama_model_default_params = self.orig
 
 
 # --------------------------------------------------------------------------- loading

@@ -8,8 +8,9 @@ This module measures the three numbers that comparison needs, on the machine it 
   excluded — one row; a tied lm_head counts the embedding once),
 - ``measure_bandwidth()``: sustained read bandwidth of a large fp32 matrix-vector product and of a
   plain reduction (GB/s, best of several runs),
-- ``profile_decode(model)``: decode tokens/s and the split of time between matmuls, attention and
-  everything else (torch.profiler, self CPU time by operator).
+- ``profile_decode(model)``: decode tokens/s and the split of the decode wall time between matmuls
+  (fp32 and fbgemm int8), attention, other operators (torch.profiler, self CPU time by operator) and
+  the time between operators (Python, dispatch: wall time no operator accounts for).
 """
 from __future__ import annotations
 
@@ -21,17 +22,26 @@ import torch.nn.functional as F
 from ..engine import Engine
 from ..sampling import SamplingParams
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul",
+              "quantized::linear_dynamic")   # fbgemm's int8 GEMM (quant/int8.py)
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention")
 
 
 def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: float parameters, plus int8 projections (``Int8Linear``:
+    int8 weights with their two sentinel columns and float32 per-channel scales)."""
+    from ..quant.int8 import Int8Linear
+
     total = 0
     for name, p in model.named_parameters():
         if name == "embed" and model.lm_head is not None:
-            continue  # untied: the embedding is a row lookup
+            continue  # untied or quantized head: the embedding is a row lookup
         if p.dim() == 2 or name.endswith("bias") or "norm" in name:
             total += p.numel() * p.element_size()
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            total += m.out_features * (m.in_features + 2) + 4 * m.out_features
+            total += 0 if m.bias is None else 4 * m.bias.numel()
     return total
 
 
@@ -62,6 +72,8 @@ def profile_decode(model, tokens: int = 32, prompt_len: int = 64) -> dict:
     prompt = list(range(100, 100 + prompt_len))
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
 
+    walls = []
+
     def run(profiler=None) -> float:
         batch = engine.start([prompt], [params])
         batch.step()  # prefill, not timed
@@ -70,7 +82,8 @@ def profile_decode(model, tokens: int = 32, prompt_len: int = 64) -> dict:
             batch.step()
             if profiler is not None:
                 profiler.step()
-        return (tokens - 1) / (time.perf_counter() - start)
+        walls.append(time.perf_counter() - start)
+        return (tokens - 1) / walls[-1]
 
     run()  # warm-up
     tokens_per_s = max(run(), run())
@@ -80,6 +93,8 @@ def profile_decode(model, tokens: int = 32, prompt_len: int = 64) -> dict:
         run()
     split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for event in prof.key_averages():
+        if event.key.startswith("ProfilerStep"):
+            continue
         us = event.self_cpu_time_total
         if any(event.key.startswith(op) for op in MATMUL_OPS):
             split["matmul"] += us
@@ -87,6 +102,8 @@ def profile_decode(model, tokens: int = 32, prompt_len: int = 64) -> dict:
             split["attention"] += us
         else:
             split["other"] += us
+    # what no operator accounts for: Python, dispatch and sampling between ops (of the profiled run's wall time)
+    split["python"] = max(0.0, walls[-1] * 1e6 - sum(split.values()))
     total = sum(split.values()) or 1.0
     return {"tokens_per_s": tokens_per_s, "ms_per_token": 1000 / tokens_per_s,
             "time_split": {k: v / total for k, v in split.items()}}
@@ -110,11 +127,12 @@ def roofline(model) -> dict:
 def format_roofline(name: str, r: dict) -> str:
     s = r["time_split"]
     return "\n".join([
-        f"| model | tok/s | ms/token | weights read/token | achieved | mat-vec bandwidth | reduction bandwidth | ceiling | time: matmul / attention / other |",
+        f"| model | tok/s | ms/token | weights read/token | achieved | mat-vec bandwidth | reduction bandwidth | ceiling | time: matmul / attention / other ops / between ops |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| {name} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.1f} | {r['weight_mb_per_token']:.0f} MB "
         f"| {r['achieved_gb_s']:.1f} GB/s ({100 * r['fraction_of_matvec_bandwidth']:.0f}%) "
         f"| {r['bandwidth']['matvec_gb_s']:.1f} GB/s | {r['bandwidth']['reduction_gb_s']:.1f} GB/s "
         f"| {r['ceiling_tokens_per_s']:.1f} tok/s "
-        f"| {100 * s['matmul']:.0f}% / {100 * s['attention']:.0f}% / {100 * s['other']:.0f}% |",
+        f"| {100 * s['matmul']:.0f}% / {100 * s['attention']:.0f}% / {100 * s['other']:.0f}% "
+        f"/ {100 * s.get('python', 0.0):.0f}% |",
     ])

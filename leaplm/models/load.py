@@ -234,10 +234,10 @@ def build_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
                 quantization: str | None = None):
     """Load a checkpoint and return the ready ``Transformer`` (eval mode, no grad), its projections
     quantized when ``quantization`` names a mode of ``leaplm.quant``."""
-    from ..quant import check_quantization, quantize_model
+    from ..quant import quantize_model, resolve_quantization
     from .transformer import Transformer
 
-    quantization = check_quantization(quantization, device)
+    quantization = resolve_quantization(quantization, path, device, dtype)
 
     config, tensors, freq_factors = load_checkpoint(path)
     with torch.device("meta"):  # no memory, no random init: weights are assigned next

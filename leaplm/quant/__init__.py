@@ -1,8 +1,10 @@
 """Weight quantization at load time. ``quantize_model(model, "int8")`` swaps every projection
 (``models.layers.Linear``, and the tied or untied LM head) for a quantized module in place.
 
-Modes: ``None`` (keep float weights) and ``"int8"`` (per-output-channel int8 weights, fbgemm's
-dynamic int8 GEMM on CPU: see ``int8.py``). Each mode is one small module so a kernel can be
+Modes: ``None`` (keep float weights), ``"int8"`` (per-output-channel int8 weights, fbgemm's
+dynamic int8 GEMM on CPU: see ``int8.py``) and ``"auto"`` (what ``LLM`` does by default:
+``resolve_quantization`` picks int8 for a GGUF file whose weights are low-bit blocks when it runs
+on CPU in float32, and float weights otherwise — a 4-bit file is not inflated to 32 bits). Each mode is one small module so a kernel can be
 swapped (e.g. for torchao) without touching the model.
 """
 from __future__ import annotations
@@ -13,19 +15,50 @@ from torch import nn
 from ..errors import InvalidParamsError
 
 QUANTIZATIONS = ("int8",)
+FLOAT_BLOCK_TYPES = ("F32", "F16", "BF16", "F64")
 
 
 def check_quantization(mode: str | None, device: torch.device | str | None = None) -> str | None:
-    """Validate a quantization name early (before a slow load); returns it normalized."""
+    """Validate a quantization name early (before a slow load); returns it normalized (``"auto"``
+    is kept: ``resolve_quantization`` decides it once the model file is known)."""
     if mode in (None, "", "none", "fp32", "float"):
         return None
+    if mode == "auto":
+        return mode
     if mode not in QUANTIZATIONS:
-        raise InvalidParamsError(f"unknown quantization {mode!r}; choose one of: none, {', '.join(QUANTIZATIONS)}")
+        raise InvalidParamsError(f"unknown quantization {mode!r}; choose one of: auto, none, {', '.join(QUANTIZATIONS)}")
     if device is not None and torch.device(device).type != "cpu":
         raise InvalidParamsError(f"quantization {mode!r} runs on CPU only (fbgemm); use dtype=bfloat16 on {device}")
     if mode == "int8" and "fbgemm" not in torch.backends.quantized.supported_engines:
         raise InvalidParamsError("quantization 'int8' needs torch's fbgemm backend, which this torch build lacks")
     return mode
+
+
+def gguf_is_low_bit(path) -> bool:
+    """Whether most weight bytes of a GGUF file are quantized blocks (Q4_K, Q8_0, ...), not floats."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    low = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type.name not in FLOAT_BLOCK_TYPES)
+    return 2 * low > sum(int(t.n_bytes) for t in reader.tensors)
+
+
+def resolve_quantization(mode: str | None, path, device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Turn ``"auto"`` into a concrete mode for this checkpoint, device and dtype (others pass through).
+
+    auto = ``"int8"`` for a low-bit GGUF file on CPU in float32 when torch has fbgemm (4-8x fewer weight
+    bytes per token than float32, a small quality cost: docs/benchmarks.md); float weights otherwise
+    (safetensors checkpoints keep what they store; on CUDA the float dtype is used)."""
+    from pathlib import Path
+
+    mode = check_quantization(mode)
+    if mode != "auto":
+        return check_quantization(mode, device)
+    p = Path(path)
+    if (torch.device(device).type != "cpu" or dtype != torch.float32 or not p.is_file() or p.suffix != ".gguf"
+            or "fbgemm" not in torch.backends.quantized.supported_engines):
+        return None
+    return "int8" if gguf_is_low_bit(p) else None
 
 
 def quantize_model(model: nn.Module, mode: str | None) -> nn.Module:
@@ -51,4 +84,4 @@ def quantize_model(model: nn.Module, mode: str | None) -> nn.Module:
     return model
 
 
-__all__ = ["QUANTIZATIONS", "check_quantization", "quantize_model"]
+__all__ = ["QUANTIZATIONS", "check_quantization", "gguf_is_low_bit", "quantize_model", "resolve_quantization"]

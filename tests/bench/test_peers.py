@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from leaplm.bench import BenchError
+from leaplm.bench import BenchError, peers
 from leaplm.bench.peers import KNOWN_PEERS, LlamaCppPeer, LlamaCppPromptLookupPeer, load_peers, parse_peers
 from leaplm.sampling import SamplingParams
 
@@ -50,6 +50,7 @@ def fake_llama_cpp(monkeypatch):
     module.llama_speculative = speculative
     monkeypatch.setitem(sys.modules, "llama_cpp", module)
     monkeypatch.setitem(sys.modules, "llama_cpp.llama_speculative", speculative)
+    monkeypatch.setattr(peers, "llamacpp_extra_buffers_work", lambda path: True)
     FakeLlama.instances.clear()
     return module
 
@@ -233,3 +234,35 @@ def test_hf_assisted_draft_with_other_vocab_fails_clearly(hf_folders, tmp_path):
                                                  num_key_value_heads=2)).save_pretrained(other)
     [entry] = load_peers(["hf_assisted"], _hf_target(folder, other), threads=1)
     assert entry.status.startswith("failed: BenchError: draft vocab_size 256 != target's 128"), entry.status
+
+
+_real_probe = peers.llamacpp_extra_buffers_work
+
+
+def test_a_crashing_llamacpp_build_is_loaded_without_extra_buffer_types(fake_llama_cpp, monkeypatch, tmp_path):
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(peers, "llamacpp_extra_buffers_work", _real_probe)
+    monkeypatch.setattr(peers, "_probed", {})
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or types.SimpleNamespace(returncode=-11))
+    assert peers.llamacpp_extra_buffers_work(tmp_path / "m.gguf") is False
+    assert peers.llamacpp_extra_buffers_work(tmp_path / "m.gguf") is False and len(calls) == 1   # probed once
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: types.SimpleNamespace(returncode=0))
+    assert peers.llamacpp_extra_buffers_work(tmp_path / "other.gguf") is True
+
+    # the peer then builds Llama with model params whose use_extra_bufts is off, and restores the default
+    params_module = types.SimpleNamespace(llama_model_default_params=lambda: types.SimpleNamespace(use_extra_bufts=True))
+    llama_module = types.ModuleType("llama_cpp.llama")
+    llama_module.llama_cpp = params_module
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama", llama_module)
+    monkeypatch.setattr(fake_llama_cpp, "llama", llama_module, raising=False)
+    seen = []
+    monkeypatch.setattr(FakeLlama, "__init__", lambda self, **kw: seen.append(
+        params_module.llama_model_default_params().use_extra_bufts) or FakeLlama.instances.append(self))
+    monkeypatch.setattr(peers, "_probed", {str(tmp_path / "m.gguf"): False})
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    [entry] = load_peers(["llamacpp"], _target(tmp_path / "m.gguf"), threads=1)
+    assert entry.status == "ok", entry.status
+    assert seen == [False] and entry.info["extra_buffer_types"] is False and "crashed" in entry.info["note"]
+    assert params_module.llama_model_default_params().use_extra_bufts is True

@@ -22,3 +22,16 @@ def test_profile_and_bandwidth_report_numbers(tiny_model_dir):
     assert prof["tokens_per_s"] > 0 and abs(sum(prof["time_split"].values()) - 1) < 1e-6
     bw = measure_bandwidth(size_mb=16, repeats=2)
     assert bw["matvec_gb_s"] > 0 and bw["reduction_gb_s"] > 0
+
+
+def test_int8_weights_count_one_byte_each(tiny_model_dir):
+    from leaplm.quant import quantize_model
+
+    folder, ref = tiny_model_dir("llama-gqa-untied")
+    model = quantize_model(build_model(folder), "int8")
+    cfg = model.config
+    matrices = [p for n, p in ref.named_parameters() if p.dim() == 2 and "embed" not in n]
+    expected = sum(p.shape[0] * (p.shape[1] + 2) + 4 * p.shape[0] for p in matrices)   # int8 + sentinels + scales
+    expected += sum(p.numel() * 4 for n, p in ref.named_parameters() if p.dim() == 1)    # norms stay float
+    assert weight_bytes_per_token(model) == expected
+    assert expected < sum(p.numel() for p in ref.parameters()) * 4 / 2 - cfg.vocab_size * cfg.hidden_size * 2

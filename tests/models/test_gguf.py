@@ -23,7 +23,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:  # llama.cpp convert_hf_
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(ref, arch: str, path, f16: bool) -> None:
+def write_gguf(ref, arch: str, path, f16: bool, q8: bool = False) -> None:
     import gguf
 
     cfg = ref.config
@@ -67,6 +67,10 @@ def write_gguf(ref, arch: str, path, f16: bool) -> None:
             t = t + 1.0
         if f16 and t.ndim == 2:
             t = t.astype(np.float16)
+        if q8 and t.ndim == 2:  # llama.cpp's Q8_0 blocks, as a low-bit file stores them
+            q = gguf.quants.quantize(t.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(out, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            continue
         w.add_tensor(out, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()

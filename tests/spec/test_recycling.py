@@ -83,3 +83,34 @@ def test_lookup_first_drafts_the_copy_when_there_is_one(tiny_model_dir):
     _, spec = greedy_equals_vanilla_on_ragged_batch(tiny_model_dir("llama-gqa-untied")[0],
                                                     TokenRecycling(num_draft=12, node_cost=0.0, lookup=True))
     assert sum(r.accepted for r in spec) > 0
+
+
+def test_lookup_merge_makes_the_copy_one_branch_of_the_tree():
+    d = _drafter(lookup="merge")
+    # context ends in 5, 6, seen before followed by 9, 2: the copy is [9, 2]; the matrix offers 8, 9 after 6
+    draft = d.propose(0, [5, 6, 9, 2, 4, 5, 6], 6)
+    check_tree(draft.tokens, draft.parents)
+    tops = [t for t, p in zip(draft.tokens, draft.parents) if p == -1]
+    assert sorted(tops) == [8, 9]                                # the copy's 9 merged with the matrix's 9
+    nine = draft.tokens.index(9)
+    assert draft.parents[draft.tokens.index(2)] == nine         # the copy goes on under the merged node
+    assert d._last[0].ranks[nine] in (1, d.top_k)               # one node, one rank label
+
+
+def test_lookup_merge_learns_the_copy_rate_and_is_exact(tiny_model_dir):
+    d = _drafter(lookup="merge")
+    d.propose(0, [1, 2, 3, 7, 1, 2], 6)                          # copy [3, 7, ...]: 3 is unknown to the matrix
+    before = d.acceptance()[1, d.top_k]
+    d.propose(0, [1, 2, 3, 7, 1, 2, 3, 7], 6)                   # the copy was right twice
+    assert d.acceptance()[1, d.top_k] > before
+    for name in ("llama-gqa-untied", "mistral-sliding"):
+        _, spec = greedy_equals_vanilla_on_ragged_batch(tiny_model_dir(name)[0],
+                                                        TokenRecycling(num_draft=16, node_cost=0.0, lookup="merge"))
+        assert sum(r.accepted for r in spec) > 0
+    hot_start_int8_exact(tiny_model_dir("llama-gqa-untied")[0], TokenRecycling(num_draft=10, node_cost=0.0, lookup="merge"))
+
+
+def test_bad_lookup_mode_is_refused():
+    with pytest.raises(InvalidParamsError, match="lookup"):
+        TokenRecycling(lookup="sometimes")
+    assert TokenRecycling(lookup="true").lookup_mode == "first"

