@@ -103,7 +103,7 @@ def survey(tokenizer, suite: Path, draft: str = "draft2020-12", optional: bool =
 def report(s: Survey, top: int = 15, draft: str = "") -> str:
     lines = [f"JSON Schema Test Suite {draft}: {s.total} schemas, {s.accepted} accepted, {s.rejected} rejected "
              f"({100 * s.accepted / max(1, s.total):.1f}% accepted) in {s.seconds:.1f}s",
-             f"top rejection reasons (a schema may count under several):"]
+             "top rejection reasons (a schema may count under several):"]
     lines += [f"  {n:4d}  {r}" for r, n in s.reasons.most_common(top)]
     if s.instances:
         i = s.instances

@@ -127,7 +127,7 @@ def roofline(model) -> dict:
 def format_roofline(name: str, r: dict) -> str:
     s = r["time_split"]
     return "\n".join([
-        f"| model | tok/s | ms/token | weights read/token | achieved | mat-vec bandwidth | reduction bandwidth | ceiling | time: matmul / attention / other ops / between ops |",
+        "| model | tok/s | ms/token | weights read/token | achieved | mat-vec bandwidth | reduction bandwidth | ceiling | time: matmul / attention / other ops / between ops |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| {name} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.1f} | {r['weight_mb_per_token']:.0f} MB "
         f"| {r['achieved_gb_s']:.1f} GB/s ({100 * r['fraction_of_matvec_bandwidth']:.0f}%) "

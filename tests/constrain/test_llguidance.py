@@ -303,7 +303,7 @@ def test_validate_does_not_mutate_and_rollback_restores(smol, walker):
     assert c.num_tokens == len(ids) + 1 and c.validate([eos]) == 0
     rng = random.Random(3)
     while c.num_tokens:  # roll back in random chunks: every intermediate state is as it was going forward
-        c.rollback(k := rng.randint(1, min(9, c.num_tokens)))
+        c.rollback(rng.randint(1, min(9, c.num_tokens)))
         if c.num_tokens < len(ids):
             assert torch.equal(c.bitmask(), masks[c.num_tokens]) and c.forced() == forced[c.num_tokens]
     assert torch.equal(c.bitmask(), compiled.new().bitmask())

@@ -56,8 +56,6 @@ def test_truncated_safetensors_is_corrupt(tmp_path, tiny_model_dir):
 
 
 def test_sharded_safetensors_load(tmp_path, tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
     folder, ref = tiny_model_dir("qwen2-bias")
     ref.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
