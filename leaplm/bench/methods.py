@@ -296,16 +296,19 @@ def retrieval(target: Target, prompt_ids: list[int], params, corpus: str = "", n
                  description="a smaller model of the same family drafts (--draft-model; int8 by default, adaptive length)")
 def draft(target: Target, prompt_ids: list[int], params, num_draft: int = 6, confidence: float = 0.4,
           adaptive: bool = True, quantization: str = "int8", lookup: bool = False,
-          draft_vocab: int | None = None, tree_top_k: int = 0, tree_extra: int = 6) -> Generation:
+          draft_vocab: int | None = None, tree_top_k: int = 0, tree_extra: int = 6,
+          tree_min_prob: float = 0.05) -> Generation:
     from ..spec.drafters import DraftModel
 
     if target.draft_model_path is None:
         raise BenchError("method 'draft' needs --draft-model")
-    key = ("draft", num_draft, confidence, adaptive, quantization, lookup, draft_vocab, tree_top_k, tree_extra)
+    key = ("draft", num_draft, confidence, adaptive, quantization, lookup, draft_vocab, tree_top_k, tree_extra,
+           tree_min_prob)
     if key not in target.cache:
         drafter = DraftModel(target.draft_model_path, num_draft=num_draft, confidence=confidence, adaptive=adaptive,
                              quantization=None if quantization == "none" else quantization, lookup=lookup, draft_vocab=draft_vocab,
-                             tree_top_k=tree_top_k, tree_extra=tree_extra, download=False)
+                             tree_top_k=tree_top_k, tree_extra=tree_extra, tree_min_prob=tree_min_prob,
+                             download=False)
         drafter.bind(target.model, target.tokenizer)
         target.cache[key] = drafter
     return _run_engine(target, prompt_ids, params, target.cache[key])
