@@ -32,11 +32,25 @@ disallowed token, a grammar step over its limits) from ``leaplm.errors``.
 """
 from .base import (CompiledConstraint, Constraint, allocate_bitmask, apply_bitmask_, bitmask_width,
                    unpack_bitmask)
-from .llguidance_backend import (DEFAULT_TIMEOUT_S, LLGuidanceConstraint, LLGuidanceGrammar, clear_cache,
-                                 compile_constraint, fill_bitmasks, llguidance_tokenizer)
+
+# The backend (and with it the llguidance package) loads on first use, so the engine and plain
+# generation import without it — e.g. on a machine that has torch but not llguidance.
+_BACKEND = ("DEFAULT_TIMEOUT_S", "LLGuidanceConstraint", "LLGuidanceGrammar", "clear_cache", "compile_constraint",
+            "fill_bitmasks", "llguidance_tokenizer")
+
+
+def __getattr__(name: str):
+    if name in _BACKEND:
+        try:
+            from . import llguidance_backend
+        except ImportError as e:
+            raise ImportError(f"structured output needs the llguidance package, which did not import ({e}); "
+                              "install it: pip install 'llguidance>=1.9,<2'") from None
+        return getattr(llguidance_backend, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CompiledConstraint", "Constraint", "allocate_bitmask", "apply_bitmask_", "bitmask_width", "unpack_bitmask",
-    "DEFAULT_TIMEOUT_S", "LLGuidanceConstraint", "LLGuidanceGrammar", "clear_cache", "compile_constraint",
-    "fill_bitmasks", "llguidance_tokenizer",
+    *_BACKEND,
 ]
