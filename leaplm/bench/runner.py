@@ -53,6 +53,7 @@ from typing import Any, Callable
 
 from . import BenchError
 from . import structured
+from ..progress import Progress
 from .methods import Generation, MethodRun, Target, load_target, parse_methods
 from .peers import PeerEntry, load_peers, parse_peers
 from .workloads import Sample, Workload, load_workload
@@ -264,43 +265,6 @@ def _timed(c: Contestant, ids: list[int], params) -> tuple[Generation | None, fl
     return gen, time.perf_counter() - started, None
 
 
-class _Progress:
-    """Rich progress bar with ETA on stderr when it is a terminal, else one log line per sample."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        self.enabled = enabled
-        self.bar = None
-        self.total = total
-        self.done = 0
-        if enabled and self.console.is_terminal:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self.bar = Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                console=self.console, transient=True)
-            self.task = self.bar.add_task("", total=total)
-            self.bar.start()
-
-    def describe(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, description=text)
-
-    def advance(self, line: str) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.advance(self.task)
-        elif self.enabled:
-            print(f"[bench] {self.done}/{self.total} {line}", file=sys.stderr, flush=True)
-
-    def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def run_bench(cfg: BenchConfig) -> dict:
     import torch
 
@@ -371,7 +335,7 @@ def _warmup(cfg: BenchConfig, workload: Workload, target: Target, runnable: list
 
 def _measure(cfg: BenchConfig, workload: Workload, target: Target, runnable: list[Contestant],
              outputs: list[dict]) -> None:
-    progress = _Progress(len(workload.samples), cfg.progress)
+    progress = Progress(len(workload.samples), "bench", cfg.progress, log_every=1).start()
     vanilla = runnable[0]
     try:
         for index, sample in enumerate(workload.samples):

@@ -292,6 +292,7 @@ def evaluate(llm, problems: list[Problem], *, max_tokens: int = 384, timeout: fl
                                 "finish_reason": None, "output_tokens": 0,
                                 "generation_s": time.perf_counter() - started, "execution_s": 0.0,
                                 "target_passes": None, "drafted": None, "accepted": None})
+                bar.describe(f"{problem.task_id} error")
                 bar.advance(f"{problem.task_id} error")
                 continue
             gen_s = time.perf_counter() - started
@@ -305,7 +306,9 @@ def evaluate(llm, problems: list[Problem], *, max_tokens: int = 384, timeout: fl
                       "accepted": metrics.get("accepted")}
             records.append(record)
             passed = sum(r["passed"] for r in records)
-            bar.advance(f"{problem.task_id} {result.status}, {passed}/{len(records)} passed")
+            status = f"{problem.task_id} {result.status}, {passed}/{len(records)} passed"
+            bar.describe(status)
+            bar.advance(status)
     return {"summary": summarize(records), "problems": records}
 
 

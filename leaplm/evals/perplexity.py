@@ -268,7 +268,9 @@ def compare(models: Mapping[str, torch.nn.Module], token_seqs: Sequence[Sequence
                 tally.seconds += time.perf_counter() - started
                 if label == reference:
                     ref_logits = logits
-            bar.advance(f"{sum(t.tokens for t in tallies.values()) // len(tallies)} tokens")
+            status = f"{sum(t.tokens for t in tallies.values()) // len(tallies)} tokens"
+            bar.describe(status)
+            bar.advance(status)
     used = sum(1 for s in token_seqs if len(s) >= 2)
     out = {}
     for label in models:
