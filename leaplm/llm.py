@@ -105,7 +105,7 @@ class LLM:
                  download: bool = True, speculative: str | dict | None = None,
                  quantization: str | None = "auto") -> None:
         from .models.load import build_model
-        from .quant import check_quantization, resolve_quantization
+        from .quant import resolve_quantization
 
         self.download = download
         self._drafters: dict[str, object] = {}
@@ -114,9 +114,8 @@ class LLM:
         self.model_path = hub.resolve(str(model) if model is not None else hub.DEFAULT_MODEL, download=download)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = parse_dtype(dtype, self.device)
-        self.tokenizer = Tokenizer.from_path(self.model_path)
-        self.quantization = resolve_quantization(check_quantization(quantization), self.model_path,
-                                                 self.device, self.dtype)
+        self.tokenizer = Tokenizer.from_path(self.model_path)   # names a corrupt file before anything reads it
+        self.quantization = resolve_quantization(quantization, self.model_path, self.device, self.dtype)
         self.model = build_model(self.model_path, dtype=self.dtype, device=self.device, quantization=self.quantization)
         self.drafter = self._bind(drafter)
         self.engine = Engine(self.model, self.tokenizer.eos_token_ids, max_model_len=max_model_len,

@@ -39,6 +39,7 @@ so their outputs are comparable token by token with ``vanilla``.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
 from dataclasses import dataclass, field
@@ -249,7 +250,7 @@ class LlamaCppPeer:
 
         self.target = target
         extra_bufts = llamacpp_extra_buffers_work(target.model_path)
-        with _model_params(**({} if extra_bufts else {"use_extra_bufts": False})):
+        with contextlib.nullcontext() if extra_bufts else _model_params(use_extra_bufts=False):
             self.llm = Llama(model_path=str(target.model_path), n_ctx=LLAMACPP_N_CTX, n_threads=threads,
                              n_threads_batch=threads, verbose=False, **self._llama_kwargs())
         self.context = min(LLAMACPP_N_CTX, target.engine.max_model_len)
@@ -349,9 +350,6 @@ class _model_params:
         self.overrides = overrides
 
     def __enter__(self):
-        self.module = None
-        if not self.overrides:
-            return self
         import llama_cpp.llama as L
 
         self.module, self.orig = L.llama_cpp, L.llama_cpp.llama_model_default_params
@@ -367,8 +365,7 @@ class _model_params:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.module is not None:
-            self.module.llama_model_default_params = self.orig
+        self.module.llama_model_default_params = self.orig
 
 
 # --------------------------------------------------------------------------- loading

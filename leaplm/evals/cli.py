@@ -93,13 +93,12 @@ def parse_modes(text: str | None) -> list[str | None]:
 
 
 def resolve_modes(modes: list[str | None], path, device, dtype) -> list[str | None]:
-    """Concrete modes for this checkpoint (``"auto"`` -> ``"int8"`` or None where leaplm.quant knows "auto"),
+    """Concrete modes for this checkpoint (``"auto"`` -> ``"int8"`` or None: ``quant.resolve_quantization``),
     each checked for the device; a mode that resolves to one already listed is an error."""
     from .. import quant
     from ..errors import InvalidParamsError
 
-    resolve = getattr(quant, "resolve_quantization", None)
-    out = [resolve(m, path, device, dtype) if resolve else quant.check_quantization(m, device) for m in modes]
+    out = [quant.resolve_quantization(m, path, device, dtype) for m in modes]
     if len(set(out)) != len(out):
         raise InvalidParamsError(f"--quantization {','.join(m or 'none' for m in modes)} names the same mode twice "
                                  f"for {Path(path).name} ({', '.join(m or 'none' for m in out)})")

@@ -234,12 +234,13 @@ def build_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
                 quantization: str | None = None):
     """Load a checkpoint and return the ready ``Transformer`` (eval mode, no grad), its projections
     quantized when ``quantization`` names a mode of ``leaplm.quant``."""
-    from ..quant import quantize_model, resolve_quantization
+    from ..quant import check_quantization, quantize_model, resolve_quantization
     from .transformer import Transformer
 
-    quantization = resolve_quantization(quantization, path, device, dtype)
+    check_quantization(quantization, device)   # a bad name fails before the slow load
 
-    config, tensors, freq_factors = load_checkpoint(path)
+    config, tensors, freq_factors = load_checkpoint(path)   # a corrupt file fails here, with its name
+    quantization = resolve_quantization(quantization, path, device, dtype)
     with torch.device("meta"):  # no memory, no random init: weights are assigned next
         model = Transformer(config)
     model.reset_rotary(freq_factors)

@@ -36,9 +36,11 @@ def check_quantization(mode: str | None, device: torch.device | str | None = Non
 
 def gguf_is_low_bit(path) -> bool:
     """Whether most weight bytes of a GGUF file are quantized blocks (Q4_K, Q8_0, ...), not floats."""
-    import gguf
+    from pathlib import Path
 
-    reader = gguf.GGUFReader(str(path))
+    from ..models.load import open_gguf   # names a truncated or corrupt file
+
+    reader = open_gguf(Path(path))
     low = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type.name not in FLOAT_BLOCK_TYPES)
     return 2 * low > sum(int(t.n_bytes) for t in reader.tensors)
 
@@ -51,9 +53,9 @@ def resolve_quantization(mode: str | None, path, device: torch.device | str, dty
     (safetensors checkpoints keep what they store; on CUDA the float dtype is used)."""
     from pathlib import Path
 
-    mode = check_quantization(mode)
+    mode = check_quantization(mode, device)
     if mode != "auto":
-        return check_quantization(mode, device)
+        return mode
     p = Path(path)
     if (torch.device(device).type != "cpu" or dtype != torch.float32 or not p.is_file() or p.suffix != ".gguf"
             or "fbgemm" not in torch.backends.quantized.supported_engines):

@@ -47,3 +47,12 @@ def test_build_model_resolves_auto(files):
     assert q.quantization == "int8" and any(isinstance(m, Int8Linear) for m in q.modules())
     f = build_model(tmp / "f32.gguf", quantization="auto")
     assert getattr(f, "quantization", None) is None
+
+
+def test_auto_on_a_corrupt_gguf_names_the_file(tmp_path):
+    from leaplm.errors import CorruptModelError
+
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 7)
+    with pytest.raises(CorruptModelError, match="cut.gguf"):
+        resolve_quantization("auto", bad, torch.device("cpu"), torch.float32)
