@@ -23,17 +23,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", default="auto",
                    help="auto (default: int8 for a low-bit GGUF file on CPU, else float) | none (float weights, "
                         "the exact checkpoint) | int8: per-channel int8 weights (fbgemm, CPU), several times faster, lossy")
-    p.add_argument("--spec", default=None, choices=["prompt_lookup", "copyspec", "recycling", "aded", "retrieval", "draft"],
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (tens of seconds once, cached on disk; faster small models on CPU)")
+    p.add_argument("--spec", default=None, choices=["prompt_lookup", "copyspec", "recycling", "aded", "lookahead", "retrieval", "draft", "rasd"],
                    help="lossless speculative decoding method (default: none; --draft-model implies draft)")
     p.add_argument("--draft-model", default=None,
-                   help="draft model for --spec draft: known name, .gguf or HF folder with the target's tokenizer")
+                   help="draft model for --spec draft or rasd: known name, .gguf or HF folder with the target's tokenizer")
     p.add_argument("--corpus", default=None,
-                   help="for --spec retrieval: a text file or folder of text files to draft from (REST datastore)")
+                   help="for --spec retrieval or rasd: a text file or folder of text files to draft from (REST datastore)")
     p.add_argument("--tree", type=int, default=None, metavar="TOP_K",
-                   help="for --spec draft: draft a token tree branching into the draft's TOP_K best tokens")
+                   help="for --spec draft or rasd: draft a token tree branching into the draft's TOP_K best tokens")
     p.add_argument("--num-draft", type=int, default=None,
                    help="most draft tokens (tree nodes) per step (default: the method's, 8 prompt_lookup / "
-                        "10 copyspec / 24 recycling, aded, retrieval / 6 draft)")
+                        "10 copyspec / 24 recycling, aded, retrieval / 16 lookahead / 6 draft)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -119,11 +121,12 @@ def _speculative(args) -> dict | None:
             ("tree", "--tree", "draft", "tree_top_k", None)):
         value = getattr(args, attr, None)
         given = value is not None and value != ""
-        if method == owner and needed and not given:
-            raise InvalidParamsError(f"--spec {owner} needs {flag} {needed}")
+        owners = (owner, "rasd")   # rasd takes the draft model's and retrieval's options
+        if method in owners and needed and not given:
+            raise InvalidParamsError(f"--spec {method} needs {flag} {needed}")
         if given:
-            if method != owner:
-                raise InvalidParamsError(f"{flag} is only used by --spec {owner}, not --spec {method}")
+            if method not in owners:
+                raise InvalidParamsError(f"{flag} is only used by --spec {' or '.join(owners)}, not --spec {method}")
             spec[knob] = value
     if num_draft is not None:
         spec["num_draft"] = num_draft
@@ -134,11 +137,14 @@ def _load(args):
     from .llm import LLM
 
     started = time.perf_counter()
-    with _status(f"loading {args.model or 'smollm2-135m-instruct'}"):
+    compiling = " and compiling its decode step (up to a few minutes the first time)" if getattr(args, "compile", False) else ""
+    with _status(f"loading {args.model or 'smollm2-135m-instruct'}{compiling}"):
         llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                  speculative=_speculative(args), quantization=getattr(args, "quantization", None))
+                  speculative=_speculative(args), quantization=getattr(args, "quantization", None),
+                  compile=getattr(args, "compile", False))
     weights = f", {llm.quantization} weights" if llm.quantization else ""
-    _info(f"loaded {llm.model_path.name} ({llm.config.family}, {llm.dtype}{weights}, {llm.device}) in "
+    compiled = f", compiled in {llm.compile_s:.1f}s" if llm.compile_s is not None else ""
+    _info(f"loaded {llm.model_path.name} ({llm.config.family}, {llm.dtype}{weights}, {llm.device}{compiled}) in "
           f"{time.perf_counter() - started:.1f}s")
     return llm
 

@@ -94,6 +94,12 @@ class LLM:
             with transformers); ``"int8"`` quantizes every projection at load (per-channel int8, fbgemm
             on CPU: several times faster decoding, small quality cost — docs/benchmarks.md). The mode
             chosen is ``llm.quantization``. Speculation is lossless relative to the model as loaded.
+        compile: run decode and verification passes through ``torch.compile`` (``models/compiled.py``):
+            on CPU at batch 1 a small model's step is mostly per-operator overhead, which this removes
+            (docs/benchmarks.md). Compiling takes tens of seconds, at load (``llm.compile_s``); inductor
+            caches the result on disk, so later loads of the same model are faster. Compiled passes
+            round slightly differently from eager ones; speculation stays lossless relative to the
+            compiled model (tested).
 
     Structured output is asked for per request (``SamplingParams(json_schema=...)``, ``regex``,
     ``grammar``, ``json_object``; docs/structured-output.md). ``generate`` compiles every request's
@@ -103,7 +109,7 @@ class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype | None = None,
                  device: str | None = None, max_model_len: int | None = None, max_batch_size: int = 8,
                  download: bool = True, speculative: str | dict | None = None,
-                 quantization: str | None = "auto") -> None:
+                 quantization: str | None = "auto", compile: bool = False) -> None:
         from .models.load import build_model
         from .quant import resolve_quantization
 
@@ -117,6 +123,7 @@ class LLM:
         self.tokenizer = Tokenizer.from_path(self.model_path)   # names a corrupt file before anything reads it
         self.quantization = resolve_quantization(quantization, self.model_path, self.device, self.dtype)
         self.model = build_model(self.model_path, dtype=self.dtype, device=self.device, quantization=self.quantization)
+        self.compile_s = self.model.compile() if compile else None
         self.drafter = self._bind(drafter)
         self.engine = Engine(self.model, self.tokenizer.eos_token_ids, max_model_len=max_model_len,
                              constrainer=self._new_constraint)
@@ -132,7 +139,7 @@ class LLM:
     def _make_drafter(self, spec):
         from .spec.drafters import make_drafter
 
-        if isinstance(spec, dict) and spec.get("method") in ("draft_model", "draft"):
+        if isinstance(spec, dict) and spec.get("method") in ("draft_model", "draft", "rasd"):
             spec = {"download": self.download, **spec}
         return make_drafter(spec)
 

@@ -9,6 +9,8 @@ For every tiny random family of the test suite (tests/conftest.py) and each dtyp
 - ``exact[drafter]``: whether greedy output of each drafter equals vanilla greedy on a ragged batch
   (float32 must be exact; bfloat16 may diverge at near-ties because a T-token verification pass and a
   1-token decode step use different kernels — the fraction is reported, not hidden);
+with ``--compile FAMILIES``, the same for the compiled decode step (``model.compile()``) of those families
+(greedy rows equal to eager, drafters exact against the compiled vanilla);
 and, with ``--real``, the same greedy comparison on a real model with chat prompts plus transformers'
 own greedy output on the same weights.
 """
@@ -37,6 +39,8 @@ DRAFTERS = {
     "recycling": lambda: make_drafter({"method": "recycling", "node_cost": 0.0, "num_draft": 24}),
     "recycling_lookup": lambda: make_drafter({"method": "recycling", "lookup": True}),
     "aded": lambda: make_drafter("aded"),
+    "recycling_merge": lambda: make_drafter({"method": "recycling", "lookup": "merge"}),
+    "lookahead": lambda: make_drafter("lookahead"),
 }
 
 
@@ -66,7 +70,7 @@ def _compare(engine, prompts, n, extra_drafters=()) -> dict:
     return out
 
 
-def check_tiny(dtype: torch.dtype, device: torch.device) -> dict:
+def check_tiny(dtype: torch.dtype, device: torch.device, compile_families: tuple = ()) -> dict:
     from tests.conftest import build_tiny, tiny_configs
 
     results = {}
@@ -86,6 +90,15 @@ def check_tiny(dtype: torch.dtype, device: torch.device) -> dict:
             first = _greedy(engine, [ids[0].tolist()], 1)[0][0][0]
             results[name] = {"first_token_matches_hf": first == int(want[0, -1].argmax()), "logit_err": err,
                              **_compare(engine, _ragged_prompts(128), 28)}
+            if name in compile_families:   # the compiled decode step: close to eager, drafters exact vs itself
+                compiled = build_model(folder, dtype=dtype, device=device)
+                secs = compiled.compile()
+                c_engine = Engine(compiled, eos_token_ids=[2])
+                got_c, _, _ = _greedy(c_engine, _ragged_prompts(128), 28)
+                got_e, _, _ = _greedy(engine, _ragged_prompts(128), 28)
+                results[name]["compiled"] = {"compile_s": round(secs, 1),
+                                             "rows_equal_eager": sum(a == b for a, b in zip(got_c, got_e)),
+                                             **_compare(c_engine, _ragged_prompts(128), 28)}
         except Exception as e:
             results[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
         print(name, json.dumps(results[name])[:400], flush=True)
@@ -127,6 +140,7 @@ def main() -> int:
     p.add_argument("--real", type=Path, default=None, help="a real GGUF/safetensors model to check too")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--skip-tiny", action="store_true")
+    p.add_argument("--compile", default="", help="comma-separated tiny families to check compiled too (model.compile())")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only to dry-run this script")
     args = p.parse_args()
@@ -138,7 +152,7 @@ def main() -> int:
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
         if not args.skip_tiny:
-            report[f"tiny/{name}"] = check_tiny(dtype, device)
+            report[f"tiny/{name}"] = check_tiny(dtype, device, tuple(f for f in args.compile.split(",") if f))
         if args.real is not None:
             try:
                 report[f"real/{name}"] = check_real(args.real, dtype, device)

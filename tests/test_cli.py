@@ -44,6 +44,8 @@ def test_interactive_chat_reads_turns_until_eof(smollm_gguf):
     (["generate", "--spec", "draft", "hi"], "--draft-model"),
     (["generate", "--spec", "prompt_lookup", "--draft-model", "x", "hi"], "only used by --spec draft"),
     (["generate", "--spec", "prompt_lookup", "--num-draft", "0", "hi"], "num_draft"),
+    (["generate", "--spec", "rasd", "--corpus", "x", "hi"], "--spec rasd needs --draft-model"),
+    (["generate", "--spec", "rasd", "--draft-model", "x", "hi"], "--spec rasd needs --corpus"),
     (["generate", "--quantization", "int3", "hi"], "unknown quantization"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message):
@@ -51,6 +53,16 @@ def test_bad_input_is_one_line_exit_2(args, message):
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert out.stderr.strip().startswith("error:")
+
+
+def test_rasd_takes_the_draft_model_and_the_corpus():
+    from argparse import Namespace
+
+    from leaplm.cli import _speculative
+
+    args = Namespace(spec="rasd", draft_model="d.gguf", corpus="src/", tree=3, num_draft=12)
+    assert _speculative(args) == {"method": "rasd", "model": "d.gguf", "corpus": "src/", "tree_top_k": 3,
+                                  "num_draft": 12}
 
 
 def test_corrupt_file_message(tmp_path):

@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", default=None,
                    help="target weights for leaplm's methods: none (default) | int8 (peers keep their own)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile leaplm's decode step for every method (compile time reported, not timed)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar / log lines")
     p.add_argument("--out", "-o", required=True, type=Path, help="output folder")
 
@@ -75,6 +77,7 @@ def _command(args) -> list[str]:
                         ("--peers", args.peers), ("--temperature", args.temperature), ("--threads", args.threads),
                         ("--warmup", args.warmup), ("--dtype", args.dtype), ("--quantization", args.quantization), ("--device", args.device),
                         ("--jump-forward", None if getattr(args, "jump_forward", "on") == "on" else args.jump_forward),
+                        ("--compile", True if getattr(args, "compile", False) else None),
                         ("--out", args.out)]:
         if value is not None:
             rebuilt += [flag, str(value)]
@@ -90,7 +93,7 @@ def main(args) -> int:
         max_tokens=args.max_tokens, methods=args.methods, peers=args.peers, temperature=args.temperature,
         threads=args.threads, warmup=args.warmup, dtype=args.dtype, quantization=args.quantization, device=args.device, seed=args.seed,
         out=args.out, command=_command(args), progress=getattr(args, "progress", True),
-        jump_forward=getattr(args, "jump_forward", "on"))
+        jump_forward=getattr(args, "jump_forward", "on"), compile=getattr(args, "compile", False))
     results = run_bench(cfg)
     files = write_all(results, args.out)
     print_table(results)

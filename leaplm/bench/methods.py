@@ -82,26 +82,26 @@ def _config_eos_ids(folder: Path) -> list[int]:
 
 
 def load_target(model_path: Path, *, dtype=None, device=None, need_tokenizer: bool = True,
-                draft_model_path: Path | None = None, quantization: str | None = None) -> Target:
+                draft_model_path: Path | None = None, quantization: str | None = None, compile: bool = False) -> Target:
     """Load the target once (see module docstring). Raises the loader's ``LeapLMError`` on bad input."""
     from ..errors import ModelNotFoundError
     from ..llm import LLM
 
     try:
         llm = LLM(str(model_path), dtype=dtype, device=device, max_batch_size=1, download=False,
-                  quantization=quantization)
+                  quantization=quantization, compile=compile)
     except ModelNotFoundError as e:
         # The path exists (already resolved): a missing tokenizer is the only ModelNotFoundError left
         # that the model-only path can get around, and only for token-id workloads.
         if need_tokenizer or not model_path.is_dir() or "tokenizer" not in str(e):
             raise
-        return _load_without_tokenizer(model_path, dtype, device, draft_model_path, quantization)
+        return _load_without_tokenizer(model_path, dtype, device, draft_model_path, quantization, compile)
     eos = sorted(llm.tokenizer.eos_token_ids)
     return Target(Path(llm.model_path), llm.model, llm.engine, llm.tokenizer, llm, eos, llm.device, llm.dtype,
                   draft_model_path)
 
 
-def _load_without_tokenizer(folder: Path, dtype, device, draft_model_path, quantization=None) -> Target:
+def _load_without_tokenizer(folder: Path, dtype, device, draft_model_path, quantization=None, compile=False) -> Target:
     import torch
 
     from ..engine import Engine
@@ -111,6 +111,8 @@ def _load_without_tokenizer(folder: Path, dtype, device, draft_model_path, quant
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = parse_dtype(dtype, dev)
     model = build_model(folder, dtype=dt, device=dev, quantization=quantization)
+    if compile:
+        model.compile()
     eos = _config_eos_ids(folder)
     return Target(folder, model, Engine(model, eos), None, None, eos, dev, dt, draft_model_path)
 
@@ -278,6 +280,20 @@ def aded(target: Target, prompt_ids: list[int], params, num_draft: int = 24, max
     return _run_engine(target, prompt_ids, params, drafter)
 
 
+@register_method("lookahead", lossless=True,
+                 description="Lookahead decoding: a Jacobi window in the verification pass harvests n-grams, verified as a trie")
+def lookahead(target: Target, prompt_ids: list[int], params, window: int = 4, ngram: int = 4,
+              max_candidates: int = 3, num_draft: int = 16, pool_size: int = 65536,
+              context_ngrams: bool = True, seed: int = 0) -> Generation:
+    from ..spec.drafters import Lookahead
+
+    key = ("lookahead", window, ngram, max_candidates, num_draft, pool_size, context_ngrams, seed)  # one pool per run
+    drafter = _bound_drafter(target, key, lambda: Lookahead(window=window, ngram=ngram, max_candidates=max_candidates,
+                                                            num_draft=num_draft, pool_size=pool_size,
+                                                            context_ngrams=context_ngrams, seed=seed))
+    return _run_engine(target, prompt_ids, params, drafter)
+
+
 @register_method("retrieval", lossless=True,
                  description="REST: a token tree of continuations found in a datastore (corpus=PATH) and the context")
 def retrieval(target: Target, prompt_ids: list[int], params, corpus: str = "", num_draft: int = 24,
@@ -289,6 +305,29 @@ def retrieval(target: Target, prompt_ids: list[int], params, corpus: str = "", n
     drafter = _bound_drafter(target, ("retrieval", corpus, num_draft, max_occurrences, depth, tree),
                              lambda: Retrieval(corpus=corpus, num_draft=num_draft, max_occurrences=max_occurrences,
                                                depth=depth, tree=tree, progress=False))
+    return _run_engine(target, prompt_ids, params, drafter)
+
+
+@register_method("rasd", lossless=True,
+                 description="RASD: the draft model's tree (--draft-model) fused with a retrieval tree (corpus=PATH) "
+                             "pruned by the draft's top-k")
+def rasd(target: Target, prompt_ids: list[int], params, corpus: str = "", num_draft: int = 16, prune_top_k: int = 8,
+         prune_min_prob: float = 0.0, draft_length: int = 6, confidence: float = 0.4, adaptive: bool = True,
+         quantization: str = "int8", tree_top_k: int = 2, tree_min_prob: float = 0.05, max_occurrences: int = 64,
+         depth: int = 10) -> Generation:
+    from ..spec.drafters import RASD
+
+    if target.draft_model_path is None:
+        raise BenchError("method 'rasd' needs --draft-model")
+    if not corpus:
+        raise BenchError("method 'rasd' needs a datastore: rasd:corpus=PATH (a text file or folder)")
+    key = ("rasd", corpus, num_draft, prune_top_k, prune_min_prob, draft_length, confidence, adaptive, quantization,
+           tree_top_k, tree_min_prob, max_occurrences, depth)
+    drafter = _bound_drafter(target, key, lambda: RASD(
+        target.draft_model_path, corpus, num_draft=num_draft, prune_top_k=prune_top_k, prune_min_prob=prune_min_prob,
+        draft_length=draft_length, confidence=confidence, adaptive=adaptive,
+        quantization=None if quantization == "none" else quantization, tree_top_k=tree_top_k,
+        tree_min_prob=tree_min_prob, max_occurrences=max_occurrences, depth=depth, download=False, progress=False))
     return _run_engine(target, prompt_ids, params, drafter)
 
 

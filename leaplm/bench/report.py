@@ -92,7 +92,8 @@ def render_markdown(results: dict, plots: list[str]) -> str:
                 "(see the divergences below).", ""]
     sampling = "greedy" if results["greedy"] else f"temperature {results['temperature']}"
     out += [
-        f"- model: `{m['path']}` ({m['family']}, {m['dtype']}, weights {m.get('quantization') or 'float'}, {m['device']})"
+        f"- model: `{m['path']}` ({m['family']}, {m['dtype']}, weights {m.get('quantization') or 'float'}, {m['device']}"
+        + (f", compiled in {m['compile_s']:.0f}s" if m.get("compiled") and m.get("compile_s") is not None else "") + ")"
         + (f"; draft `{results['draft_model']}`" if results.get("draft_model") else ""),
         f"- workload: `{w['spec']}` from `{w['source']}`; {len(w['categories'])} categories; "
         f"limit {results['limit'] if results['limit'] is not None else 'none'} per category; turns: {w['turns']}",

@@ -81,6 +81,7 @@ class BenchConfig:
     command: list[str] = field(default_factory=list)
     progress: bool = True
     jump_forward: str = "on"    # constrained variants: on | off | both (structured-output workloads)
+    compile: bool = False       # torch.compile the target's decode step (models/compiled.py)
 
 
 @dataclass
@@ -294,7 +295,7 @@ def _run(cfg: BenchConfig, threads: int) -> dict:
     model_path = hub.resolve(cfg.model or hub.DEFAULT_MODEL)
     draft_path = hub.resolve(cfg.draft_model) if cfg.draft_model else None
     target = load_target(model_path, dtype=cfg.dtype, device=cfg.device, need_tokenizer=workload.needs_tokenizer,
-                         draft_model_path=draft_path, quantization=cfg.quantization)
+                         draft_model_path=draft_path, quantization=cfg.quantization, compile=cfg.compile)
     structured.variants(cfg.jump_forward)
     compile_info = structured.compile_times(target, workload) if workload.constrained else None
     peers = load_peers(peer_names, target, threads)
@@ -516,6 +517,9 @@ def _results(cfg: BenchConfig, workload: Workload, target: Target, contestants: 
     if getattr(target.model, "quantization", None):
         notes.append(f"leaplm's methods run {target.model.quantization} weights; peers run the checkpoint's float "
                      "weights, so a peer's exact-match against vanilla measures the quantization, not a bug")
+    if getattr(target.model, "compiled", None) is not None:
+        notes.append("leaplm's decode and verify passes ran torch.compile'd (--compile; compiled once at load, "
+                     "not timed); prefill ran eager")
     if not greedy:
         notes.append(f"temperature {cfg.temperature}: sampled outputs are not expected to match vanilla "
                      "token for token; exact-match is informational")
@@ -531,6 +535,8 @@ def _results(cfg: BenchConfig, workload: Workload, target: Target, contestants: 
         "model": {"arg": cfg.model, "path": str(target.model_path), "family": getattr(target.model.config, "family", None),
                   "dtype": str(target.dtype).replace("torch.", ""), "device": str(target.device),
                   "quantization": getattr(target.model, "quantization", None),
+                  "compiled": getattr(target.model, "compiled", None) is not None,
+                  "compile_s": getattr(getattr(target.model, "compiled", None), "compile_s", None),
                   "tokenizer": target.tokenizer is not None, "chat_template": target.has_chat_template},
         "draft_model": str(target.draft_model_path) if target.draft_model_path else None,
         "workload": {"spec": cfg.workload, "name": workload.name, "source": workload.source,

@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32:  # one fused kernel, same result
+        if x.dtype == torch.float32 and not torch.compiler.is_compiling():  # one kernel, same result
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -42,7 +42,15 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``; inside the compiled step on a 2-D view (inductor's batched-matmul lowering cannot
+    take the step's unbacked batch and time sizes)."""
+    if not torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, freq_factors: Tensor | None = None) -> tuple[Tensor, float]:

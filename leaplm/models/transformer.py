@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..cache.kv import KVCache
 from ..config import ModelConfig
 from ..errors import CorruptModelError
-from .layers import Linear, RMSNorm, Rotary, apply_rotary
+from .layers import Linear, RMSNorm, Rotary, apply_rotary, linear
 
 
 class Attention(nn.Module):
@@ -53,16 +53,23 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is None:   # inside the compiled step: cache and geometry come from the active step
+            return self.o(torch.ops.leaplm.attend(q, k, v, self.layer))
+        return self.o(self.attend(q, k, v, cache, step))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, step: "_Step") -> Tensor:
+        """Write ``k, v [B, T, KV, D]`` into the cache, attend with ``q [B, T, H, D]`` -> ``[B, T, H * D]``."""
+        B, T = q.shape[:2]
         cache.write(self.layer, k, v, step.slots, step.contiguous_start)
         keys, values = cache.view(self.layer, step.kv_len)
         if step.exact:
-            return self.o(self._exact_attention(q, keys, values, step).reshape(B, T, self.q_size))
+            return self._exact_attention(q, keys, values, step).reshape(B, T, self.q_size)
         mask, causal = (step.sliding_mask, step.sliding_causal) if self.sliding else (step.full_mask, step.full_causal)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, T, D]
-        return self.o(out.transpose(1, 2).reshape(B, T, self.q_size))
+        return out.transpose(1, 2).reshape(B, T, self.q_size)
 
     def _exact_attention(self, q: Tensor, keys: Tensor, values: Tensor, step: "_Step") -> Tensor:
         """One unmasked call per (row, query) over exactly its visible slots -> ``[B, T, H, D]``.
@@ -75,6 +82,12 @@ class Attention(nn.Module):
         """
         B, T = q.shape[:2]
         kv, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        if B == 1 and T == 1 and step.tree_base is None:   # plain decoding: the loop below, without the loop
+            pos = step.last_position
+            lo = max(0, pos + 1 - step.window) if self.sliding and step.window else 0
+            out = F.scaled_dot_product_attention(q.view(1, kv, group, self.head_dim), keys[:, :, lo: pos + 1],
+                                                 values[:, :, lo: pos + 1], scale=self.scale)
+            return out.view(1, 1, self.num_heads, self.head_dim)
         out = torch.empty_like(q)
         for b in range(B):
             spans = step.exact_slots(b, self.sliding)
@@ -170,11 +183,13 @@ class _Step:
             self.slots = positions
         self.contiguous_start = contiguous_start
         fresh = tree is None and contiguous_start == 0 and kv_len == T
+        self.decode = not fresh and T <= EXACT_MAX_T   # a decode or verify pass (what the compiled step runs)
         self.window = cfg.sliding_window if "sliding" in cfg.layer_types else None
         # batch-1 single-token decode steps take the same per-query call, so speculation matches them
-        self.exact = exact and not fresh and T <= EXACT_MAX_T
+        self.exact = exact and self.decode
         if self.exact:  # no masks needed
             self._positions = positions.tolist()
+            self.last_position = self._positions[-1][-1]
             self._exact_cache: dict = {}
             self._feed = None if tree is None else self.feed_mask.tolist()
             self.full_causal = self.sliding_causal = False
@@ -244,7 +259,17 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.quantization: str | None = None   # set by leaplm.quant.quantize_model
         self.exact = False   # batch-invariant attention for decode steps (see _Step); set with int8 weights
+        self.compiled = None  # a CompiledStep running decode-sized passes (see compile())
         self.reset_rotary(rope_freq_factors)
+
+    def compile(self, warm_up: bool = True) -> float:
+        """Run decode and verify passes through ``torch.compile`` from now on (``models/compiled.py``);
+        compiles at once unless ``warm_up=False``. Returns the compile time in seconds (0 if already)."""
+        from .compiled import CompiledStep
+
+        if self.compiled is None:
+            self.compiled = CompiledStep(self)
+        return self.compiled.warm_up() if warm_up else 0.0
 
     def reset_rotary(self, freq_factors: Tensor | None = None) -> None:
         """(Re)compute the RoPE tables on CPU (they are derived from the config, not loaded)."""
@@ -284,6 +309,18 @@ class Transformer(nn.Module):
         if kv_len is None:
             kv_len = int(positions.max()) + 1
         step = _Step(positions, cfg, kv_len, contiguous_start, exact=self.exact, tree=tree)
+        if self.compiled is not None and step.decode and logit_index is None:
+            from .compiled import active
+
+            with active(self, cache, step):
+                return self.compiled(tokens, positions)
+        return self.layers_forward(tokens, positions, cache, step, logit_index)
+
+    def layers_forward(self, tokens: Tensor, positions: Tensor, cache: KVCache | None, step: _Step | None,
+                       logit_index: Tensor | None) -> Tensor:
+        """Embedding, blocks, norm and LM head -> logits ``[B, K, vocab]`` float32; ``cache=None``: the
+        compiled step (attention through ``leaplm::attend`` on the active step)."""
+        cfg = self.config
         x = F.embedding(tokens, self.embed)
         if cfg.embed_scale is not None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
@@ -294,7 +331,7 @@ class Transformer(nn.Module):
         if logit_index is not None:
             x = torch.gather(x, 1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))
         x = self.norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed)
+        logits = self.lm_head(x) if self.lm_head is not None else linear(x, self.embed)
         return logits.float()
 
     # ------------------------------------------------------------------ weights

@@ -46,6 +46,9 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = bias
         self._buffers_by_rows: dict[int, Tensor] = {}
+        from ..models.compiled import register_int8
+
+        self.handle = register_int8(self)   # how the compiled step's ``leaplm::int8_linear`` finds ``packed``
 
     @classmethod
     def from_weight(cls, weight: Tensor, bias: Tensor | None = None) -> "Int8Linear":
@@ -69,6 +72,13 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
+        if torch.compiler.is_compiling():   # the same arithmetic as a graph: fused, no buffers
+            amax = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+            sentinels = torch.tensor([[1.0, -1.0]], device=x2.device).expand(x2.shape[0], 2)
+            y = torch.ops.leaplm.int8_linear(torch.cat([x2 / amax, sentinels], dim=1), self.handle,
+                                             self.out_features) * amax
+            y = y if self.bias is None else y + self.bias
+            return y.reshape(*shape[:-1], self.out_features)
         amax = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # (vector_norm(inf) is 7x slower here)
         buf = self._input_buffer(x2.shape[0])
         torch.div(x2, amax, out=buf[:, : self.in_features])

@@ -43,8 +43,10 @@ def test_every_drafter_is_exact_on_spec_bench_with_smollm2(smollm_gguf, quantiza
               {"method": "draft_model", "model": str(smollm_gguf), "lookup": True}]
     # token trees: full-size trees (no cost cut), a draft-model tree, a datastore of docs
     trees = [{"method": "recycling", "num_draft": 16, "node_cost": 0.0}, {"method": "aded", "node_cost": 0.0},
+             {"method": "lookahead"},
              {"method": "draft_model", "model": str(smollm_gguf), "tree_top_k": 3, "confidence": 0.0},
-             {"method": "retrieval", "corpus": str(docs)}]
+             {"method": "retrieval", "corpus": str(docs)},
+             {"method": "rasd", "model": str(smollm_gguf), "corpus": str(docs), "confidence": 0.0}]
     # int8 verifies each tree query with its own attention call (batch invariance): 6 categories there
     # (the reference is decoded in the same batch: a fresh prefill's padding depends on the batch)
     tree_prompts, tree_ref = prompts, ref

@@ -28,6 +28,9 @@ draft's distribution is already computed), paid for in target verification width
 ``tree_extra`` most likely ones (draft probability of the path) are kept. If the target rejects the
 chain token at some depth but takes an alternative, that depth still gains a token. Tree drafts
 are deterministic (no q), so lossless under sampling too.
+``tree_candidates(row, context, k)`` returns these ingredients (the chain, the alternatives with
+their path probabilities, and the draft's distribution after the context) for drafters that build
+on the draft model (``rasd``); the draft cache is synced the same way.
 
 A draft with a **different tokenizer** drafts through text (``token_bridge.TokenBridge``: universal
 assisted decoding): its proposals are re-tokenized for the target and carry no q, which keeps
@@ -65,6 +68,37 @@ class _Row:
     last_draft: list[int] = field(default_factory=list)
     last_base: int = 0                             # len(context) when last_draft was proposed
     last_by_model: bool = True                     # last_draft came from the model (not lookup)
+
+
+@dataclass
+class TreeCandidates:
+    """What tree mode drafts from (``DraftModel.tree_candidates``).
+
+    ``chain``: the greedy chain; ``alternatives``: ``(path probability, depth index, token)``, likeliest
+    first, token ``token`` as a sibling of ``chain[depth]`` (under ``chain[depth - 1]``, the root for
+    depth 0); ``root_probs``: the draft's distribution after the context ``[V_target]`` (None when the
+    draft did not run: no room left in its window).
+    """
+
+    chain: list[int]
+    alternatives: list[tuple[float, int, int]]
+    root_probs: torch.Tensor | None
+
+    def draft(self) -> Draft:
+        """The chain with every alternative as a leaf, in depth order (a plain chain without alternatives)."""
+        tokens, parents, chain_index = [], [], []
+        by_depth: dict[int, list[int]] = {}
+        for _, depth, token in self.alternatives:
+            by_depth.setdefault(depth, []).append(token)
+        for depth, token in enumerate(self.chain):
+            parent = chain_index[-1] if chain_index else -1
+            chain_index.append(len(tokens))
+            tokens.append(token)
+            parents.append(parent)
+            for alt in by_depth.get(depth, []):
+                tokens.append(alt)
+                parents.append(parent)
+        return Draft(tokens, parents=parents) if len(tokens) > len(self.chain) else Draft(tokens)
 
 
 class DraftModel(Drafter):
@@ -167,27 +201,21 @@ class DraftModel(Drafter):
 
     # ------------------------------------------------------------------ drafting
     def propose(self, row: int, context: Sequence[int], k: int) -> Draft:
-        st = self._rows.get(row)
-        if st is None:
-            self.start(row, SamplingParams(temperature=0.0))
-            st = self._rows[row]
-        if st.last_draft and st.last_by_model:
-            st.length.update(len(st.last_draft), accepted_prefix(st.last_draft, context[st.last_base:]))
+        st = self._state(row, context)
         if self.lookup is not None:
             found = self.lookup.propose(row, context, k)
             if len(found.tokens) >= self.min_lookup:
                 st.last_draft, st.last_base, st.last_by_model = found.tokens, len(context), False
                 return found
+        if self.tree_top_k and self.bridge is None:
+            return self.tree_candidates(row, context, k).draft()
         st.last_by_model = True
-        budget = k
         k = min(k, st.length.k, self.chain_draft)
         if self.bridge is not None:
             return self._propose_through_text(st, context, k)
         if not self._room(st, len(context), k):
             return Draft([])
         logits = self._sync(st, context)
-        if self.tree_top_k:
-            return self._propose_tree(st, logits, context, k, budget)
         tokens, qs = [], []
         for i in range(k):
             logits = self._full_vocab(logits)
@@ -208,13 +236,42 @@ class DraftModel(Drafter):
         st.last_draft, st.last_base = tokens, len(context)
         return Draft(tokens, torch.stack(qs) if qs else None)  # q rows are already [V_target] (_full_vocab)
 
-    def _propose_tree(self, st: _Row, logits: torch.Tensor, context: Sequence[int], k: int, budget: int) -> Draft:
-        """The greedy chain plus next-best alternatives as leaves (see the module docstring)."""
+    def _state(self, row: int, context: Sequence[int]) -> _Row:
+        """The row's state (a greedy one when the engine never started the row), after the adaptive
+        length learnt how much of the previous model draft ``context`` took. Idempotent per context."""
+        st = self._rows.get(row)
+        if st is None:
+            self.start(row, SamplingParams(temperature=0.0))
+            st = self._rows[row]
+        if st.last_draft and st.last_by_model:
+            st.length.update(len(st.last_draft), accepted_prefix(st.last_draft, context[st.last_base:]))
+        st.last_draft = []   # learnt from; every proposal sets it again
+        return st
+
+    def tree_candidates(self, row: int, context: Sequence[int], k: int) -> TreeCandidates:
+        """Tree mode's ingredients for a budget of ``k`` nodes (see the module docstring): the greedy chain
+        (at most ``min(k, num_draft)`` tokens, the adaptive cap and ``confidence`` apply), the next-best
+        ``tree_top_k`` tokens per depth with draft probability >= ``tree_min_prob`` (likeliest
+        ``k - len(chain)`` kept) and the draft's distribution after ``context``. Deterministic (greedy,
+        whatever the request's sampling parameters). Drafters that build on this one (RASD) call it
+        directly; the draft cache is synced to ``context`` as ``propose`` does. Not through text: refused
+        when the draft has another tokenizer."""
+        if self.bridge is not None:
+            raise InvalidParamsError("draft_model tree candidates need a draft with the target's tokenizer")
+        st = self._state(row, context)
+        st.last_by_model = True
+        budget, k = k, min(k, st.length.k, self.chain_draft)
+        if not self._room(st, len(context), k):
+            return TreeCandidates([], [], None)
+        logits = self._sync(st, context)
         chain: list[int] = []
         alternatives: list[tuple[float, int, int]] = []   # (path probability, depth index, token)
+        root: torch.Tensor | None = None
         reach = 1.0                                         # draft probability of the chain so far
         for i in range(k):
             probs = self._full_vocab(logits).softmax(-1)
+            if root is None:
+                root = probs
             top = probs.topk(self.tree_top_k + 1)
             values, ids = top.values.tolist(), top.indices.tolist()
             if self.confidence > 0 and i > 0 and values[0] < self.confidence:
@@ -224,21 +281,8 @@ class DraftModel(Drafter):
             reach *= values[0]
             if i + 1 < k:
                 logits = self._feed(st, [ids[0]])
-        keep = sorted(alternatives, reverse=True)[: max(0, budget - len(chain))]
-        tokens, parents, chain_index = [], [], []
-        by_depth: dict[int, list[int]] = {}
-        for _, depth, token in keep:
-            by_depth.setdefault(depth, []).append(token)
-        for depth, token in enumerate(chain):
-            parent = chain_index[-1] if chain_index else -1
-            chain_index.append(len(tokens))
-            tokens.append(token)
-            parents.append(parent)
-            for alt in by_depth.get(depth, []):
-                tokens.append(alt)
-                parents.append(parent)
         st.last_draft, st.last_base = chain, len(context)
-        return Draft(tokens, parents=parents) if len(tokens) > len(chain) else Draft(tokens)
+        return TreeCandidates(chain, sorted(alternatives, reverse=True)[: max(0, budget - len(chain))], root)
 
     def _propose_through_text(self, st: _Row, context: Sequence[int], k: int) -> Draft:
         """Greedy draft in the draft's own tokens, handed over as target tokens (no q: see token_bridge)."""

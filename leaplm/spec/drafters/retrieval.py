@@ -43,6 +43,8 @@ on a GPU, not on a CPU: lower it there), ``max_match`` (16) / ``min_match`` (2),
 (64), ``depth`` (10, the longest path), ``tree`` (True), ``include_context`` (True), ``progress`` (True).
 Ties between equally heavy nodes go to the node created first (the own context's, then suffix-array
 order).
+``continuations(row, context)`` returns the weighted continuations the trie is built from (``rasd``
+prunes and fuses them with a draft model's tree).
 
 Shapes: ``propose(row, context, k) -> Draft``: ``len(tokens) <= k``, ``parents`` ``[len(tokens)]``
 or None. ``Datastore.lookup(context, ...) -> (match_len, continuations)``, each continuation a list
@@ -416,12 +418,20 @@ class Retrieval(Drafter):
 
     # ------------------------------------------------------------------ drafting
     def propose(self, row: int, context: Sequence[int], k: int) -> Draft:
-        if self.datastore is None:
-            raise InvalidParamsError(f"the retrieval corpus ({_describe(self.files)}) is not indexed yet: call "
-                                     "bind(target_model, target_tokenizer) first")
         k = min(k, self.num_draft)
         if k < 1:
+            self._check_indexed()
             return Draft([])
+        weighted = self.continuations(row, context)
+        if not weighted:
+            return Draft([])
+        return _select(weighted, k, self.tree)
+
+    def continuations(self, row: int, context: Sequence[int]) -> list[tuple[list[int], int]]:
+        """What the trie is built from: ``(continuation, weight)`` pairs, the own context's first (see the
+        module docstring), then one per datastore occurrence with weight 1. Drafters that build on this
+        one (RASD) call it directly."""
+        self._check_indexed()
         weighted: list[tuple[list[int], int]] = []
         if self.include_context:
             own = self._own_continuations(row, context)
@@ -430,9 +440,12 @@ class Retrieval(Drafter):
                 weighted = [(own[0], cap * len(own))] + [(c, cap) for c in own[1:]]
         _, found = self.datastore.lookup(context, self.max_match, self.min_match, self.max_occurrences, self.depth)
         weighted.extend((c, 1) for c in found)
-        if not weighted:
-            return Draft([])
-        return _select(weighted, k, self.tree)
+        return weighted
+
+    def _check_indexed(self) -> None:
+        if self.datastore is None:
+            raise InvalidParamsError(f"the retrieval corpus ({_describe(self.files)}) is not indexed yet: call "
+                                     "bind(target_model, target_tokenizer) first")
 
     def _own_continuations(self, row: int, context: Sequence[int]) -> list[list[int]]:
         """Continuations (up to ``depth``) of the best earlier occurrences of the context's last gram."""

@@ -1,0 +1,174 @@
+"""A compiled decode step: ``torch.compile`` (inductor) of the transformer for decode and verify passes.
+
+Why: at batch 1 a small model's eager decode step is mostly per-operator overhead, not arithmetic
+(SmolLM2-135M int8 on 2 cores: ~60% of the step is Python, dispatch and small ops between the
+matmuls; docs/benchmarks.md). Inductor fuses the element-wise work of a layer (norms, rotary, SiLU,
+residuals, the int8 input scaling) into a few C++ loops and runs the whole step as one graph.
+
+What is compiled: ``Transformer.forward`` for *decode-sized* passes (not a fresh prefill, at most
+``EXACT_MAX_T`` tokens per row, every position's logits) — single-token decoding, chain and tree
+verification. Prefill stays eager (it is compute-bound; overhead does not matter there).
+
+Two operations stay opaque to the compiler, as custom ops (``torch.library``) called from the graph:
+- ``leaplm::attend(q, k, v, layer)``: writes the step's keys/values into the KV cache and attends,
+  exactly as the eager model does (per-query "exact" attention for batch invariance, or masked
+  attention). Cache, step geometry and model come from the *active step* set by ``Transformer.forward``
+  around the compiled call (``active``), so the graph holds no Python objects of the step.
+- ``leaplm::int8_linear(x, handle, out)``: fbgemm's int8 GEMM on the packed weight of the
+  ``Int8Linear`` registered under ``handle`` (a packed weight is a TorchScript object, which
+  dynamo cannot trace).
+
+Exactness: every token of a compiled pass runs the same generated code whatever the number of rows and
+tokens — the graph sees the ``B * T`` tokens as one row of ``N`` (1-D inputs, ``N`` *unbacked*:
+dynamo's ``mark_unbacked``), so there is one graph for all decode-sized passes and no special case
+for one token; only attention (a custom op) sees the ``[B, T]`` layout. Speculative decoding on a
+compiled int8 model therefore reproduces the compiled model's own greedy decoding bit for bit (tested).
+Compiled and eager passes are not bit-identical to each other (fused arithmetic rounds differently);
+a model is either compiled or not for a whole generation.
+
+Shapes: ``CompiledStep`` maps ``tokens, positions [B, T]`` to logits ``[B, T, vocab]`` float32 (the graph
+itself: ``[N]`` -> ``[1, N, vocab]``).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import weakref
+from typing import Iterator
+
+import torch
+from torch import Tensor
+from torch._dynamo.decorators import mark_unbacked
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def active(model, cache, step) -> Iterator[None]:
+    """Make ``(model, cache, step)`` the target of ``leaplm::attend`` calls on this thread."""
+    previous = getattr(_local, "step", None)
+    _local.step = (model, cache, step)
+    try:
+        yield
+    finally:
+        _local.step = previous
+
+
+# Low-level registration (a schema + a CPU/CUDA Python kernel): dispatching to it costs a few
+# microseconds less per call than ``torch.library.custom_op``'s wrappers, which matters at ~150 calls
+# per decode step. Neither op mutates its inputs (the cache is reached through the active step).
+_lib = torch.library.Library("leaplm", "DEF")
+_lib.define("attend(Tensor q, Tensor k, Tensor v, int layer) -> Tensor")
+_lib.define("int8_linear(Tensor x, int handle, int out_features) -> Tensor")
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+    """``q [1, N, H, D]``, ``k, v [1, N, KV, D]`` (rotated; the step's ``B * T`` tokens in row order) ->
+    attention output ``[1, N, H * D]``; writes ``k, v`` into the active step's cache."""
+    model, cache, step = _local.step
+    B, T = step.positions.shape
+    out = model.blocks[layer].attn.attend(q.view(B, T, *q.shape[2:]), k.view(B, T, *k.shape[2:]),
+                                          v.view(B, T, *v.shape[2:]), cache, step)
+    return out.view(q.shape[0], q.shape[1], out.shape[-1])
+
+
+@torch.library.register_fake("leaplm::attend", lib=_lib)
+def _attend_shape(q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+    _, N, H, D = q.shape
+    return q.new_empty(1, N, H * D)
+
+
+_packed: dict[int, weakref.ref] = {}
+_next_handle = 0
+
+
+def register_int8(module) -> int:
+    """A handle under which ``leaplm::int8_linear`` finds ``module.packed`` (kept while the module lives)."""
+    global _next_handle
+    handle, _next_handle = _next_handle, _next_handle + 1
+    _packed[handle] = weakref.ref(module, lambda _, h=handle: _packed.pop(h, None))
+    return handle
+
+
+def int8_linear(x: Tensor, handle: int, out_features: int) -> Tensor:
+    """``x [M, in + 2]`` (scaled rows with the sentinel columns) -> ``[M, out]`` float32."""
+    from ..quant.int8 import REDUCE_RANGE
+
+    return torch.ops.quantized.linear_dynamic(x.contiguous(), _packed[handle]().packed, REDUCE_RANGE)
+
+
+@torch.library.register_fake("leaplm::int8_linear", lib=_lib)
+def _int8_linear_shape(x: Tensor, handle: int, out_features: int) -> Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("attend", attend, _key)
+_lib.impl("int8_linear", int8_linear, "CPU")
+
+
+def _inductor_options(model) -> dict:
+    """Inductor settings for the step.
+
+    - CPU: single-threaded generated kernels. A decode step's element-wise work is a few rows of a few
+      thousand floats, too little to split, and OpenMP regions with barriers between loops stall for
+      milliseconds whenever another process holds a core (a tiny model's compiled generation took
+      seconds instead of tens of milliseconds on a busy 2-core machine). The matmuls (fbgemm through
+      ``leaplm::int8_linear``, or the float GEMM) keep torch's threads.
+    - int8 weights: ``freezing`` — the float parameters left (norms, embedding) become constants of
+      the compiled code instead of ~300 graph inputs checked on every call (SmolLM2 decode step:
+      +13%, measured). Not for float weights, where freezing would repack every matrix into a second
+      copy.
+    """
+    options = {"cpp.threads": 1} if model.device.type == "cpu" else {}
+    if getattr(model, "quantization", None):
+        options["freezing"] = True
+    return options
+
+
+class CompiledStep:
+    """The compiled decode step of one ``Transformer`` (see the module docstring).
+
+    ``__call__(tokens, positions [B, T]) -> logits [B, T, vocab]``; the caller activates the step
+    (``active``). ``warm_up()`` compiles now (one dummy pass) instead of at the first decode step.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.compile_s: float | None = None
+        self._fn = torch.compile(self._body, dynamic=True, fullgraph=True, options=_inductor_options(model))
+
+    def _body(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        torch._check(tokens.shape[0] >= 1)   # lets shape checks on the unbacked size resolve statically
+        return self.model.layers_forward(tokens[None], positions[None], None, None, None)
+
+    def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        B, T = tokens.shape
+        # the graph sees the step's tokens as one row of N = B * T: a 1-D input has no stride to guard on;
+        # attention (the only op mixing tokens) takes the real [B, T] layout from the active step.
+        # Fresh inference tensors: a tensor made outside inference mode would compile another graph.
+        flat = [t.reshape(-1).clone() for t in (tokens, positions)]
+        for t in flat:
+            mark_unbacked(t, 0)
+        if self.compile_s is None:
+            start = time.perf_counter()
+            out = self._fn(*flat)
+            self.compile_s = time.perf_counter() - start
+        else:
+            out = self._fn(*flat)
+        return out.view(B, T, out.shape[-1])
+
+    def warm_up(self) -> float:
+        """Compile with one decode pass on a scratch cache; returns the seconds it took."""
+        from ..cache.kv import KVCache
+
+        if self.compile_s is not None:
+            return 0.0
+        model = self.model
+        cache = KVCache.for_model(model.config, 1, 4, model.dtype, model.device)
+        tokens = torch.zeros(1, 2, dtype=torch.long, device=model.device)
+        positions = torch.arange(2, device=model.device)[None]
+        model(tokens[:, :1], positions[:, :1], cache, kv_len=1, contiguous_start=0)   # prefill (eager)
+        model(tokens[:, 1:], positions[:, 1:], cache, kv_len=2, contiguous_start=1)   # compiles
+        return self.compile_s or 0.0
