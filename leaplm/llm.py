@@ -96,8 +96,9 @@ class LLM:
             chosen is ``llm.quantization``. Speculation is lossless relative to the model as loaded.
         compile: run decode and verification passes through ``torch.compile`` (``models/compiled.py``):
             on CPU at batch 1 a small model's step is mostly per-operator overhead, which this removes
-            (docs/benchmarks.md). Compiling takes tens of seconds, at load (``llm.compile_s``); inductor
-            caches the result on disk, so later loads of the same model are faster. Compiled passes
+            (docs/benchmarks.md). Compiling takes about a minute for SmolLM2 int8 on 2 cores, at every
+            load (``llm.compile_s``): int8 models compile with frozen weights, which inductor's disk cache
+            does not cover (float models hit the cache on later loads). Compiled passes
             round slightly differently from eager ones; speculation stays lossless relative to the
             compiled model (tested).
 
