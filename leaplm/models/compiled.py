@@ -14,8 +14,8 @@ Two operations stay opaque to the compiler, as custom ops (``torch.library``) ca
   exactly as the eager model does (per-query "exact" attention for batch invariance, or masked
   attention). Cache, step geometry and model come from the *active step* set by ``Transformer.forward``
   around the compiled call (``active``), so the graph holds no Python objects of the step.
-- ``leaplm::int8_linear(x, handle, out)``: fbgemm's int8 GEMM on the packed weight of the
-  ``Int8Linear`` registered under ``handle`` (a packed weight is a TorchScript object, which
+- ``leaplm::int8_linear(x, handle, out)`` (``quant/int8.py``): fbgemm's int8 GEMM on the packed weight
+  of the ``Int8Linear`` registered under ``handle`` (a packed weight is a TorchScript object, which
   dynamo cannot trace).
 
 Exactness: every token of a compiled pass runs the same generated code whatever the number of rows and
@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-import weakref
 from typing import Iterator
 
 import torch
@@ -57,10 +56,10 @@ def active(model, cache, step) -> Iterator[None]:
 
 # Low-level registration (a schema + a CPU/CUDA Python kernel): dispatching to it costs a few
 # microseconds less per call than ``torch.library.custom_op``'s wrappers, which matters at ~150 calls
-# per decode step. Neither op mutates its inputs (the cache is reached through the active step).
-_lib = torch.library.Library("leaplm", "DEF")
+# per decode step. The op does not mutate its inputs (the cache is reached through the active step).
+# ``leaplm::int8_linear`` is registered the same way next to ``Int8Linear`` (quant/int8.py).
+_lib = torch.library.Library("leaplm", "FRAGMENT")
 _lib.define("attend(Tensor q, Tensor k, Tensor v, int layer) -> Tensor")
-_lib.define("int8_linear(Tensor x, int handle, int out_features) -> Tensor")
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
@@ -79,33 +78,8 @@ def _attend_shape(q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
     return q.new_empty(1, N, H * D)
 
 
-_packed: dict[int, weakref.ref] = {}
-_next_handle = 0
-
-
-def register_int8(module) -> int:
-    """A handle under which ``leaplm::int8_linear`` finds ``module.packed`` (kept while the module lives)."""
-    global _next_handle
-    handle, _next_handle = _next_handle, _next_handle + 1
-    _packed[handle] = weakref.ref(module, lambda _, h=handle: _packed.pop(h, None))
-    return handle
-
-
-def int8_linear(x: Tensor, handle: int, out_features: int) -> Tensor:
-    """``x [M, in + 2]`` (scaled rows with the sentinel columns) -> ``[M, out]`` float32."""
-    from ..quant.int8 import REDUCE_RANGE
-
-    return torch.ops.quantized.linear_dynamic(x.contiguous(), _packed[handle]().packed, REDUCE_RANGE)
-
-
-@torch.library.register_fake("leaplm::int8_linear", lib=_lib)
-def _int8_linear_shape(x: Tensor, handle: int, out_features: int) -> Tensor:
-    return x.new_empty(x.shape[0], out_features)
-
-
 for _key in ("CPU", "CUDA"):
     _lib.impl("attend", attend, _key)
-_lib.impl("int8_linear", int8_linear, "CPU")
 
 
 def _inductor_options(model) -> dict:
@@ -122,7 +96,7 @@ def _inductor_options(model) -> dict:
       copy.
     """
     options = {"cpp.threads": 1} if model.device.type == "cpu" else {}
-    if getattr(model, "quantization", None):
+    if model.quantization:
         options["freezing"] = True
     return options
 
@@ -151,12 +125,10 @@ class CompiledStep:
         flat = [t.reshape(-1).clone() for t in (tokens, positions)]
         for t in flat:
             mark_unbacked(t, 0)
-        if self.compile_s is None:
-            start = time.perf_counter()
-            out = self._fn(*flat)
+        start = time.perf_counter()
+        out = self._fn(*flat)
+        if self.compile_s is None:   # the first call compiles
             self.compile_s = time.perf_counter() - start
-        else:
-            out = self._fn(*flat)
         return out.view(B, T, out.shape[-1])
 
     def warm_up(self) -> float:

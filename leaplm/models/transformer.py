@@ -82,12 +82,6 @@ class Attention(nn.Module):
         """
         B, T = q.shape[:2]
         kv, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        if B == 1 and T == 1 and step.tree_base is None:   # plain decoding: the loop below, without the loop
-            pos = step.last_position
-            lo = max(0, pos + 1 - step.window) if self.sliding and step.window else 0
-            out = F.scaled_dot_product_attention(q.view(1, kv, group, self.head_dim), keys[:, :, lo: pos + 1],
-                                                 values[:, :, lo: pos + 1], scale=self.scale)
-            return out.view(1, 1, self.num_heads, self.head_dim)
         out = torch.empty_like(q)
         for b in range(B):
             spans = step.exact_slots(b, self.sliding)
@@ -189,7 +183,6 @@ class _Step:
         self.exact = exact and self.decode
         if self.exact:  # no masks needed
             self._positions = positions.tolist()
-            self.last_position = self._positions[-1][-1]
             self._exact_cache: dict = {}
             self._feed = None if tree is None else self.feed_mask.tolist()
             self.full_causal = self.sliding_causal = False

@@ -20,6 +20,7 @@ Shapes: ``x [..., in] -> y [..., out]`` float32.
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,34 @@ from torch import Tensor, nn
 # Full 8-bit activations: on SmolLM2 7-bit (fbgemm's x86 default, against int16 saturation) raised
 # perplexity 35.1 -> 40.8, 8-bit only to 36.9 (fp32 35.1), measured on Spec-Bench prompts.
 REDUCE_RANGE = False
+
+
+# ``leaplm::int8_linear``: how the compiled decode step (models/compiled.py) calls fbgemm — a packed
+# weight is a TorchScript object that dynamo cannot trace, so the graph passes a handle instead.
+_lib = torch.library.Library("leaplm", "FRAGMENT")
+_lib.define("int8_linear(Tensor x, int handle, int out_features) -> Tensor")
+_modules: dict[int, weakref.ref] = {}   # handle -> Int8Linear (dropped with the module)
+_next_handle = 0
+
+
+def _register(module: "Int8Linear") -> int:
+    global _next_handle
+    handle, _next_handle = _next_handle, _next_handle + 1
+    _modules[handle] = weakref.ref(module, lambda _, h=handle: _modules.pop(h, None))
+    return handle
+
+
+def _int8_linear(x: Tensor, handle: int, out_features: int) -> Tensor:
+    """``x [M, in + 2]`` (scaled rows with the sentinel columns) -> ``[M, out]`` float32."""
+    return torch.ops.quantized.linear_dynamic(x.contiguous(), _modules[handle]().packed, REDUCE_RANGE)
+
+
+@torch.library.register_fake("leaplm::int8_linear", lib=_lib)
+def _int8_linear_shape(x: Tensor, handle: int, out_features: int) -> Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+_lib.impl("int8_linear", _int8_linear, "CPU")
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -46,9 +75,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = bias
         self._buffers_by_rows: dict[int, Tensor] = {}
-        from ..models.compiled import register_int8
-
-        self.handle = register_int8(self)   # how the compiled step's ``leaplm::int8_linear`` finds ``packed``
+        self.handle = _register(self)   # how the compiled step's ``leaplm::int8_linear`` finds ``packed``
 
     @classmethod
     def from_weight(cls, weight: Tensor, bias: Tensor | None = None) -> "Int8Linear":
