@@ -311,8 +311,11 @@ class LlamaCppPromptLookupPeer(LlamaCppPeer):
     def _llama_kwargs(self) -> dict:
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
+        # logits_all=True: with a draft model llama-cpp-python 0.3.x keeps every position's logits but sizes
+        # its score buffer by this argument (n_batch rows when False), so a sample passing 512 tokens
+        # failed ("could not broadcast input array from shape (540672,) into shape (491520,)")
         return dict(draft_model=LlamaPromptLookupDecoding(max_ngram_size=PLD_MAX_NGRAM,
-                                                          num_pred_tokens=PLD_NUM_TOKENS))
+                                                          num_pred_tokens=PLD_NUM_TOKENS), logits_all=True)
 
 
 _PROBE = """

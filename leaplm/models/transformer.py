@@ -42,6 +42,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.scale
         self.sliding = cfg.layer_types[layer] == "sliding"
+        self.native = False   # inside the compiled step: attend with leaplm_native::attend (set by CompiledStep)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, step: "_Step") -> Tensor:
         B, T, _ = x.shape
@@ -54,6 +55,8 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:   # inside the compiled step: cache and geometry come from the active step
+            if self.native:
+                return self.o(torch.ops.leaplm_native.attend(q, k, v, self.layer, int(self.sliding), self.scale))
             return self.o(torch.ops.leaplm.attend(q, k, v, self.layer))
         return self.o(self.attend(q, k, v, cache, step))
 
@@ -130,6 +133,7 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps) if cfg.sandwich_norm else None
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps) if cfg.sandwich_norm else None
         self.sliding = cfg.layer_types[layer] == "sliding"
+        self.native = False   # inside the compiled step: attend with leaplm_native::attend (set by CompiledStep)
 
     def forward(self, x: Tensor, ropes: dict, cache: KVCache, step: "_Step") -> Tensor:
         h = self.attn(self.attn_norm(x), ropes["sliding" if self.sliding else "full"], cache, step)
@@ -181,10 +185,11 @@ class _Step:
         self.window = cfg.sliding_window if "sliding" in cfg.layer_types else None
         # batch-1 single-token decode steps take the same per-query call, so speculation matches them
         self.exact = exact and self.decode
-        if self.exact:  # no masks needed
+        if self.decode:  # per-query visible slots (exact_slots), for exact and native attention
             self._positions = positions.tolist()
             self._exact_cache: dict = {}
             self._feed = None if tree is None else self.feed_mask.tolist()
+        if self.exact:  # no masks needed
             self.full_causal = self.sliding_causal = False
             self.full_mask = self.sliding_mask = None
             return
@@ -220,10 +225,15 @@ class _Step:
         key = (row, sliding and self.window is not None)
         cached = self._exact_cache.get(key)
         if cached is None:
-            cached = self._exact_cache[key] = self._exact_slots(row, sliding)
+            device = self.positions.device
+            cached = self._exact_cache[key] = [
+                (lo, hi, None if anc is None else torch.tensor(anc, device=device))
+                for lo, hi, anc in self.visible_slots(row, sliding)]
         return cached
 
-    def _exact_slots(self, row: int, sliding: bool) -> list[tuple[int, int, Tensor | None]]:
+    def visible_slots(self, row: int, sliding: bool) -> list[tuple[int, int, list[int] | None]]:
+        """``exact_slots`` with the ancestors as host lists (for the native attention's arrays);
+        a decode step only."""
         out = []
         window = self.window if sliding else None
         for t, pos in enumerate(self._positions[row]):
@@ -238,7 +248,7 @@ class _Step:
                 # the root is visible exactly when no committed slot is cut by the window (lo <= base)
                 out.append((lo if seen[0] == 0 else base + seen[0], base + t + 1, None))
             else:
-                out.append((lo, base, torch.tensor([base + j for j in seen], device=self.positions.device)))
+                out.append((lo, base, [base + j for j in seen]))
         return out
 
 
@@ -255,13 +265,15 @@ class Transformer(nn.Module):
         self.compiled = None  # a CompiledStep running decode-sized passes (see compile())
         self.reset_rotary(rope_freq_factors)
 
-    def compile(self, warm_up: bool = True) -> float:
+    def compile(self, warm_up: bool = True, native: bool | None = None) -> float:
         """Run decode and verify passes through ``torch.compile`` from now on (``models/compiled.py``);
-        compiles at once unless ``warm_up=False``. Returns the compile time in seconds (0 if already)."""
+        compiles at once unless ``warm_up=False``. Returns the compile time in seconds (0 if already).
+        ``native``: attention and int8 GEMMs through the C++ ops of ``leaplm.native`` (default: when
+        they build, on CPU in float32); False: the Python custom ops (slower, the same arithmetic)."""
         from .compiled import CompiledStep
 
         if self.compiled is None:
-            self.compiled = CompiledStep(self)
+            self.compiled = CompiledStep(self, native)
         return self.compiled.warm_up() if warm_up else 0.0
 
     def reset_rotary(self, freq_factors: Tensor | None = None) -> None:
@@ -303,10 +315,7 @@ class Transformer(nn.Module):
             kv_len = int(positions.max()) + 1
         step = _Step(positions, cfg, kv_len, contiguous_start, exact=self.exact, tree=tree)
         if self.compiled is not None and step.decode and logit_index is None:
-            from .compiled import active
-
-            with active(self, cache, step):
-                return self.compiled(tokens, positions)
+            return self.compiled.run(tokens, positions, cache, step)
         return self.layers_forward(tokens, positions, cache, step, logit_index)
 
     def layers_forward(self, tokens: Tensor, positions: Tensor, cache: KVCache | None, step: _Step | None,

@@ -76,6 +76,14 @@ class Int8Linear(nn.Module):
         self.bias = bias
         self._buffers_by_rows: dict[int, Tensor] = {}
         self.handle = _register(self)   # how the compiled step's ``leaplm::int8_linear`` finds ``packed``
+        self.native_handle: int | None = None   # the same for ``leaplm_native::int8_linear`` (bind_native)
+
+    def bind_native(self) -> None:
+        """Register ``packed`` with the native ops (``leaplm.native``, loaded); the compiled step then
+        calls ``leaplm_native::int8_linear`` (C++) instead of the Python op. Released with the module."""
+        if self.native_handle is None:
+            self.native_handle = torch.ops.leaplm_native.int8_bind(self.packed)
+            weakref.finalize(self, torch.ops.leaplm_native.int8_release, self.native_handle)
 
     @classmethod
     def from_weight(cls, weight: Tensor, bias: Tensor | None = None) -> "Int8Linear":
@@ -102,8 +110,11 @@ class Int8Linear(nn.Module):
         if torch.compiler.is_compiling():   # the same arithmetic as a graph: fused, no buffers
             amax = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
             sentinels = torch.tensor([[1.0, -1.0]], device=x2.device).expand(x2.shape[0], 2)
-            y = torch.ops.leaplm.int8_linear(torch.cat([x2 / amax, sentinels], dim=1), self.handle,
-                                             self.out_features) * amax
+            scaled = torch.cat([x2 / amax, sentinels], dim=1)
+            if self.native_handle is not None:
+                y = torch.ops.leaplm_native.int8_linear(scaled, self.native_handle, self.out_features) * amax
+            else:
+                y = torch.ops.leaplm.int8_linear(scaled, self.handle, self.out_features) * amax
             y = y if self.bias is None else y + self.bias
             return y.reshape(*shape[:-1], self.out_features)
         amax = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # (vector_norm(inf) is 7x slower here)

@@ -18,9 +18,9 @@ class FakeLlama:
 
     instances: list = []
 
-    def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, verbose, draft_model=None):
+    def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, verbose, draft_model=None, logits_all=False):
         self.kwargs = dict(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, verbose=verbose,
-                           draft_model=draft_model)
+                           draft_model=draft_model, logits_all=logits_all)
         self.calls: list = []
         self.resets = 0
         FakeLlama.instances.append(self)
@@ -105,6 +105,7 @@ def test_llamacpp_pld_passes_the_prompt_lookup_drafter(fake_llama_cpp, tmp_path)
     llm = FakeLlama.instances[0]
     draft = llm.kwargs["draft_model"]
     assert isinstance(draft, FakePromptLookup) and draft.num_pred_tokens == 10 and draft.max_ngram_size == 2
+    assert llm.kwargs["logits_all"] is True   # else llama-cpp-python's score buffer overflows past n_batch tokens
     assert peer.info["num_pred_tokens"] == 10 and peer.info["draft_model"] == "LlamaPromptLookupDecoding"
     gen = peer.generate([1, 5, 6], SamplingParams(temperature=0, max_tokens=10))
     assert gen.token_ids == [10, 11, 2] and gen.finish_reason == "stop"

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import leaplm.native
 from leaplm.cache.kv import KVCache
 from leaplm.engine import Engine
 from leaplm.models.load import build_model
@@ -45,13 +46,17 @@ def _passes(model, seed: int = 1):
     return out
 
 
-@pytest.mark.parametrize("name,int8", [("llama-gqa-untied", True), ("gemma3", True), ("qwen3-qknorm", True),
-                                       ("qwen2-bias", False), ("mistral-sliding", False)])
-def test_compiled_passes_match_eager(name, int8, tiny_model_dir):
+# native=None: the C++ ops of leaplm.native where they build (CPU float32); False: the Python custom ops
+@pytest.mark.parametrize("name,int8,native", [
+    ("llama-gqa-untied", True, None), ("gemma3", True, None), ("qwen3-qknorm", True, None),
+    ("qwen2-bias", False, None), ("mistral-sliding", False, None),
+    ("gemma3", True, False), ("mistral-sliding", False, False)])
+def test_compiled_passes_match_eager(name, int8, native, tiny_model_dir):
     """Chain and tree passes, sliding windows, qk-norm, biases, tied heads: within float rounding of eager."""
     folder = tiny_model_dir(name)[0]
     eager, compiled = _model(folder, int8), _model(folder, int8)
-    assert compiled.compile() > 0
+    assert compiled.compile(native=native) > 0
+    assert compiled.compiled.native == (native is None and leaplm.native.available())
     graphs = counters["stats"]["unique_graphs"]
     for a, b in zip(_passes(eager), _passes(compiled)):
         assert a.shape == b.shape
@@ -60,10 +65,11 @@ def test_compiled_passes_match_eager(name, int8, tiny_model_dir):
     assert compiled.compile() == 0.0                      # compiling twice is a no-op
 
 
-def test_speculation_on_a_compiled_int8_model_equals_its_greedy_decoding(tiny_model_dir):
+@pytest.mark.parametrize("native", [None, False])
+def test_speculation_on_a_compiled_int8_model_equals_its_greedy_decoding(native, tiny_model_dir):
     folder = tiny_model_dir("llama-gqa-untied")[0]
     model = _model(folder, int8=True)
-    model.compile()
+    model.compile(native=native)
     engine = Engine(model, eos_token_ids=[2])
     gen = torch.Generator().manual_seed(5)
     base = torch.randint(3, 128, (6,), generator=gen).tolist()
@@ -98,6 +104,19 @@ def test_compiled_rows_are_bit_identical_whatever_the_pass_width(tiny_model_dir)
             start += w
         logits.append(torch.cat(parts, dim=1))
     assert torch.equal(logits[0], logits[1])
+
+
+def test_two_compiled_models_in_one_process_each_run_their_own_graph(tiny_model_dir):
+    """Guards are skipped after compiling (compiled.py); the graphs of two models must still not mix."""
+    a = _model(tiny_model_dir("llama-gqa-untied")[0], int8=True)
+    b = _model(tiny_model_dir("qwen2-bias")[0], int8=True)   # other weights and sizes, same code object
+    expected = [_passes(a, seed=4), _passes(b, seed=4)]
+    a.compile()
+    b.compile()
+    for _ in range(2):   # interleaved
+        for model, want in zip((a, b), expected):
+            for got, ref in zip(_passes(model, seed=4), want):
+                torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_prefill_stays_eager(tiny_model_dir):

@@ -197,12 +197,12 @@ def test_matches_a_brute_force_reference_on_random_sessions(gamma, cap):
 
 
 @pytest.mark.parametrize("knobs, message", [
-    ({"num_draft": 0}, "num_draft must be >= 1"),
+    ({"num_draft": 0}, "num_draft must be an integer >= 1, got 0"),
     ({"num_draft": 2.5}, "num_draft must be an integer"),
-    ({"gamma": 0}, "gamma must be >= 1"),
+    ({"gamma": 0}, "gamma must be an integer >= 1, got 0"),
     ({"gamma": True}, "gamma must be an integer"),
     ({"gamma": 65}, "gamma must be <= 64"),
-    ({"max_store_tokens": -1}, "max_store_tokens must be >= 0"),
+    ({"max_store_tokens": -1}, "max_store_tokens must be an integer >= 0 \\(0 disables the store\\), got -1"),
     ({"max_store_tokens": 3, "gamma": 3}, r"max_store_tokens must be 0 \(no store\) or > gamma=3"),
 ])
 def test_bad_knobs_are_refused(knobs, message):

@@ -60,6 +60,23 @@ def test_the_target_drafting_for_itself_is_always_accepted(tiny_model_dir):
         assert r.target_passes <= 1 + -(-40 // 6)   # prefill + ceil(40 / (5 + 1)) decode passes
 
 
+def test_a_compiled_target_compiles_its_draft_and_stays_exact(tiny_model_dir):
+    """The same weights drafting for a compiled int8 target: the draft is compiled too, its compiled
+    single-token steps agree with the target's (every draft accepted), and the output is the compiled
+    target's greedy output."""
+    folder, _ = tiny_model_dir("llama-gqa-untied")
+    target = build_model(folder, quantization="int8")
+    target.compile()
+    engine = Engine(target)
+    prompts, params = [[5, 6, 7, 8, 9]], [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)]
+    vanilla = _run(engine, prompts, params)
+    drafter = _bound(build_model(folder, quantization="int8"), target, num_draft=4, adaptive=False, confidence=0.0)
+    assert drafter.model.compiled is not None and drafter.model.compiled.compile_s > 0
+    spec = _run(engine, prompts, params, drafter)
+    assert spec[0].output_ids == vanilla[0].output_ids
+    assert spec[0].accepted == spec[0].drafted > 0
+
+
 def test_adaptive_length_and_confidence_stop_shorten_drafts(tiny_model_dir):
     target = build_model(tiny_model_dir("llama-mha-tied")[0])
     draft = build_model(tiny_model_dir("llama-gqa-untied")[0])

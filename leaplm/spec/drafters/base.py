@@ -30,6 +30,8 @@ from typing import Sequence
 
 from torch import Tensor
 
+from ...errors import InvalidParamsError
+
 
 @dataclass
 class Draft:
@@ -62,3 +64,13 @@ class Drafter:
 
     def reset(self, row: int) -> None:
         """Forget what was learnt about ``row`` (called when a new request takes the row)."""
+
+
+def int_knob(drafter: str, name: str, value, low: int, extra: str = "") -> int:
+    """Validate an integer knob of a drafter: ``value`` as an ``int`` (numpy integers too, not bools)
+    when ``>= low``, else ``InvalidParamsError`` naming the drafter, the knob and the value."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise InvalidParamsError(f"{drafter} {name} must be an integer >= {low}{extra}, got {value!r}")
+    return int(value)

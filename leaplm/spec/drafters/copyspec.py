@@ -63,21 +63,13 @@ from bisect import bisect_right
 from typing import Sequence
 
 from ...errors import InvalidParamsError
-from .base import Draft, Drafter
+from .base import Draft, Drafter, int_knob
 
 _P = (1 << 61) - 1        # Mersenne prime modulus of the rolling hash
 _B = 1_000_003            # base (> any vocabulary size, so distinct grams of one token never collide)
 _MAX_GAMMA = 64
 _MAX_CHAIN = 16           # occurrences examined per place (context, store) per proposal
 _MAX_AGREE = 64           # how far back an occurrence's lead-in is compared with the context
-
-
-def _int_knob(name: str, value, low: int, extra: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidParamsError(f"copyspec {name} must be an integer >= {low}{extra}, got {value!r}")
-    if value < low:
-        raise InvalidParamsError(f"copyspec {name} must be >= {low}{extra}, got {value}")
-    return value
 
 
 class _Row:
@@ -96,12 +88,12 @@ class CopySpec(Drafter):
     name = "copyspec"
 
     def __init__(self, num_draft: int = 10, gamma: int = 3, max_store_tokens: int = 1_000_000) -> None:
-        self.num_draft = _int_knob("num_draft", num_draft, 1)
-        self.gamma = _int_knob("gamma", gamma, 1)
+        self.num_draft = int_knob("copyspec", "num_draft", num_draft, 1)
+        self.gamma = int_knob("copyspec", "gamma", gamma, 1)
         if self.gamma > _MAX_GAMMA:
             raise InvalidParamsError(f"copyspec gamma must be <= {_MAX_GAMMA} (the match length, in tokens), "
                                      f"got {gamma}")
-        self.max_store_tokens = _int_knob("max_store_tokens", max_store_tokens, 0, " (0 disables the store)")
+        self.max_store_tokens = int_knob("copyspec", "max_store_tokens", max_store_tokens, 0, " (0 disables the store)")
         if 0 < self.max_store_tokens <= self.gamma:
             raise InvalidParamsError(
                 f"copyspec max_store_tokens must be 0 (no store) or > gamma={self.gamma} (room for one match "

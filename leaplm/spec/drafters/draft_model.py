@@ -57,6 +57,10 @@ from ...sampling import SamplingParams, make_generator, processed_logits
 from ..adaptive import DraftLength, accepted_prefix
 from .base import Draft, Drafter
 
+# widest feed that takes a compiled draft's compiled step (which computes every fed position's logits, so
+# a long catch-up would pay the LM head for each token; wider feeds run eager with one logit row)
+COMPILED_FEED_MAX = 4
+
 
 @dataclass
 class _Row:
@@ -186,6 +190,8 @@ class DraftModel(Drafter):
             keep_ids = torch.tensor(sorted(t for t in keep if t < min(dcfg.vocab_size, tcfg.vocab_size)))
             _shrink_head(self.model, keep_ids)
             self.vocab_map = keep_ids.to(self.model.device)
+        if getattr(target_model, "compiled", None) is not None and getattr(self.model, "compiled", 1) is None:
+            self.model.compile()   # a compiled target gets a compiled draft (its decode steps: _feed)
 
     def start(self, row: int, params: SamplingParams) -> None:
         if self.model is None:
@@ -340,8 +346,12 @@ class DraftModel(Drafter):
         start = len(st.fed)
         ids = torch.tensor([tokens], device=device)
         positions = torch.arange(start, start + len(tokens), device=device)[None]
-        logits = self.model(ids, positions, st.cache, logit_index=torch.tensor([[len(tokens) - 1]], device=device),
-                            kv_len=start + len(tokens), contiguous_start=start)[0, 0]
+        if self.model.compiled is not None and start > 0 and len(tokens) <= COMPILED_FEED_MAX:
+            # the compiled step computes every fed position's logits (it takes no logit_index)
+            logits = self.model(ids, positions, st.cache, kv_len=start + len(tokens), contiguous_start=start)[0, -1]
+        else:
+            logits = self.model(ids, positions, st.cache, kv_len=start + len(tokens), contiguous_start=start,
+                                logit_index=torch.tensor([[len(tokens) - 1]], device=device))[0, 0]
         st.fed.extend(tokens)
         st.cache.commit(0, len(st.fed))
         return logits

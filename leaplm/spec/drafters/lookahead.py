@@ -86,11 +86,10 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 from torch import Tensor
 
 from ...errors import InvalidParamsError
-from .base import Draft, Drafter
+from .base import Draft, Drafter, int_knob
 
 
 @dataclass
@@ -116,24 +115,18 @@ class _Row:
     last_token: int = -1             # context[counted - 1], to notice a foreign context
 
 
-def _integer(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise InvalidParamsError(f"lookahead {name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 class Lookahead(Drafter):
     name = "lookahead"
     observe_topk = 1
 
     def __init__(self, window: int = 4, ngram: int = 4, max_candidates: int = 3, num_draft: int = 16,
                  pool_size: int = 65536, context_ngrams: bool = True, seed: int = 0) -> None:
-        self.window = _integer("window", window, 1)
-        self.ngram = _integer("ngram", ngram, 2)
-        self.max_candidates = _integer("max_candidates", max_candidates, 0)
-        self.num_draft = _integer("num_draft", num_draft, 1)
-        self.pool_size = _integer("pool_size", pool_size, 1)
-        self.seed = _integer("seed", seed, 0)
+        self.window = int_knob("lookahead", "window", window, 1)
+        self.ngram = int_knob("lookahead", "ngram", ngram, 2)
+        self.max_candidates = int_knob("lookahead", "max_candidates", max_candidates, 0)
+        self.num_draft = int_knob("lookahead", "num_draft", num_draft, 1)
+        self.pool_size = int_knob("lookahead", "pool_size", pool_size, 1)
+        self.seed = int_knob("lookahead", "seed", seed, 0)
         context_ngrams = {"true": True, "false": False}.get(context_ngrams, context_ngrams)
         if not isinstance(context_ngrams, bool):
             raise InvalidParamsError(f"lookahead context_ngrams must be true or false, got {context_ngrams!r}")

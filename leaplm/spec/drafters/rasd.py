@@ -63,7 +63,7 @@ from typing import Sequence
 import torch
 
 from ...errors import InvalidParamsError
-from .base import Draft, Drafter
+from .base import Draft, Drafter, int_knob
 from .draft_model import DraftModel
 from .retrieval import Retrieval, _select
 
@@ -114,12 +114,6 @@ class _Last:
     base: int       # len(context) when it was proposed
 
 
-def _knob_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidParamsError(f"rasd {name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 class RASD(Drafter):
     name = "rasd"
 
@@ -135,14 +129,14 @@ class RASD(Drafter):
         if corpus is None:
             raise InvalidParamsError("rasd needs a corpus to retrieve from: {'method': 'rasd', 'model': ..., "
                                      "'corpus': PATH} (CLI: --corpus)")
-        self.num_draft = _knob_int("num_draft", num_draft, 1)
-        self.prune_top_k = _knob_int("prune_top_k", prune_top_k, 0)
+        self.num_draft = int_knob("rasd", "num_draft", num_draft, 1)
+        self.prune_top_k = int_knob("rasd", "prune_top_k", prune_top_k, 0)
         if isinstance(prune_min_prob, bool) or not isinstance(prune_min_prob, (int, float)) \
                 or not 0.0 <= prune_min_prob < 1.0:
             raise InvalidParamsError(f"rasd prune_min_prob must be a number in [0, 1), got {prune_min_prob!r}")
         self.prune_min_prob = float(prune_min_prob)
-        _knob_int("draft_length", draft_length, 1)
-        _knob_int("tree_top_k", tree_top_k, 0)
+        int_knob("rasd", "draft_length", draft_length, 1)
+        int_knob("rasd", "tree_top_k", tree_top_k, 0)
         try:
             self.draft = DraftModel(model, num_draft=draft_length, adaptive=adaptive, confidence=confidence,
                                     quantization=quantization, draft_vocab=draft_vocab, tokenizer=tokenizer,

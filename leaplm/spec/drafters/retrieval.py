@@ -62,7 +62,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ...errors import InvalidParamsError
-from .base import Draft, Drafter
+from .base import Draft, Drafter, int_knob
 
 _TEXT_SUFFIXES = frozenset({
     ".txt", ".md", ".markdown", ".rst", ".tex", ".json", ".jsonl", ".csv", ".tsv", ".html", ".htm", ".xml",
@@ -75,14 +75,6 @@ _CTX_CHAIN = 16           # how many of them are examined (most recent first)
 _PROGRESS_BYTES = 4 << 20  # show a progress bar from this much text ...
 _PROGRESS_TOKENS = 2_000_000  # ... or this many tokens to index
 _TOKENIZE_BATCH = 1 << 20  # characters of text per tokenizer call
-
-
-def _int_knob(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidParamsError(f"retrieval {name} must be an integer >= {low}, got {value!r}")
-    if value < low:
-        raise InvalidParamsError(f"retrieval {name} must be >= {low}, got {value}")
-    return int(value)
 
 
 # ---------------------------------------------------------------------- suffix array
@@ -369,13 +361,13 @@ class Retrieval(Drafter):
     def __init__(self, corpus, num_draft: int = 24, max_match: int = 16, min_match: int = 2,
                  max_occurrences: int = 64, depth: int = 10, tree: bool = True, include_context: bool = True,
                  progress: bool = True) -> None:
-        self.num_draft = _int_knob("num_draft", num_draft, 1)
-        self.max_match = _int_knob("max_match", max_match, 1)
-        self.min_match = _int_knob("min_match", min_match, 1)
+        self.num_draft = int_knob("retrieval", "num_draft", num_draft, 1)
+        self.max_match = int_knob("retrieval", "max_match", max_match, 1)
+        self.min_match = int_knob("retrieval", "min_match", min_match, 1)
         if self.min_match > self.max_match:
             raise InvalidParamsError(f"retrieval needs 1 <= min_match <= max_match, got {min_match}, {max_match}")
-        self.max_occurrences = _int_knob("max_occurrences", max_occurrences, 1)
-        self.depth = _int_knob("depth", depth, 1)
+        self.max_occurrences = int_knob("retrieval", "max_occurrences", max_occurrences, 1)
+        self.depth = int_knob("retrieval", "depth", depth, 1)
         self.tree, self.include_context, self.progress = bool(tree), bool(include_context), bool(progress)
         self.datastore: Datastore | None = None
         self.files: list[Path] = []          # a text corpus, tokenized by bind()

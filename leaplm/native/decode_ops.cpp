@@ -1,0 +1,252 @@
+// Native CPU operators of the compiled decode step (leaplm/models/compiled.py), built at first use by
+// leaplm/native/__init__.py. Two jobs the Python custom ops did with ~40-200 us of interpreter work per
+// call, ~150 calls per step:
+//
+// - leaplm_native::int8_linear(x [M, in + 2], handle, out) -> [M, out]: fbgemm's dynamic int8 GEMM on a
+//   packed weight registered with int8_bind (the packed weight is a TorchScript object, which the graph
+//   cannot hold, so it passes an integer handle).
+// - leaplm_native::attend(q [1, N, H, D], k, v [1, N, KV, D], layer, kind) -> [1, N, H * D]: writes the
+//   step's keys/values into the KV cache bound by bind_step and attends. Every query is computed on its
+//   own over exactly the slots it sees (a range of committed slots, then its tree ancestors in depth
+//   order), by the same loop whatever N is, so a row's result does not depend on the other rows or on
+//   how many draft tokens share the pass: speculation reproduces single-token decoding bit for bit.
+//
+// The step geometry (cache tensors, slot of each fed token, per-query spans) is bound once per step by
+// bind_step, per thread (as Python's `compiled.active`).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/quantized/PackedParams.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+namespace {
+
+// ------------------------------------------------------------------------------------------ int8 GEMM
+std::mutex weights_mutex;
+std::vector<c10::intrusive_ptr<LinearPackedParamsBase>> weights;   // handle -> packed weight
+
+int64_t int8_bind(const c10::intrusive_ptr<LinearPackedParamsBase>& packed) {
+  std::lock_guard<std::mutex> lock(weights_mutex);
+  weights.push_back(packed);
+  return static_cast<int64_t>(weights.size()) - 1;
+}
+
+void int8_release(int64_t handle) {
+  std::lock_guard<std::mutex> lock(weights_mutex);
+  TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(weights.size()), "bad int8 weight handle ", handle);
+  weights[handle].reset();
+}
+
+at::Tensor int8_linear(const at::Tensor& x, int64_t handle, int64_t out_features) {
+  c10::intrusive_ptr<LinearPackedParamsBase> packed;
+  {
+    std::lock_guard<std::mutex> lock(weights_mutex);
+    TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(weights.size()) && weights[handle],
+                "int8 weight handle ", handle, " is not bound");
+    packed = weights[handle];
+  }
+  at::Tensor y = packed->apply_dynamic(x.contiguous(), /*reduce_range=*/false);
+  TORCH_CHECK(y.size(-1) == out_features, "int8 weight ", handle, " has ", y.size(-1), " outputs, not ",
+              out_features);
+  return y;
+}
+
+// ------------------------------------------------------------------------------------------ attention
+struct Spans {            // per query n: slots [lo[n], hi[n]) then anc[off[n] .. off[n + 1])
+  std::vector<int64_t> lo, hi, off, anc;
+};
+
+struct Step {
+  std::vector<at::Tensor> k, v;   // per layer [B, KV, capacity, D] float32, contiguous
+  std::vector<int64_t> slots;     // [N]: the cache slot of each fed token
+  int64_t T = 0;                  // fed tokens per row (row of token n: n / T)
+  Spans spans[2];                 // 0: full-attention layers, 1: sliding-window layers
+  bool bound = false;
+};
+
+thread_local Step step;
+
+std::vector<int64_t> to_vector(const at::Tensor& t) {
+  at::Tensor c = t.to(at::kLong).contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + c.numel());
+}
+
+void bind_step(at::TensorList k, at::TensorList v, const at::Tensor& slots, int64_t T,
+               const at::Tensor& span_full, const at::Tensor& anc_off_full, const at::Tensor& anc_full,
+               const at::Tensor& span_sliding, const at::Tensor& anc_off_sliding, const at::Tensor& anc_sliding) {
+  TORCH_CHECK(k.size() == v.size() && !k.empty(), "bind_step: one key and one value tensor per layer");
+  step.k.assign(k.begin(), k.end());
+  step.v.assign(v.begin(), v.end());
+  for (size_t i = 0; i < k.size(); ++i) {
+    TORCH_CHECK(k[i].scalar_type() == at::kFloat && k[i].is_contiguous() && k[i].dim() == 4 &&
+                    v[i].sizes() == k[i].sizes() && v[i].is_contiguous() && v[i].scalar_type() == at::kFloat,
+                "bind_step: layer ", i, " cache must be contiguous float32 [B, KV, capacity, D]");
+  }
+  step.slots = to_vector(slots);
+  step.T = T;
+  const at::Tensor* spans[2][3] = {{&span_full, &anc_off_full, &anc_full},
+                                   {&span_sliding, &anc_off_sliding, &anc_sliding}};
+  const int64_t N = static_cast<int64_t>(step.slots.size());
+  const int64_t capacity = k[0].size(2);
+  for (int kind = 0; kind < 2; ++kind) {
+    Spans& s = step.spans[kind];
+    std::vector<int64_t> lohi = to_vector(*spans[kind][0]);
+    s.off = to_vector(*spans[kind][1]);
+    s.anc = to_vector(*spans[kind][2]);
+    TORCH_CHECK(static_cast<int64_t>(lohi.size()) == 2 * N && static_cast<int64_t>(s.off.size()) == N + 1 &&
+                    s.off[N] == static_cast<int64_t>(s.anc.size()),
+                "bind_step: spans do not match ", N, " queries");
+    s.lo.resize(N);
+    s.hi.resize(N);
+    for (int64_t n = 0; n < N; ++n) {
+      s.lo[n] = lohi[2 * n];
+      s.hi[n] = std::max(lohi[2 * n], lohi[2 * n + 1]);   // lo > hi: no committed slot in the window
+      TORCH_CHECK(s.lo[n] >= 0 && s.hi[n] <= capacity, "bind_step: span beyond the cache");
+    }
+    for (int64_t a : s.anc) TORCH_CHECK(a >= 0 && a < capacity, "bind_step: ancestor slot beyond the cache");
+  }
+  for (int64_t slot : step.slots) TORCH_CHECK(slot >= 0 && slot < capacity, "bind_step: slot beyond the cache");
+  step.bound = true;
+}
+
+void unbind_step() {
+  step.k.clear();
+  step.v.clear();
+  step.bound = false;
+}
+
+// Lane-split dot product: 16 independent partial sums, combined as a fixed tree. The compiler
+// vectorizes the lanes; the order of additions is fixed by the code, not by the data.
+inline float dot(const float* a, const float* b, int64_t D) {
+  float acc[16] = {0};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16)
+    for (int l = 0; l < 16; ++l) acc[l] += a[d + l] * b[d + l];
+  float tail = 0.f;
+  for (; d < D; ++d) tail += a[d] * b[d];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0] + tail;
+}
+
+// exp(x) for x <= 0 (Cephes' expf polynomial, ~1 ulp): branch-free so loops over it vectorize.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  float r2 = r * r;
+  float y = 1.9875691500E-4f;
+  y = y * r + 1.3981999507E-3f;
+  y = y * r + 8.3334519073E-3f;
+  y = y * r + 4.1665795894E-2f;
+  y = y * r + 1.6666665459E-1f;
+  y = y * r + 5.0000001201E-1f;
+  y = y * r2 + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// One (query token, kv head): the `group` heads sharing kv head h attend over the query's keys.
+void attend_one(const float* q, const float* K, const float* V, float* out, int64_t group, int64_t D,
+                int64_t head_stride_q, const int64_t* keys, int64_t L, float scale, std::vector<float>& scratch) {
+  scratch.resize(static_cast<size_t>(L));
+  float* p = scratch.data();
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * head_stride_q;
+    float m = -INFINITY;
+    for (int64_t j = 0; j < L; ++j) {
+      p[j] = dot(qg, K + keys[j] * D, D) * scale;
+      m = std::max(m, p[j]);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < L; ++j) p[j] = exp_nonpositive(p[j] - m);
+    for (int64_t j = 0; j < L; ++j) sum += p[j];
+    float* o = out + g * head_stride_q;
+    std::fill(o, o + D, 0.f);
+    for (int64_t j = 0; j < L; ++j) {
+      const float* vj = V + keys[j] * D;
+      const float pj = p[j];
+      for (int64_t d = 0; d < D; ++d) o[d] += pj * vj[d];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+  }
+}
+
+at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, int64_t layer,
+                  int64_t kind, double scale) {
+  TORCH_CHECK(step.bound, "leaplm_native::attend called outside a bound step");
+  TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(step.k.size()), "attend: no cache for layer ", layer);
+  TORCH_CHECK(kind == 0 || kind == 1, "attend: kind is 0 (full) or 1 (sliding)");
+  at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "attend: float32 only");
+  const int64_t N = q.size(1), H = q.size(2), D = q.size(3), KV = k.size(2);
+  TORCH_CHECK(N == static_cast<int64_t>(step.slots.size()), "attend: ", N, " queries, step bound for ",
+              step.slots.size());
+  TORCH_CHECK(H % KV == 0, "attend: heads not a multiple of kv heads");
+  at::Tensor& kc = step.k[layer];
+  at::Tensor& vc = step.v[layer];
+  const int64_t capacity = kc.size(2);
+  TORCH_CHECK(kc.size(1) == KV && kc.size(3) == D, "attend: cache layout does not match the keys");
+  float* Kc = kc.data_ptr<float>();
+  float* Vc = vc.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t T = step.T;
+  for (int64_t n = 0; n < N; ++n) {   // write every fed token first: queries see their ancestors
+    const int64_t b = n / T, slot = step.slots[n];
+    for (int64_t h = 0; h < KV; ++h) {
+      const int64_t dst = ((b * KV + h) * capacity + slot) * D;
+      std::memcpy(Kc + dst, kp + (n * KV + h) * D, D * sizeof(float));
+      std::memcpy(Vc + dst, vp + (n * KV + h) * D, D * sizeof(float));
+    }
+  }
+  at::Tensor out = at::empty({1, N, H * D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const Spans& s = step.spans[kind];
+  const int64_t group = H / KV;
+  int64_t keys_total = 0;
+  for (int64_t n = 0; n < N; ++n) keys_total += (s.hi[n] - s.lo[n]) + (s.off[n + 1] - s.off[n]);
+  // each (query, kv head) runs on one thread in a fixed order: threads do not change results
+  const int64_t work = keys_total * H * D;
+  const int64_t grain = work < (1 << 21) ? N * KV : 1;
+  at::parallel_for(0, N * KV, grain, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> keys;
+    std::vector<float> scratch;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / KV, h = item % KV, b = n / T;
+      keys.clear();
+      for (int64_t j = s.lo[n]; j < s.hi[n]; ++j) keys.push_back(j);
+      for (int64_t a = s.off[n]; a < s.off[n + 1]; ++a) keys.push_back(s.anc[a]);
+      const int64_t base = (b * KV + h) * capacity * D;
+      attend_one(qp + (n * H + h * group) * D, Kc + base, Vc + base, op + (n * H + h * group) * D, group, D, D,
+                 keys.data(), static_cast<int64_t>(keys.size()), static_cast<float>(scale), scratch);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(leaplm_native, m) {
+  m.def("int8_bind(__torch__.torch.classes.quantized.LinearPackedParamsBase packed) -> int", &int8_bind);
+  m.def("int8_release(int handle) -> ()", &int8_release);
+  m.def("int8_linear(Tensor x, int handle, int out_features) -> Tensor");
+  m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
+  m.def("bind_step(Tensor[] k, Tensor[] v, Tensor slots, int T, Tensor span_full, Tensor anc_off_full, "
+        "Tensor anc_full, Tensor span_sliding, Tensor anc_off_sliding, Tensor anc_sliding) -> ()",
+        &bind_step);
+  m.def("unbind_step() -> ()", &unbind_step);
+  m.def("attend(Tensor q, Tensor k, Tensor v, int layer, int kind, float scale) -> Tensor");
+  m.impl("attend", c10::DispatchKey::CPU, TORCH_FN(attend));
+}

@@ -1,0 +1,148 @@
+"""The native C++ decode ops (leaplm/native): attention equal to a float64 reference for chains, trees,
+windows and grouped heads, bit-identical whatever else shares the pass or how many threads run it;
+the int8 GEMM equal to the Python op bit for bit; clear errors when misused."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leaplm import native
+from leaplm.quant.int8 import Int8Linear
+
+pytestmark = pytest.mark.skipif(os.environ.get("LEAPLM_NATIVE") == "0", reason="native ops disabled (LEAPLM_NATIVE=0)")
+ops = torch.ops.leaplm_native if native.load() else None
+
+
+def test_the_native_ops_build_here():
+    """The project installs ninja and needs gcc (as inductor does): the build must succeed, not skip."""
+    assert native.available()
+
+
+def _cache(B=2, KV=2, cap=40, D=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return ([torch.randn(B, KV, cap, D, generator=gen)], [torch.randn(B, KV, cap, D, generator=gen)])
+
+
+def _bind(k, v, slots, T, spans, anc_off=None, anc=()):
+    N = len(slots)
+    anc_off = torch.tensor(anc_off if anc_off is not None else [0] * (N + 1))
+    arrays = (torch.tensor(spans).reshape(N, 2), anc_off, torch.tensor(list(anc), dtype=torch.long))
+    ops.bind_step(k, v, torch.tensor(slots), T, *arrays, *arrays)
+
+
+def _reference(q, K, V, keys, scale):
+    """q [H, D] over key slots ``keys`` of K, V [KV, S, D] (float64) -> [H * D]."""
+    H, D = q.shape
+    KV = K.shape[0]
+    kk = K[:, keys].double().repeat_interleave(H // KV, 0)
+    vv = V[:, keys].double().repeat_interleave(H // KV, 0)
+    w = torch.softmax((q.double()[:, None] @ kk.transpose(1, 2))[:, 0] * scale, -1)
+    return (w[:, None] @ vv)[:, 0].reshape(-1)
+
+
+def test_chain_pass_writes_the_cache_and_matches_the_reference():
+    k_cache, v_cache = _cache()
+    B, T, H, KV, D = 2, 3, 4, 2, 16
+    q, k, v = torch.randn(1, B * T, H, D), torch.randn(1, B * T, KV, D), torch.randn(1, B * T, KV, D)
+    slots = [10, 11, 12, 7, 8, 9]          # ragged rows: row 0 at positions 10.., row 1 at 7..
+    spans = [(0, 11), (0, 12), (0, 13), (0, 8), (0, 9), (0, 10)]
+    _bind(k_cache, v_cache, slots, T, spans)
+    out = ops.attend(q, k, v, 0, 0, 0.25)
+    ops.unbind_step()
+    for n, slot in enumerate(slots):
+        b = n // T
+        assert torch.equal(k_cache[0][b, :, slot], k[0, n]) and torch.equal(v_cache[0][b, :, slot], v[0, n])
+        ref = _reference(q[0, n], k_cache[0][b], v_cache[0][b], list(range(*spans[n])), 0.25)
+        torch.testing.assert_close(out[0, n].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tree_queries_see_the_committed_range_then_their_ancestors():
+    k_cache, v_cache = _cache(B=1)
+    # committed slots 0..9; fed nodes in slots 10..13 with parents [-1, 0, 0, 2]
+    slots, anc_lists = [10, 11, 12, 13], [[10], [10, 11], [10, 12], [10, 12, 13]]
+    off = [0]
+    for a in anc_lists:
+        off.append(off[-1] + len(a))
+    q, k, v = torch.randn(1, 4, 4, 16), torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16)
+    _bind(k_cache, v_cache, slots, 4, [(2, 10)] * 4, off, [s for a in anc_lists for s in a])  # window cut at 2
+    out = ops.attend(q, k, v, 0, 1, 0.3)
+    ops.unbind_step()
+    for n, anc in enumerate(anc_lists):
+        ref = _reference(q[0, n], k_cache[0][0], v_cache[0][0], list(range(2, 10)) + anc, 0.3)
+        torch.testing.assert_close(out[0, n].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_query_is_bit_identical_alone_in_a_wide_pass_and_on_more_threads():
+    """Speculation's lossless claim rests on this: a token's attention does not depend on the pass."""
+    k_cache, v_cache = _cache(B=1, cap=3000, D=64, KV=3)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 8, n, 64, generator=gen) for n in (9, 3, 3))
+    wide = [(0, 2001 + i) for i in range(8)]
+    _bind(k_cache, v_cache, list(range(2000, 2008)), 8, wide)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = ops.attend(q, k, v, 0, 0, 0.125)
+        torch.set_num_threads(max(2, threads))
+        many = ops.attend(q, k, v, 0, 0, 0.125)   # 8 queries x 3 heads x 2000 keys: split across threads
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, many)
+    for n in range(8):   # the same token fed alone, its keys already in the cache
+        _bind(k_cache, v_cache, [2000 + n], 1, [wide[n]])
+        alone = ops.attend(q[:, n: n + 1], k[:, n: n + 1], v[:, n: n + 1], 0, 0, 0.125)
+        assert torch.equal(alone[0, 0], many[0, n])
+    ops.unbind_step()
+
+
+def test_attend_matches_sdpa_on_long_rows():
+    k_cache, v_cache = _cache(B=1, cap=1500, D=64, KV=1)
+    q, k, v = torch.randn(1, 1, 2, 64), torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64)
+    _bind(k_cache, v_cache, [1400], 1, [(0, 1401)])
+    out = ops.attend(q, k, v, 0, 0, 0.125)
+    ops.unbind_step()
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[0][:, :, :1401].expand(1, 2, -1, -1),
+                                         v_cache[0][:, :, :1401].expand(1, 2, -1, -1), scale=0.125)
+    torch.testing.assert_close(out.view(1, 2, 64), ref[0].transpose(0, 1).reshape(1, 2, 64), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_linear_equals_the_python_op_bit_for_bit():
+    torch.manual_seed(0)
+    module = Int8Linear.from_weight(torch.randn(96, 64))
+    module.bind_native()
+    x = torch.randn(5, 64)
+    scaled = torch.cat([x / x.abs().amax(1, keepdim=True), torch.tensor([[1.0, -1.0]]).expand(5, 2)], 1)
+    assert torch.equal(ops.int8_linear(scaled, module.native_handle, 96),
+                       torch.ops.leaplm.int8_linear(scaled, module.handle, 96))
+
+
+def test_misuse_is_refused_with_a_message():
+    torch.manual_seed(0)
+    module = Int8Linear.from_weight(torch.randn(8, 4))
+    module.bind_native()
+    with pytest.raises(RuntimeError, match="has 8 outputs"):
+        ops.int8_linear(torch.randn(1, 6), module.native_handle, 9)
+    with pytest.raises(RuntimeError, match="not bound"):
+        ops.int8_linear(torch.randn(1, 6), 10 ** 6, 8)
+    ops.unbind_step()
+    with pytest.raises(RuntimeError, match="outside a bound step"):
+        ops.attend(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4), 0, 0, 1.0)
+    k_cache, v_cache = _cache(B=1, cap=8, D=4, KV=1)
+    with pytest.raises(RuntimeError, match="beyond the cache"):
+        _bind(k_cache, v_cache, [8], 1, [(0, 9)])
+
+
+def test_a_dropped_module_releases_its_weight():
+    torch.manual_seed(0)
+    module = Int8Linear.from_weight(torch.randn(8, 4))
+    module.bind_native()
+    handle = module.native_handle
+    del module
+    import gc
+
+    gc.collect()
+    with pytest.raises(RuntimeError, match="not bound"):
+        ops.int8_linear(torch.randn(1, 6), handle, 8)
