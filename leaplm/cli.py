@@ -22,7 +22,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + generated tokens")
     p.add_argument("--quantization", "-q", default="auto",
                    help="auto (default: int8 for a low-bit GGUF file on CPU, else float) | none (float weights, "
-                        "the exact checkpoint) | int8: per-channel int8 weights (fbgemm, CPU), several times faster, lossy")
+                        "the exact checkpoint) | int8: per-channel int8 weights (fbgemm, CPU), several times faster, lossy | "
+                        "int4: 4-bit groups of 32 (as GGUF Q4_1; leaplm's C++ kernel, CPU), half int8's bytes, lossier")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (about a minute at every load for SmolLM2 int8 on 2 cores; faster decoding of small models on CPU)")
     p.add_argument("--spec", default=None, choices=["prompt_lookup", "copyspec", "recycling", "aded", "lookahead", "retrieval", "draft", "rasd"],
@@ -255,7 +256,7 @@ def cmd_profile(args) -> int:
             out.mkdir(parents=True, exist_ok=True)
             (out / "verify_curve.json").write_text(json.dumps(curve, indent=2))
             plot_verify_curve(curve, out / "verify_curve.png", title=f"{llm.model_path.name}"
-                              f"{' int8' if llm.model.quantization else ''}: verification cost vs nodes")
+                              f"{' ' + llm.model.quantization if llm.model.quantization else ''}: verification cost vs nodes")
             _info(f"wrote {out / 'verify_curve.json'} and {out / 'verify_curve.png'}")
         return 0
     _info("measuring memory bandwidth and profiling greedy decode (about a minute)")

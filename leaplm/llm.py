@@ -92,7 +92,9 @@ class LLM:
         quantization: ``"auto"`` (default) keeps a low-bit GGUF file low-bit on CPU (int8 weights) and
             float weights otherwise; None forces float weights (the exact checkpoint, e.g. to compare
             with transformers); ``"int8"`` quantizes every projection at load (per-channel int8, fbgemm
-            on CPU: several times faster decoding, small quality cost — docs/benchmarks.md). The mode
+            on CPU: several times faster decoding, small quality cost — docs/benchmarks.md); ``"int4"``
+            stores the blocks' projections at 4 bits (groups of 32, leaplm's C++ kernel; LM head int8):
+            half int8's weight bytes, a larger quality cost. The mode
             chosen is ``llm.quantization``. Speculation is lossless relative to the model as loaded.
         compile: run decode and verification passes through ``torch.compile`` (``models/compiled.py``):
             on CPU at batch 1 a small model's step is mostly per-operator overhead, which this removes

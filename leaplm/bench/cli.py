@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="warm-up samples run by every method/peer, not timed")
     p.add_argument("--dtype", default=None, help="auto (default) | float32 | bfloat16 | float16")
     p.add_argument("--quantization", "-q", default=None,
-                   help="target weights for leaplm's methods: none (default) | int8 (peers keep their own)")
+                   help="target weights for leaplm's methods: none (default) | int8 | int4 (peers keep their own)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile leaplm's decode step for every method (compile time reported, not timed)")

@@ -71,7 +71,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", default="none",
-                   help="comma-separated modes to evaluate side by side: none (the float weights, default) | int8 | "
+                   help="comma-separated modes to evaluate side by side: none (the float weights, default) | int8 | int4 | "
                         "auto (what `leaplm generate` loads by default)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", "-o", type=Path, default=None, help="folder for results.json")

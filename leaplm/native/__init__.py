@@ -8,6 +8,9 @@ Python custom ops (``leaplm::attend``, ``leaplm::int8_linear``), which compute t
 Ops (``torch.ops.leaplm_native``; see the C++ file for contracts):
 
 - ``int8_bind(packed) -> handle``, ``int8_release(handle)``, ``int8_linear(x [M, in + 2], handle, out)``.
+- ``int4_linear(x [M, K], qweight [N/16, K/32, 256] uint8, scale, minv [N/16, K/32, 16], N) -> [M, N]``:
+  4-bit weights in groups of 32 (``w = q * scale + minv``), packed in blocks of 16 outputs
+  (``quant/int4.py``), activations quantized to int8 per row and group inside.
 - ``bind_step(k, v, slots [N], T, spans...)`` / ``unbind_step()``, and
   ``attend(q [1, N, H, D], k, v [1, N, KV, D], layer, kind, scale) -> [1, N, H * D]``: exact per-query
   attention over the bound cache (batch-invariant), float32.
@@ -64,13 +67,20 @@ def _build(verbose: bool) -> None:
     source = Path(__file__).with_name("decode_ops.cpp")
     if verbose:
         print("building leaplm's native CPU ops (once; about a minute) ...", flush=True)
+    # -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers (serial without it); the
+    # loader resolves libgomp.so.1 to the copy torch already loaded, so there is one thread pool
     cpp_extension.load(name="leaplm_native_ops", sources=[str(source)], is_python_module=False,
-                       extra_cflags=["-O3", "-march=native", "-fno-math-errno"], verbose=False)
+                       extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def _register_fakes() -> None:
     @torch.library.register_fake("leaplm_native::int8_linear")
     def _int8_linear(x: Tensor, handle: int, out_features: int) -> Tensor:
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("leaplm_native::int4_linear")
+    def _int4_linear(x: Tensor, qweight: Tensor, scale: Tensor, minv: Tensor, out_features: int) -> Tensor:
         return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("leaplm_native::attend")

@@ -18,6 +18,8 @@
 #include <ATen/native/quantized/PackedParams.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -53,6 +55,149 @@ at::Tensor int8_linear(const at::Tensor& x, int64_t handle, int64_t out_features
   at::Tensor y = packed->apply_dynamic(x.contiguous(), /*reduce_range=*/false);
   TORCH_CHECK(y.size(-1) == out_features, "int8 weight ", handle, " has ", y.size(-1), " outputs, not ",
               out_features);
+  return y;
+}
+
+// ------------------------------------------------------------------------------------------ int4 GEMM
+// Weights [N, K] in groups of 32 along K: w = q * scale + minv, q in 0..15. Outputs are packed in blocks
+// of 16 (N padded): per (block, group) 256 bytes laid out [i 0..3][output 0..15][t 0..3], byte = q[o][4i + t]
+// | q[o][4(i + 4) + t] << 4, and scale/minv as float16 [block, group, 16] (GGUF's Q4_1 stores them so too). A 512-bit register then holds 4
+// consecutive weights of 16 outputs, so one VNNI dot-product step (u8 weights x s8 activations) advances
+// 16 outputs by 4 inputs with no horizontal sums. Activations are quantized per row and group:
+// xq = round(x / xs) in [-127, 127], xs = max|x| / 127. For every output:
+//   acc = fma(float(q . xq), scale * xs, acc); acc = fma(minv, xs * sum(xq), acc)     (group by group)
+// The integer dot products are exact and the float steps run in this fixed order per row and output,
+// in the vector and the scalar code alike: a row's result depends neither on the other rows (batch
+// invariance) nor on the thread that computes it.
+constexpr int64_t kGroup = 32;
+constexpr int64_t kBlock = 16;
+constexpr int64_t kRows = 8;   // rows sharing each unpacked weight group (8 accumulators + 8 weight registers)
+
+struct QuantRow {
+  std::vector<int8_t> q;      // [K]
+  std::vector<float> xs;      // [G]
+  std::vector<float> xsum;    // [G]: xs * sum(xq) over the group
+};
+
+void quantize_row(const float* x, int64_t K, QuantRow& r) {
+  const int64_t G = K / kGroup;
+  r.q.resize(K);
+  r.xs.resize(G);
+  r.xsum.resize(G);
+  for (int64_t g = 0; g < G; ++g) {
+    const float* xg = x + g * kGroup;
+    float amax = 0.f;
+    for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(xg[j]));
+    const float scale = amax / 127.f;
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int64_t j = 0; j < kGroup; ++j) {
+      const int32_t v = static_cast<int32_t>(std::nearbyint(xg[j] * inv));
+      r.q[g * kGroup + j] = static_cast<int8_t>(std::clamp(v, -127, 127));
+      sum += r.q[g * kGroup + j];
+    }
+    r.xs[g] = scale;
+    r.xsum[g] = scale * static_cast<float>(sum);
+  }
+}
+
+// one block of 16 outputs for rows[0 .. n): out[r][o]
+void int4_rows(const uint8_t* qb, const uint16_t* sb, const uint16_t* mb, const QuantRow* rows, int64_t n, int64_t G,
+               float out[kRows][kBlock]) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  __m512 acc[kRows];
+  for (int64_t r = 0; r < n; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* p = qb + g * (kBlock * kGroup / 2);
+    __m512i w[8];
+    for (int i = 0; i < 4; ++i) {
+      const __m512i v = _mm512_loadu_si512(p + 64 * i);
+      w[i] = _mm512_and_si512(v, mask);
+      w[i + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+    }
+    const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + g * kBlock)));
+    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mb + g * kBlock)));
+    for (int64_t r = 0; r < n; ++r) {
+      const int32_t* x4 = reinterpret_cast<const int32_t*>(rows[r].q.data() + g * kGroup);
+      // four independent chains (integer sums are exact, so their order does not matter)
+      __m512i c0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(x4[0]));
+      __m512i c1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_set1_epi32(x4[1]));
+      __m512i c2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[2], _mm512_set1_epi32(x4[2]));
+      __m512i c3 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[3], _mm512_set1_epi32(x4[3]));
+      c0 = _mm512_dpbusd_epi32(c0, w[4], _mm512_set1_epi32(x4[4]));
+      c1 = _mm512_dpbusd_epi32(c1, w[5], _mm512_set1_epi32(x4[5]));
+      c2 = _mm512_dpbusd_epi32(c2, w[6], _mm512_set1_epi32(x4[6]));
+      c3 = _mm512_dpbusd_epi32(c3, w[7], _mm512_set1_epi32(x4[7]));
+      const __m512i isum = _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(sv, _mm512_set1_ps(rows[r].xs[g])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(rows[r].xsum[g]), acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < n; ++r) _mm512_storeu_ps(out[r], acc[r]);
+#else
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t o = 0; o < kBlock; ++o) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* p = qb + g * (kBlock * kGroup / 2);
+        const int8_t* x = rows[r].q.data() + g * kGroup;
+        int32_t isum = 0;
+        for (int64_t k = 0; k < kGroup; ++k) {
+          const int64_t j = k / 4, t = k % 4;
+          const uint8_t byte = p[(j % 4) * 64 + o * 4 + t];
+          isum += (j < 4 ? (byte & 0x0F) : (byte >> 4)) * x[k];
+        }
+        const float sc = static_cast<float>(c10::Half(sb[g * kBlock + o], c10::Half::from_bits()));
+        const float mn = static_cast<float>(c10::Half(mb[g * kBlock + o], c10::Half::from_bits()));
+        acc = std::fma(static_cast<float>(isum), sc * rows[r].xs[g], acc);
+        acc = std::fma(mn, rows[r].xsum[g], acc);
+      }
+      out[r][o] = acc;
+    }
+  }
+#endif
+}
+
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scale,
+                       const at::Tensor& minv, int64_t out_features) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "int4_linear: x must be float32 [M, K]");
+  TORCH_CHECK(qweight.dim() == 3 && qweight.scalar_type() == at::kByte && qweight.is_contiguous() &&
+                  qweight.size(2) == kBlock * kGroup / 2,
+              "int4_linear: qweight must be contiguous uint8 [N / 16, K / 32, 256]");
+  const int64_t M = x_in.size(0), K = x_in.size(1), blocks = qweight.size(0), G = qweight.size(1);
+  const int64_t N = out_features;
+  TORCH_CHECK(K == G * kGroup, "int4_linear: x has ", K, " columns; the weight was packed for ", G * kGroup,
+              " (a multiple of 32)");
+  TORCH_CHECK(N > (blocks - 1) * kBlock && N <= blocks * kBlock, "int4_linear: ", N, " outputs do not fit ",
+              blocks, " blocks of 16");
+  TORCH_CHECK(scale.dim() == 3 && scale.sizes() == minv.sizes() && scale.size(0) == blocks && scale.size(1) == G &&
+                  scale.size(2) == kBlock && scale.is_contiguous() && minv.is_contiguous() &&
+                  scale.scalar_type() == at::kHalf && minv.scalar_type() == at::kHalf,
+              "int4_linear: scale and minv must be contiguous float16 [N / 16, K / 32, 16]");
+  at::Tensor x = x_in.contiguous();
+  std::vector<QuantRow> rows(M);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, K, rows[m]);
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const uint8_t* qp = qweight.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(minv.data_ptr<at::Half>());
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, K * M));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    alignas(64) float out[kRows][kBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int64_t n = std::min(kRows, M - m0);
+        int4_rows(qp + b * G * (kBlock * kGroup / 2), sp + b * G * kBlock, mp + b * G * kBlock, rows.data() + m0,
+                  n, G, out);
+        const int64_t valid = std::min(kBlock, N - b * kBlock);
+        for (int64_t r = 0; r < n; ++r)
+          std::memcpy(yp + (m0 + r) * N + b * kBlock, out[r], valid * sizeof(float));
+      }
+    }
+  });
   return y;
 }
 
@@ -243,6 +388,8 @@ TORCH_LIBRARY(leaplm_native, m) {
   m.def("int8_release(int handle) -> ()", &int8_release);
   m.def("int8_linear(Tensor x, int handle, int out_features) -> Tensor");
   m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
+  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minv, int out_features) -> Tensor");
+  m.impl("int4_linear", c10::DispatchKey::CPU, TORCH_FN(int4_linear));
   m.def("bind_step(Tensor[] k, Tensor[] v, Tensor slots, int T, Tensor span_full, Tensor anc_off_full, "
         "Tensor anc_full, Tensor span_sliding, Tensor anc_off_sliding, Tensor anc_sliding) -> ()",
         &bind_step);

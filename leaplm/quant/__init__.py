@@ -2,7 +2,8 @@
 (``models.layers.Linear``, and the tied or untied LM head) for a quantized module in place.
 
 Modes: ``None`` (keep float weights), ``"int8"`` (per-output-channel int8 weights, fbgemm's
-dynamic int8 GEMM on CPU: see ``int8.py``) and ``"auto"`` (what ``LLM`` does by default:
+dynamic int8 GEMM on CPU: see ``int8.py``), ``"int4"`` (4-bit groups of 32 as GGUF's Q4_1 in the
+blocks, leaplm's own C++ GEMM: ``int4.py``; the LM head stays int8) and ``"auto"`` (what ``LLM`` does by default:
 ``resolve_quantization`` picks int8 for a GGUF file whose weights are low-bit blocks when it runs
 on CPU in float32, and float weights otherwise — a 4-bit file is not inflated to 32 bits). Each mode is one small module so a kernel can be
 swapped (e.g. for torchao) without touching the model.
@@ -14,7 +15,7 @@ from torch import nn
 
 from ..errors import InvalidParamsError
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
 FLOAT_BLOCK_TYPES = ("F32", "F16", "BF16", "F64")
 
 
@@ -29,8 +30,8 @@ def check_quantization(mode: str | None, device: torch.device | str | None = Non
         raise InvalidParamsError(f"unknown quantization {mode!r}; choose one of: auto, none, {', '.join(QUANTIZATIONS)}")
     if device is not None and torch.device(device).type != "cpu":
         raise InvalidParamsError(f"quantization {mode!r} runs on CPU only (fbgemm); use dtype=bfloat16 on {device}")
-    if mode == "int8" and "fbgemm" not in torch.backends.quantized.supported_engines:
-        raise InvalidParamsError("quantization 'int8' needs torch's fbgemm backend, which this torch build lacks")
+    if mode in ("int8", "int4") and "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise InvalidParamsError(f"quantization {mode!r} needs torch's fbgemm backend, which this torch build lacks")
     return mode
 
 
@@ -69,14 +70,19 @@ def quantize_model(model: nn.Module, mode: str | None) -> nn.Module:
     if mode is None:
         return model
     from ..models.layers import Linear
+    from .int4 import Int4Linear
     from .int8 import Int8Linear
 
     if model.dtype != torch.float32:
         raise InvalidParamsError(f"quantization {mode!r} needs the model loaded in float32, not {model.dtype}")
-    for module in list(model.modules()):  # every projection, an untied LM head included
+    # int4: the blocks' projections at 4 bits; the LM head at int8 (llama.cpp's files keep the output
+    # matrix at 6-8 bits too: 4-bit logits cost more quality than they save time)
+    projection = Int4Linear if mode == "int4" else Int8Linear
+    for module in list(model.modules()):  # every projection of the blocks
         for name, child in list(module.named_children()):
             if isinstance(child, Linear):
-                setattr(module, name, Int8Linear.from_weight(child.weight, child.bias))
+                cls = Int8Linear if module is model else projection   # model.lm_head: int8
+                setattr(module, name, cls.from_weight(child.weight, child.bias))
     if model.lm_head is None:  # tied: the embedding table stays float for the lookup
         model.lm_head = Int8Linear.from_weight(model.embed, None)
     model.quantization = mode

@@ -35,3 +35,19 @@ def test_int8_weights_count_one_byte_each(tiny_model_dir):
     expected += sum(p.numel() * 4 for n, p in ref.named_parameters() if p.dim() == 1)    # norms stay float
     assert weight_bytes_per_token(model) == expected
     assert expected < sum(p.numel() for p in ref.parameters()) * 4 / 2 - cfg.vocab_size * cfg.hidden_size * 2
+
+
+def test_int4_weights_count_five_eighths_of_a_byte_each(tiny_model_dir):
+    """Nibbles plus a float16 scale and minimum per group of 32: 20 bytes per 32 weights; the head int8."""
+    from leaplm.quant import quantize_model
+
+    folder, ref = tiny_model_dir("llama-gqa-untied")
+    model = quantize_model(build_model(folder), "int4")
+    cfg = model.config
+    blocks = [p for n, p in ref.named_parameters() if p.dim() == 2 and "layers" in n]   # 64/96 wide: no padding
+    head = ref.lm_head.weight
+    expected = sum(p.numel() * 20 // 32 for p in blocks)
+    expected += head.shape[0] * (head.shape[1] + 2) + 4 * head.shape[0]
+    expected += sum(p.numel() * 4 for n, p in ref.named_parameters() if p.dim() == 1)
+    assert cfg.hidden_size % 32 == 0 and cfg.intermediate_size % 32 == 0
+    assert weight_bytes_per_token(model) == expected

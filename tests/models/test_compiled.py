@@ -18,9 +18,9 @@ from leaplm.spec.tree import ancestor_matrix
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _model(folder, int8: bool):
+def _model(folder, int8: bool | str):
     model = build_model(folder)
-    return quantize_model(model, "int8") if int8 else model
+    return quantize_model(model, "int8" if int8 is True else int8) if int8 else model
 
 
 def _passes(model, seed: int = 1):
@@ -104,6 +104,22 @@ def test_compiled_rows_are_bit_identical_whatever_the_pass_width(tiny_model_dir)
             start += w
         logits.append(torch.cat(parts, dim=1))
     assert torch.equal(logits[0], logits[1])
+
+
+def test_compiled_int4_matches_eager_and_speculation_stays_exact(tiny_model_dir):
+    folder = tiny_model_dir("qwen3-qknorm")[0]
+    eager, compiled = _model(folder, "int4"), _model(folder, "int4")
+    compiled.compile()
+    for a, b in zip(_passes(eager), _passes(compiled)):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+    engine = Engine(compiled, eos_token_ids=[2])
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randint(3, 128, (5,), generator=gen).tolist()
+    prompts, params = [base * 5, base[:2] * 6], [SamplingParams(temperature=0, max_tokens=n) for n in (28, 20)]
+    vanilla = engine.start(prompts, params).run()
+    for drafter in (PromptLookup(5), TokenRecycling(num_draft=8, node_cost=0.0)):
+        spec = engine.start(prompts, params, drafter).run()
+        assert [r.output_ids for r in spec] == [r.output_ids for r in vanilla], drafter.name
 
 
 def test_two_compiled_models_in_one_process_each_run_their_own_graph(tiny_model_dir):
