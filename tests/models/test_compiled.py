@@ -145,11 +145,12 @@ def test_prefill_stays_eager(tiny_model_dir):
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_real_smollm_compiled_int8_speculation_is_exact(smollm_gguf):
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_real_smollm_compiled_speculation_is_exact(quantization, smollm_gguf):
     from leaplm import LLM
     from leaplm.sampling import SamplingParams as P
 
-    llm = LLM(smollm_gguf, quantization="int8", compile=True)
+    llm = LLM(smollm_gguf, quantization=quantization, compile=True)
     assert llm.compile_s and llm.compile_s > 0
     prompts = ["Summarize: The cat sat on the mat. The cat sat on the mat because the mat was warm.",
                "def fibonacci(n):"]
