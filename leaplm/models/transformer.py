@@ -133,7 +133,6 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps) if cfg.sandwich_norm else None
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps) if cfg.sandwich_norm else None
         self.sliding = cfg.layer_types[layer] == "sliding"
-        self.native = False   # inside the compiled step: attend with leaplm_native::attend (set by CompiledStep)
 
     def forward(self, x: Tensor, ropes: dict, cache: KVCache, step: "_Step") -> Tensor:
         h = self.attn(self.attn_norm(x), ropes["sliding" if self.sliding else "full"], cache, step)
@@ -269,7 +268,7 @@ class Transformer(nn.Module):
         """Run decode and verify passes through ``torch.compile`` from now on (``models/compiled.py``);
         compiles at once unless ``warm_up=False``. Returns the compile time in seconds (0 if already).
         ``native``: attention and int8 GEMMs through the C++ ops of ``leaplm.native`` (default: when
-        they build, on CPU in float32); False: the Python custom ops (slower, the same arithmetic)."""
+        they build, on CPU in float32); False: the Python custom ops (slower; the same computation, rounded differently)."""
         from .compiled import CompiledStep
 
         if self.compiled is None:

@@ -1,6 +1,6 @@
 // Native CPU operators of the compiled decode step (leaplm/models/compiled.py), built at first use by
-// leaplm/native/__init__.py. Two jobs the Python custom ops did with ~40-200 us of interpreter work per
-// call, ~150 calls per step:
+// leaplm/native/__init__.py. The first two do what the Python custom ops did with ~40-200 us of
+// interpreter work per call, ~150 calls per step; the third is leaplm's int4 GEMM (quant/int4.py):
 //
 // - leaplm_native::int8_linear(x [M, in + 2], handle, out) -> [M, out]: fbgemm's dynamic int8 GEMM on a
 //   packed weight registered with int8_bind (the packed weight is a TorchScript object, which the graph
@@ -10,6 +10,8 @@
 //   own over exactly the slots it sees (a range of committed slots, then its tree ancestors in depth
 //   order), by the same loop whatever N is, so a row's result does not depend on the other rows or on
 //   how many draft tokens share the pass: speculation reproduces single-token decoding bit for bit.
+// - leaplm_native::int4_linear(x [M, K], qweight, scale, minv, out) -> [M, out]: 4-bit weights in groups of
+//   32, activations quantized to int8 per row and group (layout and arithmetic: the int4 section below).
 //
 // The step geometry (cache tensors, slot of each fed token, per-query spans) is bound once per step by
 // bind_step, per thread (as Python's `compiled.active`).

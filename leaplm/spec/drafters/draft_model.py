@@ -346,7 +346,7 @@ class DraftModel(Drafter):
         start = len(st.fed)
         ids = torch.tensor([tokens], device=device)
         positions = torch.arange(start, start + len(tokens), device=device)[None]
-        if self.model.compiled is not None and start > 0 and len(tokens) <= COMPILED_FEED_MAX:
+        if getattr(self.model, "compiled", None) is not None and start > 0 and len(tokens) <= COMPILED_FEED_MAX:
             # the compiled step computes every fed position's logits (it takes no logit_index)
             logits = self.model(ids, positions, st.cache, kv_len=start + len(tokens), contiguous_start=start)[0, -1]
         else:
