@@ -22,7 +22,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + generated tokens")
     p.add_argument("--quantization", "-q", default="auto",
                    help="auto (default: int8 for a low-bit GGUF file on CPU, else float) | none (float weights, "
-                        "the exact checkpoint) | int8: per-channel int8 weights (fbgemm, CPU), several times faster, lossy | "
+                        "the exact checkpoint) | int8: per-channel int8 weights (leaplm's VNNI kernel or fbgemm, CPU), several times faster, lossy | "
                         "int4: 4-bit groups of 32 (as GGUF Q4_1; leaplm's C++ kernel, CPU), half int8's bytes, lossier")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (about a minute at every load for SmolLM2 int8 on 2 cores; faster decoding of small models on CPU)")

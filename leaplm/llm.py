@@ -91,8 +91,8 @@ class LLM:
             None: plain decoding. ``generate``/``stream`` take the same argument per call.
         quantization: ``"auto"`` (default) keeps a low-bit GGUF file low-bit on CPU (int8 weights) and
             float weights otherwise; None forces float weights (the exact checkpoint, e.g. to compare
-            with transformers); ``"int8"`` quantizes every projection at load (per-channel int8, fbgemm
-            on CPU: several times faster decoding, small quality cost — docs/benchmarks.md); ``"int4"``
+            with transformers); ``"int8"`` quantizes every projection at load (per-channel int8, leaplm's
+            VNNI kernel or fbgemm on CPU: several times faster decoding, small quality cost — docs/benchmarks.md); ``"int4"``
             stores the blocks' projections at 4 bits (groups of 32, leaplm's C++ kernel; LM head int8):
             half int8's weight bytes, a larger quality cost. The mode
             chosen is ``llm.quantization``. Speculation is lossless relative to the model as loaded.

@@ -30,7 +30,7 @@ ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "leaplm_native::attend
 
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: float parameters, plus int8 projections (``Int8Linear``:
-    int8 weights with their two sentinel columns and float32 per-channel scales) and int4 ones
+    int8 weights and float32 per-channel scales) and int4 ones
     (``Int4Linear``: packed nibbles and float16 scale and minimum per group of 32)."""
     from ..quant.int4 import Int4Linear
     from ..quant.int8 import Int8Linear
@@ -43,7 +43,7 @@ def weight_bytes_per_token(model) -> int:
             total += p.numel() * p.element_size()
     for m in model.modules():
         if isinstance(m, Int8Linear):
-            total += m.out_features * (m.in_features + 2) + 4 * m.out_features
+            total += m.weight_bytes()
             total += 0 if m.bias is None else 4 * m.bias.numel()
         elif isinstance(m, Int4Linear):
             total += sum(b.numel() * b.element_size() for b in (m.qweight, m.scale, m.minv))

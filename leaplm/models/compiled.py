@@ -9,19 +9,19 @@ What is compiled: ``Transformer.forward`` for *decode-sized* passes (not a fresh
 ``EXACT_MAX_T`` tokens per row, every position's logits) — single-token decoding, chain and tree
 verification. Prefill stays eager (it is compute-bound; overhead does not matter there).
 
-Two operations stay opaque to the compiler, as custom ops called from the graph, in two builds:
+Attention stays opaque to the compiler, as a custom op called from the graph, in two builds; so do the
+int8/int4 GEMMs (``quant/``), which are native ops eager and compiled alike:
 
 - native (C++, ``leaplm/native``; the default on CPU in float32 when it builds): ``leaplm_native::attend``
   writes the step's keys/values into the cache and attends per query over exactly the slots the query
-  sees (batch-invariant by construction), and ``leaplm_native::int8_linear`` calls fbgemm on the packed
-  weight registered under an integer handle. The step's cache and geometry are bound once per step
+  sees (batch-invariant by construction). The step's cache and geometry are bound once per step
   (``bind_step``). No Python runs between the graph's kernels: SmolLM2 int8 decoding went from 37 to 63
   tok/s with these ops (one-off measurement, same process conditions).
 - Python (CUDA, other dtypes, no compiler, or ``compile(native=False)``): ``leaplm::attend(q, k, v, layer)``
   runs the eager model's attention (``Attention.attend``) on the *active step* set around the compiled call
-  (``active``); ``leaplm::int8_linear(x, handle, out)`` (``quant/int8.py``) finds the packed weight of the
-  ``Int8Linear`` registered under ``handle`` (a packed weight is a TorchScript object, which dynamo
-  cannot trace).
+  (``active``). Without a compiler int8 weights fall back to fbgemm: ``leaplm::int8_linear(x, handle,
+  out)`` (``quant/int8.py``) finds the packed weight of the ``Int8Linear`` registered under ``handle`` (a
+  packed weight is a TorchScript object, which dynamo cannot trace).
 
 After the first (compiling) call, calls skip dynamo's guard evaluation (see ``__call__``).
 
@@ -96,8 +96,8 @@ def _inductor_options(model) -> dict:
     - CPU: single-threaded generated kernels. A decode step's element-wise work is a few rows of a few
       thousand floats, too little to split, and OpenMP regions with barriers between loops stall for
       milliseconds whenever another process holds a core (a tiny model's compiled generation took
-      seconds instead of tens of milliseconds on a busy 2-core machine). The matmuls (fbgemm through
-      ``leaplm::int8_linear``, or the float GEMM) keep torch's threads.
+      seconds instead of tens of milliseconds on a busy 2-core machine). The matmuls (leaplm's int8/int4
+      kernels, fbgemm, or the float GEMM) keep torch's threads.
     - int8 weights: ``freezing`` — the float parameters left (norms, embedding) become constants of
       the compiled code instead of ~300 graph inputs checked on every call (SmolLM2 decode step:
       +13%, measured). Not for float weights, where freezing would repack every matrix into a second
@@ -130,11 +130,6 @@ class CompiledStep:
         self.compile_s: float | None = None
         self.native = _use_native(model) if native is None else native and _use_native(model)
         if self.native:
-            from ..quant.int8 import Int8Linear
-
-            for module in model.modules():
-                if isinstance(module, Int8Linear):
-                    module.bind_native()
             for block in model.blocks:
                 block.attn.native = True
         # a private copy of _body's code: dynamo keeps graphs per code object, so each model has its own

@@ -7,7 +7,9 @@ Python custom ops (``leaplm::attend``, ``leaplm::int8_linear``), which compute t
 
 Ops (``torch.ops.leaplm_native``; see the C++ file for contracts):
 
-- ``int8_bind(packed) -> handle``, ``int8_release(handle)``, ``int8_linear(x [M, in + 2], handle, out)``.
+- ``int8_linear(x [M, K], qweight [N/16, K/4, 64] int8, wscale [N_p] float32, comp [N_p] int32, N) -> [M, N]``:
+  int8 weights per output channel packed in blocks of 16 outputs (``quant/int8.py``), activations
+  quantized to int8 per row inside.
 - ``int4_linear(x [M, K], qweight [N/16, K/32, 256] uint8, scale, minv [N/16, K/32, 16], N) -> [M, N]``:
   4-bit weights in groups of 32 (``w = q * scale + minv``), packed in blocks of 16 outputs
   (``quant/int4.py``), activations quantized to int8 per row and group inside.
@@ -76,7 +78,7 @@ def _build(verbose: bool) -> None:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("leaplm_native::int8_linear")
-    def _int8_linear(x: Tensor, handle: int, out_features: int) -> Tensor:
+    def _int8_linear(x: Tensor, qweight: Tensor, wscale: Tensor, comp: Tensor, out_features: int) -> Tensor:
         return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("leaplm_native::int4_linear")
@@ -87,6 +89,11 @@ def _register_fakes() -> None:
     def _attend(q: Tensor, k: Tensor, v: Tensor, layer: int, kind: int, scale: float) -> Tensor:
         _, N, H, D = q.shape
         return q.new_empty(1, N, H * D)
+
+
+def fast_int8() -> bool:
+    """Whether leaplm's int8 GEMM runs its AVX-512 VNNI loop here (``quant/int8.py`` uses fbgemm otherwise)."""
+    return load() and bool(torch.ops.leaplm_native.int8_vnni())
 
 
 def step_spans(step, sliding: bool) -> tuple[Tensor, Tensor, Tensor]:

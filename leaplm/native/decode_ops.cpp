@@ -1,23 +1,25 @@
-// Native CPU operators of the compiled decode step (leaplm/models/compiled.py), built at first use by
-// leaplm/native/__init__.py. The first two do what the Python custom ops did with ~40-200 us of
-// interpreter work per call, ~150 calls per step; the third is leaplm's int4 GEMM (quant/int4.py):
+// Native CPU operators of leaplm's CPU decode path, built at first use by leaplm/native/__init__.py:
+// leaplm's int8 and int4 GEMMs (quant/int8.py, quant/int4.py; eager and compiled alike) and the compiled
+// step's attention (models/compiled.py), which replaced Python custom ops costing ~40-200 us of
+// interpreter work per call.
 //
-// - leaplm_native::int8_linear(x [M, in + 2], handle, out) -> [M, out]: fbgemm's dynamic int8 GEMM on a
-//   packed weight registered with int8_bind (the packed weight is a TorchScript object, which the graph
-//   cannot hold, so it passes an integer handle).
+// - leaplm_native::int8_linear(x [M, K], qweight, wscale, comp, out) -> [M, out]: int8 weights per output
+//   channel, activations quantized to int8 per row (layout and arithmetic: the int8 section below).
+// - leaplm_native::int4_linear(x [M, K], qweight, scale, minv, out) -> [M, out]: 4-bit weights in groups of
+//   32, activations quantized to int8 per row and group (the int4 section below).
 // - leaplm_native::attend(q [1, N, H, D], k, v [1, N, KV, D], layer, kind) -> [1, N, H * D]: writes the
 //   step's keys/values into the KV cache bound by bind_step and attends. Every query is computed on its
 //   own over exactly the slots it sees (a range of committed slots, then its tree ancestors in depth
 //   order), by the same loop whatever N is, so a row's result does not depend on the other rows or on
 //   how many draft tokens share the pass: speculation reproduces single-token decoding bit for bit.
-// - leaplm_native::int4_linear(x [M, K], qweight, scale, minv, out) -> [M, out]: 4-bit weights in groups of
-//   32, activations quantized to int8 per row and group (layout and arithmetic: the int4 section below).
+//
+// Both GEMMs are batch-invariant the same way: a row's integer dot products are exact and its float
+// steps run in a fixed order, whatever M is and whichever thread computes it.
 //
 // The step geometry (cache tensors, slot of each fed token, per-query spans) is bound once per step by
 // bind_step, per thread (as Python's `compiled.active`).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/quantized/PackedParams.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -25,38 +27,186 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 namespace {
 
 // ------------------------------------------------------------------------------------------ int8 GEMM
-std::mutex weights_mutex;
-std::vector<c10::intrusive_ptr<LinearPackedParamsBase>> weights;   // handle -> packed weight
+// Weights [N, K] int8 per output row (w = q * wscale[o], q in -127..127), packed in blocks of 16 outputs:
+// qweight [N / 16, K / 4, 64] bytes laid out [output 0..15][t 0..3] = q[o][4i + t] (K and N zero-padded to
+// multiples of 4 and 16), so one 512-bit load holds 4 consecutive inputs of 16 outputs and one VNNI step
+// (u8 activations x s8 weights) advances 16 outputs by 4 inputs with no horizontal sums. Activations are
+// quantized per row: xq = round(x / xs) in [-127, 127], xs = max|x| / 127, fed as xq + 128 (u8); the
+// kernel subtracts comp[o] = 128 * sum_k q[o][k]. Per row and output:
+//   y = float(sum_k (xq_k + 128) q_k - comp) * (xs * wscale)
+// The integer sum is exact whatever order it is formed in and the float steps are fixed, so a row's
+// result depends neither on the other rows (batch invariance) nor on the thread computing it.
 
-int64_t int8_bind(const c10::intrusive_ptr<LinearPackedParamsBase>& packed) {
-  std::lock_guard<std::mutex> lock(weights_mutex);
-  weights.push_back(packed);
-  return static_cast<int64_t>(weights.size()) - 1;
+// Activations of all M rows, interleaved per quad of inputs so a row group's broadcasts share one pointer:
+// q [K4][M] int32 words (4 bytes xq + 128 each), xs [M].
+void quantize_rows8(const float* x, int64_t M, int64_t K, int64_t K4, std::vector<int32_t>& q, std::vector<float>& xs) {
+  q.assign(static_cast<size_t>(K4 * M), 0x80808080);   // padding inputs: xq = 0
+  xs.resize(M);
+  uint8_t* qb = reinterpret_cast<uint8_t*>(q.data());
+  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, K)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = x + m * K;
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      xs[m] = amax / 127.f;
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int64_t k = 0;
+#if defined(__AVX512F__)
+      // the same rounding as nearbyint (round to nearest even), 16 inputs = 4 words at a time
+      const __m512 iv = _mm512_set1_ps(inv);
+      for (; k + 16 <= K; k += 16) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), iv));
+        v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(v, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127)),
+                             _mm512_set1_epi32(128));
+        alignas(16) int32_t words[4];
+        _mm_store_si128(reinterpret_cast<__m128i*>(words), _mm512_cvtepi32_epi8(v));
+        for (int w = 0; w < 4; ++w) q[(k / 4 + w) * M + m] = words[w];
+      }
+#endif
+      for (; k < K; ++k)
+        qb[((k / 4) * M + m) * 4 + k % 4] =
+            static_cast<uint8_t>(std::clamp(static_cast<int32_t>(std::nearbyint(xr[k] * inv)), -127, 127) + 128);
+    }
+  });
 }
 
-void int8_release(int64_t handle) {
-  std::lock_guard<std::mutex> lock(weights_mutex);
-  TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(weights.size()), "bad int8 weight handle ", handle);
-  weights[handle].reset();
-}
-
-at::Tensor int8_linear(const at::Tensor& x, int64_t handle, int64_t out_features) {
-  c10::intrusive_ptr<LinearPackedParamsBase> packed;
-  {
-    std::lock_guard<std::mutex> lock(weights_mutex);
-    TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(weights.size()) && weights[handle],
-                "int8 weight handle ", handle, " is not bound");
-    packed = weights[handle];
+// NB blocks of 16 outputs (the next one `bstride` bytes on) for R rows (their words at x[i * M + r]):
+// integer sums out[r][16 * nb + o]. The sums are exact, so how rows and blocks are tiled changes nothing.
+template <int R, int NB>
+void int8_tile(const int8_t* qb, int64_t bstride, const int32_t* x, int64_t M, int64_t K4, int32_t out[][32]) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  constexpr int S = R * NB <= 2 ? 4 : (R * NB <= 4 ? 2 : 1);   // independent chains, to hide the latency
+  __m512i acc[R][NB][S];
+  for (int r = 0; r < R; ++r)
+    for (int nb = 0; nb < NB; ++nb)
+      for (int c = 0; c < S; ++c) acc[r][nb][c] = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + S <= K4; i += S) {
+    for (int c = 0; c < S; ++c) {
+      __m512i w[NB];
+      for (int nb = 0; nb < NB; ++nb) w[nb] = _mm512_loadu_si512(qb + nb * bstride + (i + c) * 64);
+      const int32_t* xi = x + (i + c) * M;
+      for (int r = 0; r < R; ++r) {
+        const __m512i xb = _mm512_set1_epi32(xi[r]);
+        for (int nb = 0; nb < NB; ++nb) acc[r][nb][c] = _mm512_dpbusd_epi32(acc[r][nb][c], xb, w[nb]);
+      }
+    }
   }
-  at::Tensor y = packed->apply_dynamic(x.contiguous(), /*reduce_range=*/false);
-  TORCH_CHECK(y.size(-1) == out_features, "int8 weight ", handle, " has ", y.size(-1), " outputs, not ",
-              out_features);
+  for (; i < K4; ++i) {
+    __m512i w[NB];
+    for (int nb = 0; nb < NB; ++nb) w[nb] = _mm512_loadu_si512(qb + nb * bstride + i * 64);
+    const int32_t* xi = x + i * M;
+    for (int r = 0; r < R; ++r) {
+      const __m512i xb = _mm512_set1_epi32(xi[r]);
+      for (int nb = 0; nb < NB; ++nb) acc[r][nb][0] = _mm512_dpbusd_epi32(acc[r][nb][0], xb, w[nb]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int nb = 0; nb < NB; ++nb) {
+      __m512i s = acc[r][nb][0];
+      for (int c = 1; c < S; ++c) s = _mm512_add_epi32(s, acc[r][nb][c]);
+      _mm512_storeu_si512(out[r] + 16 * nb, s);
+    }
+#else
+  const uint8_t* xb = reinterpret_cast<const uint8_t*>(x);
+  for (int r = 0; r < R; ++r)
+    for (int nb = 0; nb < NB; ++nb)
+      for (int o = 0; o < 16; ++o) {
+        int32_t s = 0;
+        for (int64_t i = 0; i < K4; ++i)
+          for (int t = 0; t < 4; ++t)
+            s += static_cast<int32_t>(xb[(i * M + r) * 4 + t]) * qb[nb * bstride + i * 64 + o * 4 + t];
+        out[r][16 * nb + o] = s;
+      }
+#endif
+}
+
+template <int NB, int RMAX>
+void int8_rows(const int8_t* qb, int64_t bstride, const int32_t* x, int64_t M, int64_t n, int64_t K4,
+               int32_t out[][32]) {
+  switch (n) {
+    case 1: int8_tile<1, NB>(qb, bstride, x, M, K4, out); break;
+    case 2: int8_tile<2, NB>(qb, bstride, x, M, K4, out); break;
+    case 3: int8_tile<3, NB>(qb, bstride, x, M, K4, out); break;
+    case 4: int8_tile<4, NB>(qb, bstride, x, M, K4, out); break;
+    case 5: int8_tile<5, NB>(qb, bstride, x, M, K4, out); break;
+    case 6: int8_tile<6, NB>(qb, bstride, x, M, K4, out); break;
+    case 7: int8_tile<7, NB>(qb, bstride, x, M, K4, out); break;
+    case 8: int8_tile<8, NB>(qb, bstride, x, M, K4, out); break;
+    case 9: int8_tile<9, NB>(qb, bstride, x, M, K4, out); break;
+    case 10: int8_tile<10, NB>(qb, bstride, x, M, K4, out); break;
+    case 11: int8_tile<11, NB>(qb, bstride, x, M, K4, out); break;
+    case 12: int8_tile<12, NB>(qb, bstride, x, M, K4, out); break;
+    case 13: if constexpr (RMAX >= 13) { int8_tile<13, NB>(qb, bstride, x, M, K4, out); } break;
+    case 14: if constexpr (RMAX >= 14) { int8_tile<14, NB>(qb, bstride, x, M, K4, out); } break;
+    case 15: if constexpr (RMAX >= 15) { int8_tile<15, NB>(qb, bstride, x, M, K4, out); } break;
+    default: if constexpr (RMAX >= 16) { int8_tile<16, NB>(qb, bstride, x, M, K4, out); } break;
+  }
+}
+
+// Whether this build has the VNNI loop (else the portable one runs: correct, far slower than fbgemm).
+bool int8_vnni() {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& wscale,
+                        const at::Tensor& comp, int64_t out_features) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "int8_linear: x must be float32 [M, K]");
+  TORCH_CHECK(qweight.dim() == 3 && qweight.scalar_type() == at::kChar && qweight.is_contiguous() &&
+                  qweight.size(2) == 64,
+              "int8_linear: qweight must be contiguous int8 [N / 16, K / 4, 64]");
+  const int64_t M = x_in.size(0), K = x_in.size(1), blocks = qweight.size(0), K4 = qweight.size(1);
+  const int64_t N = out_features;
+  TORCH_CHECK(K <= K4 * 4 && K > (K4 - 1) * 4, "int8_linear: x has ", K, " columns; the weight was packed for ",
+              K4 * 4);
+  TORCH_CHECK(N > (blocks - 1) * 16 && N <= blocks * 16, "int8_linear: ", N, " outputs do not fit ", blocks,
+              " blocks of 16");
+  TORCH_CHECK(wscale.scalar_type() == at::kFloat && wscale.is_contiguous() && wscale.numel() == blocks * 16 &&
+                  comp.scalar_type() == at::kInt && comp.is_contiguous() && comp.numel() == blocks * 16,
+              "int8_linear: wscale (float32) and comp (int32) must hold ", blocks * 16, " values");
+  at::Tensor x = x_in.contiguous();
+  std::vector<int32_t> xq;
+  std::vector<float> xs;
+  quantize_rows8(x.data_ptr<float>(), M, K, K4, xq, xs);
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const int8_t* qp = qweight.data_ptr<int8_t>();
+  const float* ws = wscale.data_ptr<float>();
+  const int32_t* cp = comp.data_ptr<int32_t>();
+  // up to 16 rows share each weight load (one block of 16 outputs); for wide inputs two blocks share
+  // each activation broadcast (12 rows x 2 blocks), halving the broadcasts per VNNI step
+  const int64_t NB = M > 16 ? 2 : 1, RM = NB == 2 ? 12 : 16;
+  const int64_t tiles = (blocks + NB - 1) / NB;
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, K * M * NB));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    alignas(64) int32_t isum[16][32];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t * NB, nb = std::min<int64_t>(NB, blocks - b);
+      const int8_t* qb = qp + b * K4 * 64;
+      for (int64_t m0 = 0; m0 < M; m0 += RM) {
+        const int64_t n = std::min(RM, M - m0);
+        const int32_t* xr = xq.data() + m0;
+        if (nb == 2) int8_rows<2, 12>(qb, K4 * 64, xr, M, n, K4, isum);
+        else int8_rows<1, 16>(qb, K4 * 64, xr, M, n, K4, isum);
+        const int64_t valid = std::min<int64_t>(16 * nb, N - b * 16);
+        for (int64_t r = 0; r < n; ++r) {
+          const float scale = xs[m0 + r];
+          float* yr = yp + (m0 + r) * N + b * 16;
+          for (int64_t o = 0; o < valid; ++o)
+            yr[o] = static_cast<float>(isum[r][o] - cp[b * 16 + o]) * (scale * ws[b * 16 + o]);
+        }
+      }
+    }
+  });
   return y;
 }
 
@@ -328,6 +478,158 @@ void attend_one(const float* q, const float* K, const float* V, float* out, int6
   }
 }
 
+#if defined(__AVX512F__)
+// exp_nonpositive on 16 lanes: the same polynomial, fused multiply-adds.
+inline __m512 exp512_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(fx, _mm512_set1_ps(2.12194440e-4f), r);
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, r2, r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
+}
+
+// Sums of 16 vectors at once: lane k of the result is the sum of a[k]'s 16 lanes, always by the same tree
+// ((x0 + x2) + (x1 + x3) within each 128-bit quarter, then quarters (0 + 2) + (1 + 3)), wherever k is.
+inline __m512 reduce16(const __m512* a) {
+  __m512 c[8], e[4];
+  for (int m = 0; m < 8; ++m)
+    c[m] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * m], a[2 * m + 1]), _mm512_unpackhi_ps(a[2 * m], a[2 * m + 1]));
+  for (int n = 0; n < 4; ++n)
+    e[n] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * n], c[2 * n + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(c[2 * n], c[2 * n + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 g0 = _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(e[0], e[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 g1 = _mm512_add_ps(_mm512_shuffle_f32x4(e[2], e[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(e[2], e[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(g0, g1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(g0, g1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// One head's scores over the keys, 16 keys at a time: p[j] = scale * q . K[keys[j]], each a lane-wise
+// chain over the D / 16 chunks in order, then reduce16. A key's arithmetic depends only on its place in
+// the query's own key list, never on other queries. Returns max_j p[j].
+float scores512(const float* q, const float* K, const int64_t* keys, int64_t L, int64_t D, float scale, float* p) {
+  const int64_t C = D / 16;
+  const __m512 sv = _mm512_set1_ps(scale);
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  __m512 t[16];
+  for (int64_t j0 = 0; j0 < L; j0 += 16) {
+    const int64_t n = std::min<int64_t>(16, L - j0);
+    int64_t k = 0;
+    for (; k + 4 <= n; k += 4) {   // four keys in flight: independent chains hide the FMA latency
+      const float* k0 = K + keys[j0 + k] * D;
+      const float* k1 = K + keys[j0 + k + 1] * D;
+      const float* k2 = K + keys[j0 + k + 2] * D;
+      const float* k3 = K + keys[j0 + k + 3] * D;
+      __m512 qc = _mm512_loadu_ps(q);
+      __m512 a0 = _mm512_mul_ps(qc, _mm512_loadu_ps(k0)), a1 = _mm512_mul_ps(qc, _mm512_loadu_ps(k1));
+      __m512 a2 = _mm512_mul_ps(qc, _mm512_loadu_ps(k2)), a3 = _mm512_mul_ps(qc, _mm512_loadu_ps(k3));
+      for (int64_t c = 1; c < C; ++c) {
+        qc = _mm512_loadu_ps(q + 16 * c);
+        a0 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k0 + 16 * c), a0);
+        a1 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k1 + 16 * c), a1);
+        a2 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k2 + 16 * c), a2);
+        a3 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k3 + 16 * c), a3);
+      }
+      t[k] = a0, t[k + 1] = a1, t[k + 2] = a2, t[k + 3] = a3;
+    }
+    for (; k < n; ++k) {   // the same chain, one key at a time
+      const float* kj = K + keys[j0 + k] * D;
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kj));
+      for (int64_t c = 1; c < C; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(kj + 16 * c), acc);
+      t[k] = acc;
+    }
+    for (int64_t k = n; k < 16; ++k) t[k] = _mm512_setzero_ps();
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+    const __m512 s = _mm512_mul_ps(reduce16(t), sv);
+    _mm512_mask_storeu_ps(p + j0, valid, s);
+    mx = _mm512_mask_max_ps(mx, valid, mx, s);
+  }
+  return _mm512_reduce_max_ps(mx);
+}
+
+// out[h][c] = inv[h] * sum_j p[h][j] V[keys[j]][chunk c] for HB heads x CB chunks of 16 (from chunk c0):
+// one chain per output lane over the keys in order.
+template <int HB, int CB>
+void values512(const float* const* p, int64_t L, const float* V, const int64_t* keys, int64_t D, int64_t c0,
+               const float* inv, float* const* out) {
+  __m512 acc[HB][CB];
+  for (int h = 0; h < HB; ++h)
+    for (int c = 0; c < CB; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < L; ++j) {
+    const float* vj = V + keys[j] * D + 16 * c0;
+    __m512 v[CB];
+    for (int c = 0; c < CB; ++c) v[c] = _mm512_loadu_ps(vj + 16 * c);
+    for (int h = 0; h < HB; ++h) {
+      const __m512 b = _mm512_set1_ps(p[h][j]);
+      for (int c = 0; c < CB; ++c) acc[h][c] = _mm512_fmadd_ps(b, v[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < HB; ++h)
+    for (int c = 0; c < CB; ++c)
+      _mm512_storeu_ps(out[h] + 16 * (c0 + c), _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv[h])));
+}
+
+template <int CB>
+void values_heads(const float* const* p, int64_t heads, int64_t L, const float* V, const int64_t* keys, int64_t D,
+                  const float* inv, float* const* out) {
+  constexpr int HB = 8 / CB;   // up to 8 accumulators of 16 lanes
+  for (int64_t h0 = 0; h0 < heads; h0 += HB) {
+    const int64_t hb = std::min<int64_t>(HB, heads - h0);
+    for (int64_t c0 = 0; c0 < D / 16; c0 += CB) {
+      switch (hb) {
+        case 1: values512<1, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); break;
+        case 2: if constexpr (HB >= 2) { values512<2, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); } break;
+        case 3: if constexpr (HB >= 3) { values512<3, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); } break;
+        case 4: if constexpr (HB >= 4) { values512<4, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); } break;
+        case 5: if constexpr (HB >= 5) { values512<5, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); } break;
+        case 6: if constexpr (HB >= 6) { values512<6, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); } break;
+        case 7: if constexpr (HB >= 7) { values512<7, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); } break;
+        default: if constexpr (HB >= 8) { values512<8, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); } break;
+      }
+    }
+  }
+}
+
+void attend_one512(const float* q, const float* K, const float* V, float* out, int64_t group, int64_t D,
+                   int64_t head_stride_q, const int64_t* keys, int64_t L, float scale, std::vector<float>& scratch) {
+  const int64_t Lp = (L + 15) / 16 * 16;
+  scratch.resize(static_cast<size_t>(group * (Lp + 1)));
+  float* inv = scratch.data() + group * Lp;
+  std::vector<const float*> ps(group);
+  std::vector<float*> outs(group);
+  for (int64_t g = 0; g < group; ++g) {
+    float* pg = scratch.data() + g * Lp;
+    ps[g] = pg;
+    outs[g] = out + g * head_stride_q;
+    const __m512 mv = _mm512_set1_ps(scores512(q + g * head_stride_q, K, keys, L, D, scale, pg));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < L; j += 16) {
+      const __mmask16 valid = static_cast<__mmask16>(L - j >= 16 ? 0xFFFF : (1u << (L - j)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(valid, exp512_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, pg + j), mv)));
+      _mm512_mask_storeu_ps(pg + j, valid, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  const int64_t C = D / 16;
+  if (C % 8 == 0) values_heads<8>(ps.data(), group, L, V, keys, D, inv, outs.data());
+  else if (C % 4 == 0) values_heads<4>(ps.data(), group, L, V, keys, D, inv, outs.data());
+  else if (C % 2 == 0) values_heads<2>(ps.data(), group, L, V, keys, D, inv, outs.data());
+  else values_heads<1>(ps.data(), group, L, V, keys, D, inv, outs.data());
+}
+#endif
+
 at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, int64_t layer,
                   int64_t kind, double scale) {
   TORCH_CHECK(step.bound, "leaplm_native::attend called outside a bound step");
@@ -364,20 +666,32 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
   const int64_t group = H / KV;
   int64_t keys_total = 0;
   for (int64_t n = 0; n < N; ++n) keys_total += (s.hi[n] - s.lo[n]) + (s.off[n + 1] - s.off[n]);
-  // each (query, kv head) runs on one thread in a fixed order: threads do not change results
+  // each (query, head) runs on one thread in a fixed order: threads do not change results
   const int64_t work = keys_total * H * D;
-  const int64_t grain = work < (1 << 21) ? N * KV : 1;
-  at::parallel_for(0, N * KV, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = work < (1 << 16) ? N * H : 1;
+  at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> keys;
     std::vector<float> scratch;
+    int64_t keys_of = -1;   // the query `keys` was built for
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / KV, h = item % KV, b = n / T;
-      keys.clear();
-      for (int64_t j = s.lo[n]; j < s.hi[n]; ++j) keys.push_back(j);
-      for (int64_t a = s.off[n]; a < s.off[n + 1]; ++a) keys.push_back(s.anc[a]);
+      const int64_t n = item / H, head = item % H, h = head / group, b = n / T;
+      if (keys_of != n) {
+        keys.clear();
+        for (int64_t j = s.lo[n]; j < s.hi[n]; ++j) keys.push_back(j);
+        for (int64_t a = s.off[n]; a < s.off[n + 1]; ++a) keys.push_back(s.anc[a]);
+        keys_of = n;
+      }
       const int64_t base = (b * KV + h) * capacity * D;
-      attend_one(qp + (n * H + h * group) * D, Kc + base, Vc + base, op + (n * H + h * group) * D, group, D, D,
-                 keys.data(), static_cast<int64_t>(keys.size()), static_cast<float>(scale), scratch);
+      const float* qh = qp + (n * H + head) * D;
+      float* oh = op + (n * H + head) * D;
+      const int64_t L = static_cast<int64_t>(keys.size());
+#if defined(__AVX512F__)
+      if (D % 16 == 0) {
+        attend_one512(qh, Kc + base, Vc + base, oh, 1, D, D, keys.data(), L, static_cast<float>(scale), scratch);
+        continue;
+      }
+#endif
+      attend_one(qh, Kc + base, Vc + base, oh, 1, D, D, keys.data(), L, static_cast<float>(scale), scratch);
     }
   });
   return out;
@@ -386,12 +700,11 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY(leaplm_native, m) {
-  m.def("int8_bind(__torch__.torch.classes.quantized.LinearPackedParamsBase packed) -> int", &int8_bind);
-  m.def("int8_release(int handle) -> ()", &int8_release);
-  m.def("int8_linear(Tensor x, int handle, int out_features) -> Tensor");
-  m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minv, int out_features) -> Tensor");
   m.impl("int4_linear", c10::DispatchKey::CPU, TORCH_FN(int4_linear));
+  m.def("int8_vnni() -> bool", &int8_vnni);
+  m.def("int8_linear(Tensor x, Tensor qweight, Tensor wscale, Tensor comp, int out_features) -> Tensor");
+  m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
   m.def("bind_step(Tensor[] k, Tensor[] v, Tensor slots, int T, Tensor span_full, Tensor anc_off_full, "
         "Tensor anc_full, Tensor span_sliding, Tensor anc_off_sliding, Tensor anc_sliding) -> ()",
         &bind_step);

@@ -1,8 +1,8 @@
 """Weight quantization at load time. ``quantize_model(model, "int8")`` swaps every projection
 (``models.layers.Linear``, and the tied or untied LM head) for a quantized module in place.
 
-Modes: ``None`` (keep float weights), ``"int8"`` (per-output-channel int8 weights, fbgemm's
-dynamic int8 GEMM on CPU: see ``int8.py``), ``"int4"`` (4-bit groups of 32 as GGUF's Q4_1 in the
+Modes: ``None`` (keep float weights), ``"int8"`` (per-output-channel int8 weights, leaplm's
+VNNI int8 GEMM on CPU, fbgemm's dynamic int8 GEMM where it cannot run: see ``int8.py``), ``"int4"`` (4-bit groups of 32 as GGUF's Q4_1 in the
 blocks, leaplm's own C++ GEMM: ``int4.py``; the LM head stays int8) and ``"auto"`` (what ``LLM`` does by default:
 ``resolve_quantization`` picks int8 for a GGUF file whose weights are low-bit blocks when it runs
 on CPU in float32, and float weights otherwise — a 4-bit file is not inflated to 32 bits). Each mode is one small module so a kernel can be

@@ -1,19 +1,22 @@
-"""Int8 weight projections on CPU via fbgemm's dynamic int8 GEMM (``quantized::linear_dynamic``).
+"""Int8 weight projections on CPU: leaplm's own VNNI int8 GEMM (``leaplm_native::int8_linear``, C++),
+with fbgemm's dynamic int8 GEMM (``quantized::linear_dynamic``) as the fallback where the native ops
+cannot be built.
 
-Why this kernel: on the AVX2 CPUs we measured (../shared/notes/cpu-kernels.md) it reads 4x fewer
-weight bytes than fp32 and runs a batch-1 mat-vec 7-9x faster, and 5 rows cost only 1.2-1.7x one
-row, which is what makes speculative verification pay. torch's int8/int4 weight-only aten kernels
-were slower than fp32 here.
+Why our own kernel: fbgemm was the fastest library path measured (../shared/notes/cpu-kernels.md: 7-9x
+fp32 at batch 1), but on this AVX-512 VNNI CPU leaplm's kernel runs SmolLM2's projections 3-5x faster
+than fbgemm at 1 row and ~1.8x at 16 rows (``docs/benchmarks.md``, session 7): one VNNI step advances
+16 outputs by 4 inputs from a block-packed weight, with no per-call packing of the activations.
 
-Weights: symmetric per-output-channel int8, ``scale[o] = max|W[o, :]| / 127``.
+Weights: symmetric per-output-channel int8, ``scale[o] = max|W[o, :]| / 127``. Native layout
+(``pack_int8``): ``qweight [out_p / 16, in_p / 4, 64]`` int8 (``[output 0..15][t 0..3]`` per quad of
+inputs), ``wscale [out_p]`` float32 and ``comp [out_p] = 128 * sum_k q[o, k]`` int32.
 
-Activations: fbgemm quantizes its input with ONE asymmetric range over the whole ``[M, K]`` input,
-so a row's result would depend on the other rows in the call — a verification pass of 6 tokens
-would not reproduce single-token decoding, and speculation would change greedy output. We make
-every row independent (bit-identical whatever the batch): each row is divided by its own
-``max|x|`` and two sentinel columns ``+1, -1`` are appended (their weight columns are zero), so
-every call sees the range exactly ``[-1, 1]``; the output is multiplied back by ``max|x|``.
-That is per-token activation quantization with a fixed grid, at the price of two columns.
+Activations: quantized per row, ``xq = round(x / xs)``, ``xs = max|x| / 127`` (native), so a row's result
+never depends on the other rows: a verification pass of 6 tokens reproduces single-token decoding bit for
+bit and speculation stays exact. fbgemm instead quantizes with ONE asymmetric range over the whole
+``[M, K]`` input; the fallback makes it per row too: each row is divided by its own ``max|x|`` and two
+sentinel columns ``+1, -1`` are appended (zero weight columns), so every call sees the range exactly
+``[-1, 1]``; the output is multiplied back by ``max|x|``.
 
 Shapes: ``x [..., in] -> y [..., out]`` float32.
 """
@@ -23,14 +26,17 @@ import warnings
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+BLOCK = 16   # outputs per packed block (native layout)
 
 # Full 8-bit activations: on SmolLM2 7-bit (fbgemm's x86 default, against int16 saturation) raised
 # perplexity 35.1 -> 40.8, 8-bit only to 36.9 (fp32 35.1), measured on Spec-Bench prompts.
 REDUCE_RANGE = False
 
 
-# ``leaplm::int8_linear``: how the compiled decode step (models/compiled.py) calls fbgemm — a packed
+# ``leaplm::int8_linear``: how a compiled decode step (models/compiled.py) calls the fbgemm fallback — a packed
 # weight is a TorchScript object that dynamo cannot trace, so the graph passes a handle instead.
 _lib = torch.library.Library("leaplm", "FRAGMENT")
 _lib.define("int8_linear(Tensor x, int handle, int out_features) -> Tensor")
@@ -66,63 +72,96 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-class Int8Linear(nn.Module):
-    """``y = x @ W.T (+ b)`` with int8 ``W``; built by ``from_weight``. Batch-invariant per row."""
+def pack_int8(q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The native kernel's layout (native/decode_ops.cpp): ``q [out, in]`` int8, ``scale [out]`` ->
+    ``qweight [out_p / 16, in_p / 4, 64]``, ``wscale [out_p]``, ``comp [out_p]`` (zero padding)."""
+    out_f, in_f = q.shape
+    q = F.pad(q, (0, -in_f % 4, 0, -out_f % BLOCK))
+    B, K4 = q.shape[0] // BLOCK, q.shape[1] // 4
+    qweight = q.view(B, BLOCK, K4, 4).permute(0, 2, 1, 3).reshape(B, K4, BLOCK * 4).contiguous()
+    comp = (128 * q.to(torch.int32).sum(1)).to(torch.int32)
+    return qweight, F.pad(scale.float(), (0, -out_f % BLOCK)).contiguous(), comp
 
-    def __init__(self, packed, in_features: int, out_features: int, bias: Tensor | None) -> None:
+
+def unpack_int8(qweight: Tensor, out_features: int, in_features: int) -> Tensor:
+    """``pack_int8``'s ``qweight`` -> ``q [out, in]`` int8."""
+    B, K4, _ = qweight.shape
+    return qweight.view(B, K4, BLOCK, 4).permute(0, 2, 1, 3).reshape(B * BLOCK, K4 * 4)[:out_features, :in_features]
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ W.T (+ b)`` with int8 ``W``; built by ``from_weight``. Batch-invariant per row.
+
+    ``native``: the weight is in ``pack_int8``'s layout for ``leaplm_native::int8_linear``; otherwise
+    (no C++ compiler) it is an fbgemm packed weight with the sentinel columns."""
+
+    def __init__(self, in_features: int, out_features: int, bias: Tensor | None, *, native: tuple | None = None,
+                 packed=None) -> None:
         super().__init__()
-        self.packed = packed
         self.in_features, self.out_features = in_features, out_features
         self.bias = bias
-        self._buffers_by_rows: dict[int, Tensor] = {}
-        self.handle = _register(self)   # how the compiled step's ``leaplm::int8_linear`` finds ``packed``
-        self.native_handle: int | None = None   # the same for ``leaplm_native::int8_linear`` (bind_native)
-
-    def bind_native(self) -> None:
-        """Register ``packed`` with the native ops (``leaplm.native``, loaded); the compiled step then
-        calls ``leaplm_native::int8_linear`` (C++) instead of the Python op. Released with the module."""
-        if self.native_handle is None:
-            self.native_handle = torch.ops.leaplm_native.int8_bind(self.packed)
-            weakref.finalize(self, torch.ops.leaplm_native.int8_release, self.native_handle)
+        self.native = native is not None
+        if self.native:
+            qweight, wscale, comp = native
+            self.register_buffer("qweight", qweight)
+            self.register_buffer("wscale", wscale)
+            self.register_buffer("comp", comp)
+        else:
+            self.packed = packed
+            self._buffers_by_rows: dict[int, Tensor] = {}
+            self.handle = _register(self)   # how the compiled step's ``leaplm::int8_linear`` finds ``packed``
 
     @classmethod
     def from_weight(cls, weight: Tensor, bias: Tensor | None = None) -> "Int8Linear":
+        from .. import native
+
         out_f, in_f = weight.shape
         q, scale = quantize_weight(weight)
+        b = None if bias is None else bias.detach().float().clone()
+        if native.fast_int8():
+            return cls(in_f, out_f, b, native=pack_int8(q, scale))
         q = torch.cat([q, torch.zeros(out_f, 2, dtype=torch.int8)], dim=1)  # sentinel columns
         with warnings.catch_warnings():  # torch deprecates quantized tensors; fbgemm's packing still needs one
             warnings.simplefilter("ignore")
             qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(out_f, dtype=torch.long), 0)
             packed = torch.ops.quantized.linear_prepack(qw, None)
-        b = None if bias is None else bias.detach().float().clone()
-        return cls(packed, in_f, out_f, b)
+        return cls(in_f, out_f, b, packed=packed)
 
     def dequantized_weight(self) -> Tensor:
         """The float ``[out, in]`` weight this module multiplies by (for tests and references)."""
+        if self.native:
+            q = unpack_int8(self.qweight, self.out_features, self.in_features)
+            return q.float() * self.wscale[: self.out_features, None]
         w, _ = torch.ops.quantized.linear_unpack(self.packed)
         return w.dequantize()[:, : self.in_features]
+
+    def weight_bytes(self) -> int:
+        """Bytes of weight (and scales) one pass reads."""
+        if self.native:
+            return sum(t.numel() * t.element_size() for t in (self.qweight, self.wscale, self.comp))
+        return self.out_features * (self.in_features + 2) + 4 * self.out_features
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
-        if torch.compiler.is_compiling():   # the same arithmetic as a graph: fused, no buffers
+        if self.native:
+            y = torch.ops.leaplm_native.int8_linear(x2, self.qweight, self.wscale, self.comp, self.out_features)
+            y = y if self.bias is None else y + self.bias
+        elif torch.compiler.is_compiling():   # the same arithmetic as a graph: fused, no buffers
             amax = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
             sentinels = torch.tensor([[1.0, -1.0]], device=x2.device).expand(x2.shape[0], 2)
             scaled = torch.cat([x2 / amax, sentinels], dim=1)
-            if self.native_handle is not None:
-                y = torch.ops.leaplm_native.int8_linear(scaled, self.native_handle, self.out_features) * amax
-            else:
-                y = torch.ops.leaplm.int8_linear(scaled, self.handle, self.out_features) * amax
+            y = torch.ops.leaplm.int8_linear(scaled, self.handle, self.out_features) * amax
             y = y if self.bias is None else y + self.bias
-            return y.reshape(*shape[:-1], self.out_features)
-        amax = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # (vector_norm(inf) is 7x slower here)
-        buf = self._input_buffer(x2.shape[0])
-        torch.div(x2, amax, out=buf[:, : self.in_features])
-        y = torch.ops.quantized.linear_dynamic(buf, self.packed, REDUCE_RANGE).mul_(amax)
-        if self.bias is not None:
-            y.add_(self.bias)
+        else:
+            amax = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # (vector_norm(inf) is 7x slower here)
+            buf = self._input_buffer(x2.shape[0])
+            torch.div(x2, amax, out=buf[:, : self.in_features])
+            y = torch.ops.quantized.linear_dynamic(buf, self.packed, REDUCE_RANGE).mul_(amax)
+            if self.bias is not None:
+                y.add_(self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
     def _input_buffer(self, rows: int) -> Tensor:
@@ -137,4 +176,5 @@ class Int8Linear(nn.Module):
         return buf
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 per-channel, bias={self.bias is not None}"
+        kernel = "leaplm VNNI" if self.native else "fbgemm"
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel ({kernel}), bias={self.bias is not None}"

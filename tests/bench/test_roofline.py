@@ -31,7 +31,12 @@ def test_int8_weights_count_one_byte_each(tiny_model_dir):
     model = quantize_model(build_model(folder), "int8")
     cfg = model.config
     matrices = [p for n, p in ref.named_parameters() if p.dim() == 2 and "embed" not in n]
-    expected = sum(p.shape[0] * (p.shape[1] + 2) + 4 * p.shape[0] for p in matrices)   # int8 + sentinels + scales
+    from leaplm.quant.int8 import Int8Linear
+
+    if next(m for m in model.modules() if isinstance(m, Int8Linear)).native:   # int8 + scales + int32 row sums
+        expected = sum(p.shape[0] * p.shape[1] + 8 * p.shape[0] for p in matrices)   # (dims: multiples of 16)
+    else:                                                                            # fbgemm: int8 + sentinels + scales
+        expected = sum(p.shape[0] * (p.shape[1] + 2) + 4 * p.shape[0] for p in matrices)
     expected += sum(p.numel() * 4 for n, p in ref.named_parameters() if p.dim() == 1)    # norms stay float
     assert weight_bytes_per_token(model) == expected
     assert expected < sum(p.numel() for p in ref.parameters()) * 4 / 2 - cfg.vocab_size * cfg.hidden_size * 2
@@ -47,7 +52,7 @@ def test_int4_weights_count_five_eighths_of_a_byte_each(tiny_model_dir):
     blocks = [p for n, p in ref.named_parameters() if p.dim() == 2 and "layers" in n]   # 64/96 wide: no padding
     head = ref.lm_head.weight
     expected = sum(p.numel() * 20 // 32 for p in blocks)
-    expected += head.shape[0] * (head.shape[1] + 2) + 4 * head.shape[0]
+    expected += model.lm_head.weight_bytes()   # int8 (counted in the test above)
     expected += sum(p.numel() * 4 for n, p in ref.named_parameters() if p.dim() == 1)
     assert cfg.hidden_size % 32 == 0 and cfg.intermediate_size % 32 == 0
     assert weight_bytes_per_token(model) == expected

@@ -1,6 +1,6 @@
 """The native C++ decode ops (leaplm/native): attention equal to a float64 reference for chains, trees,
 windows and grouped heads, bit-identical whatever else shares the pass or how many threads run it;
-the int8 GEMM equal to the Python op bit for bit; clear errors when misused."""
+the int8 GEMM equal to its stated integer arithmetic bit for bit; clear errors when misused."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from leaplm import native
-from leaplm.quant.int8 import Int8Linear
+from leaplm.quant.int8 import Int8Linear, pack_int8, quantize_weight, unpack_int8
 
 pytestmark = pytest.mark.skipif(os.environ.get("LEAPLM_NATIVE") == "0", reason="native ops disabled (LEAPLM_NATIVE=0)")
 ops = torch.ops.leaplm_native if native.load() else None
@@ -19,6 +19,8 @@ ops = torch.ops.leaplm_native if native.load() else None
 def test_the_native_ops_build_here():
     """The project installs ninja and needs gcc (as inductor does): the build must succeed, not skip."""
     assert native.available()
+    # int8 weights use leaplm's kernel exactly where its VNNI loop is compiled in, fbgemm elsewhere
+    assert Int8Linear.from_weight(torch.randn(16, 8)).native == native.fast_int8()
 
 
 def _cache(B=2, KV=2, cap=40, D=16, seed=0):
@@ -109,40 +111,38 @@ def test_attend_matches_sdpa_on_long_rows():
     torch.testing.assert_close(out.view(1, 2, 64), ref[0].transpose(0, 1).reshape(1, 2, 64), rtol=1e-5, atol=1e-5)
 
 
-def test_int8_linear_equals_the_python_op_bit_for_bit():
-    torch.manual_seed(0)
-    module = Int8Linear.from_weight(torch.randn(96, 64))
-    module.bind_native()
-    x = torch.randn(5, 64)
-    scaled = torch.cat([x / x.abs().amax(1, keepdim=True), torch.tensor([[1.0, -1.0]]).expand(5, 2)], 1)
-    assert torch.equal(ops.int8_linear(scaled, module.native_handle, 96),
-                       torch.ops.leaplm.int8_linear(scaled, module.handle, 96))
+def _int8_reference(x: torch.Tensor, module: Int8Linear) -> torch.Tensor:
+    """The kernel's arithmetic in torch: exact integer sums, then the same float32 steps."""
+    amax = x.abs().amax(1, keepdim=True)
+    xs = amax / 127
+    xq = torch.round(x * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))).clamp(-127, 127)
+    q = unpack_int8(module.qweight, module.out_features, module.in_features)
+    isum = xq.double() @ q.double().T            # exact: integers far below 2**53
+    return isum.float() * (xs * module.wscale[None, : module.out_features])
+
+
+@pytest.mark.parametrize("rows,out_f,in_f", [(1, 96, 64), (5, 40, 30), (17, 300, 128), (33, 16, 4)])
+def test_int8_linear_is_the_stated_integer_arithmetic_bit_for_bit(rows, out_f, in_f):
+    """Every row count takes a different register blocking; all equal the reference exactly."""
+    torch.manual_seed(rows)
+    module = Int8Linear(in_f, out_f, None, native=pack_int8(*quantize_weight(torch.randn(out_f, in_f))))
+    x = torch.randn(rows, in_f)
+    x[0] *= 40
+    y = ops.int8_linear(x, module.qweight, module.wscale, module.comp, out_f)
+    assert torch.equal(y, _int8_reference(x, module))
+    assert torch.equal(ops.int8_linear(x[-1:], module.qweight, module.wscale, module.comp, out_f)[0], y[-1])
 
 
 def test_misuse_is_refused_with_a_message():
     torch.manual_seed(0)
-    module = Int8Linear.from_weight(torch.randn(8, 4))
-    module.bind_native()
-    with pytest.raises(RuntimeError, match="has 8 outputs"):
-        ops.int8_linear(torch.randn(1, 6), module.native_handle, 9)
-    with pytest.raises(RuntimeError, match="not bound"):
-        ops.int8_linear(torch.randn(1, 6), 10 ** 6, 8)
+    module = Int8Linear(4, 8, None, native=pack_int8(*quantize_weight(torch.randn(8, 4))))
+    with pytest.raises(RuntimeError, match="do not fit"):
+        ops.int8_linear(torch.randn(1, 4), module.qweight, module.wscale, module.comp, 17)
+    with pytest.raises(RuntimeError, match="packed for 4"):
+        ops.int8_linear(torch.randn(1, 6), module.qweight, module.wscale, module.comp, 8)
     ops.unbind_step()
     with pytest.raises(RuntimeError, match="outside a bound step"):
         ops.attend(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4), 0, 0, 1.0)
     k_cache, v_cache = _cache(B=1, cap=8, D=4, KV=1)
     with pytest.raises(RuntimeError, match="beyond the cache"):
         _bind(k_cache, v_cache, [8], 1, [(0, 9)])
-
-
-def test_a_dropped_module_releases_its_weight():
-    torch.manual_seed(0)
-    module = Int8Linear.from_weight(torch.randn(8, 4))
-    module.bind_native()
-    handle = module.native_handle
-    del module
-    import gc
-
-    gc.collect()
-    with pytest.raises(RuntimeError, match="not bound"):
-        ops.int8_linear(torch.randn(1, 6), handle, 8)
