@@ -515,119 +515,131 @@ inline __m512 reduce16(const __m512* a) {
                        _mm512_shuffle_f32x4(g0, g1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// One head's scores over the keys, 16 keys at a time: p[j] = scale * q . K[keys[j]], each a lane-wise
-// chain over the D / 16 chunks in order, then reduce16. A key's arithmetic depends only on its place in
-// the query's own key list, never on other queries. Returns max_j p[j].
-float scores512(const float* q, const float* K, const int64_t* keys, int64_t L, int64_t D, float scale, float* p) {
+// Scores of one query head for one block of n <= 16 keys: p[k] = scale * q . K[keys[k]], each a lane-wise
+// chain over the D / 16 chunks in order (four keys in flight), then reduce16; mx = max(mx, p). Blocks
+// start every 16 entries of the query's own key list, so a key's arithmetic depends only on that list.
+inline void score_block(const float* q, const float* K, const int64_t* keys, int64_t n, int64_t D, __m512 sv,
+                        float* p, __m512& mx) {
   const int64_t C = D / 16;
-  const __m512 sv = _mm512_set1_ps(scale);
-  __m512 mx = _mm512_set1_ps(-INFINITY);
   __m512 t[16];
-  for (int64_t j0 = 0; j0 < L; j0 += 16) {
-    const int64_t n = std::min<int64_t>(16, L - j0);
-    int64_t k = 0;
-    for (; k + 4 <= n; k += 4) {   // four keys in flight: independent chains hide the FMA latency
-      const float* k0 = K + keys[j0 + k] * D;
-      const float* k1 = K + keys[j0 + k + 1] * D;
-      const float* k2 = K + keys[j0 + k + 2] * D;
-      const float* k3 = K + keys[j0 + k + 3] * D;
-      __m512 qc = _mm512_loadu_ps(q);
-      __m512 a0 = _mm512_mul_ps(qc, _mm512_loadu_ps(k0)), a1 = _mm512_mul_ps(qc, _mm512_loadu_ps(k1));
-      __m512 a2 = _mm512_mul_ps(qc, _mm512_loadu_ps(k2)), a3 = _mm512_mul_ps(qc, _mm512_loadu_ps(k3));
-      for (int64_t c = 1; c < C; ++c) {
-        qc = _mm512_loadu_ps(q + 16 * c);
-        a0 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k0 + 16 * c), a0);
-        a1 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k1 + 16 * c), a1);
-        a2 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k2 + 16 * c), a2);
-        a3 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k3 + 16 * c), a3);
-      }
-      t[k] = a0, t[k + 1] = a1, t[k + 2] = a2, t[k + 3] = a3;
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {   // four keys in flight: independent chains hide the FMA latency
+    const float* k0 = K + keys[k] * D;
+    const float* k1 = K + keys[k + 1] * D;
+    const float* k2 = K + keys[k + 2] * D;
+    const float* k3 = K + keys[k + 3] * D;
+    __m512 qc = _mm512_loadu_ps(q);
+    __m512 a0 = _mm512_mul_ps(qc, _mm512_loadu_ps(k0)), a1 = _mm512_mul_ps(qc, _mm512_loadu_ps(k1));
+    __m512 a2 = _mm512_mul_ps(qc, _mm512_loadu_ps(k2)), a3 = _mm512_mul_ps(qc, _mm512_loadu_ps(k3));
+    for (int64_t c = 1; c < C; ++c) {
+      qc = _mm512_loadu_ps(q + 16 * c);
+      a0 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k0 + 16 * c), a0);
+      a1 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k1 + 16 * c), a1);
+      a2 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k2 + 16 * c), a2);
+      a3 = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k3 + 16 * c), a3);
     }
-    for (; k < n; ++k) {   // the same chain, one key at a time
-      const float* kj = K + keys[j0 + k] * D;
-      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kj));
-      for (int64_t c = 1; c < C; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(kj + 16 * c), acc);
-      t[k] = acc;
-    }
-    for (int64_t k = n; k < 16; ++k) t[k] = _mm512_setzero_ps();
-    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
-    const __m512 s = _mm512_mul_ps(reduce16(t), sv);
-    _mm512_mask_storeu_ps(p + j0, valid, s);
-    mx = _mm512_mask_max_ps(mx, valid, mx, s);
+    t[k] = a0, t[k + 1] = a1, t[k + 2] = a2, t[k + 3] = a3;
   }
-  return _mm512_reduce_max_ps(mx);
+  for (; k < n; ++k) {   // the same chain, one key at a time
+    const float* kj = K + keys[k] * D;
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kj));
+    for (int64_t c = 1; c < C; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(kj + 16 * c), acc);
+    t[k] = acc;
+  }
+  for (; k < 16; ++k) t[k] = _mm512_setzero_ps();
+  const __mmask16 valid = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+  const __m512 sc = _mm512_mul_ps(reduce16(t), sv);
+  _mm512_mask_storeu_ps(p, valid, sc);
+  mx = _mm512_mask_max_ps(mx, valid, mx, sc);
 }
 
-// out[h][c] = inv[h] * sum_j p[h][j] V[keys[j]][chunk c] for HB heads x CB chunks of 16 (from chunk c0):
-// one chain per output lane over the keys in order.
-template <int HB, int CB>
-void values512(const float* const* p, int64_t L, const float* V, const int64_t* keys, int64_t D, int64_t c0,
-               const float* inv, float* const* out) {
-  __m512 acc[HB][CB];
-  for (int h = 0; h < HB; ++h)
-    for (int c = 0; c < CB; ++c) acc[h][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < L; ++j) {
-    const float* vj = V + keys[j] * D + 16 * c0;
-    __m512 v[CB];
-    for (int c = 0; c < CB; ++c) v[c] = _mm512_loadu_ps(vj + 16 * c);
-    for (int h = 0; h < HB; ++h) {
-      const __m512 b = _mm512_set1_ps(p[h][j]);
-      for (int c = 0; c < CB; ++c) acc[h][c] = _mm512_fmadd_ps(b, v[c], acc[h][c]);
-    }
+// acc[0 .. D) += sum_{j in [j0, j1)} p[j] V[keys[j]], one chain per lane over j in order (acc in memory
+// between calls: storing and reloading a float changes nothing, so any split of the range gives the same sums).
+template <int C>
+void values_range(float* acc, const float* p, const int64_t* keys, int64_t j0, int64_t j1, const float* V, int64_t D) {
+  __m512 a[C];
+  for (int c = 0; c < C; ++c) a[c] = _mm512_loadu_ps(acc + 16 * c);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* vj = V + keys[j] * D;
+    const __m512 b = _mm512_set1_ps(p[j]);
+    for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(b, _mm512_loadu_ps(vj + 16 * c), a[c]);
   }
-  for (int h = 0; h < HB; ++h)
-    for (int c = 0; c < CB; ++c)
-      _mm512_storeu_ps(out[h] + 16 * (c0 + c), _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv[h])));
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
 }
 
-template <int CB>
-void values_heads(const float* const* p, int64_t heads, int64_t L, const float* V, const int64_t* keys, int64_t D,
-                  const float* inv, float* const* out) {
-  constexpr int HB = 8 / CB;   // up to 8 accumulators of 16 lanes
-  for (int64_t h0 = 0; h0 < heads; h0 += HB) {
-    const int64_t hb = std::min<int64_t>(HB, heads - h0);
-    for (int64_t c0 = 0; c0 < D / 16; c0 += CB) {
-      switch (hb) {
-        case 1: values512<1, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); break;
-        case 2: if constexpr (HB >= 2) { values512<2, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); } break;
-        case 3: if constexpr (HB >= 3) { values512<3, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); } break;
-        case 4: if constexpr (HB >= 4) { values512<4, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); } break;
-        case 5: if constexpr (HB >= 5) { values512<5, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); } break;
-        case 6: if constexpr (HB >= 6) { values512<6, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); } break;
-        case 7: if constexpr (HB >= 7) { values512<7, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); } break;
-        default: if constexpr (HB >= 8) { values512<8, CB>(p + h0, L, V, keys, D, c0, inv + h0, out + h0); } break;
-      }
-    }
+void values_range_any(float* acc, const float* p, const int64_t* keys, int64_t j0, int64_t j1, const float* V,
+                      int64_t D) {
+  for (int64_t c = 0; c < D / 16; ++c) {
+    __m512 a = _mm512_loadu_ps(acc + 16 * c);
+    for (int64_t j = j0; j < j1; ++j) a = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(V + keys[j] * D + 16 * c), a);
+    _mm512_storeu_ps(acc + 16 * c, a);
   }
 }
 
-void attend_one512(const float* q, const float* K, const float* V, float* out, int64_t group, int64_t D,
-                   int64_t head_stride_q, const int64_t* keys, int64_t L, float scale, std::vector<float>& scratch) {
-  const int64_t Lp = (L + 15) / 16 * 16;
-  scratch.resize(static_cast<size_t>(group * (Lp + 1)));
-  float* inv = scratch.data() + group * Lp;
-  std::vector<const float*> ps(group);
-  std::vector<float*> outs(group);
-  for (int64_t g = 0; g < group; ++g) {
-    float* pg = scratch.data() + g * Lp;
-    ps[g] = pg;
-    outs[g] = out + g * head_stride_q;
-    const __m512 mv = _mm512_set1_ps(scores512(q + g * head_stride_q, K, keys, L, D, scale, pg));
+using ValuesFn = void (*)(float*, const float*, const int64_t*, int64_t, int64_t, const float*, int64_t);
+
+ValuesFn values_fn(int64_t D) {
+  switch (D / 16) {
+    case 1: return values_range<1>;
+    case 2: return values_range<2>;
+    case 4: return values_range<4>;
+    case 8: return values_range<8>;
+    case 16: return values_range<16>;
+    default: return values_range_any;
+  }
+}
+
+struct PairRef {          // one (query, head): its query vector, output, key slots (committed range, ancestors)
+  const float* q;
+  float* out;
+  const int64_t* keys;
+  int64_t L;
+};
+
+// Up to 8 (query, head) pairs of one kv head whose key lists all start with the same Ls (a multiple of
+// 16) consecutive committed slots: those keys are read once per block for all pairs (from L1) instead
+// of once per pair; every pair's arithmetic is exactly what it is alone (same blocks, same chains).
+void attend_pairs512(const PairRef* pr, int64_t P, int64_t Ls, const float* K, const float* V, int64_t D,
+                     float scale, std::vector<float>& scratch) {
+  int64_t Lmax = 0;
+  for (int64_t i = 0; i < P; ++i) Lmax = std::max(Lmax, pr[i].L);
+  const int64_t Lp = (Lmax + 15) / 16 * 16, stride = Lp + D;
+  scratch.assign(static_cast<size_t>(P * stride), 0.f);
+  const __m512 sv = _mm512_set1_ps(scale);
+  __m512 mx[8];
+  for (int64_t i = 0; i < P; ++i) mx[i] = _mm512_set1_ps(-INFINITY);
+  for (int64_t j0 = 0; j0 < Ls; j0 += 16)
+    for (int64_t i = 0; i < P; ++i) score_block(pr[i].q, K, pr[i].keys + j0, 16, D, sv, scratch.data() + i * stride + j0, mx[i]);
+  for (int64_t i = 0; i < P; ++i)
+    for (int64_t j0 = Ls; j0 < pr[i].L; j0 += 16)
+      score_block(pr[i].q, K, pr[i].keys + j0, std::min<int64_t>(16, pr[i].L - j0), D, sv,
+                  scratch.data() + i * stride + j0, mx[i]);
+  float inv[8];
+  for (int64_t i = 0; i < P; ++i) {
+    float* pi = scratch.data() + i * stride;
+    const int64_t L = pr[i].L;
+    const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx[i]));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < L; j += 16) {
       const __mmask16 valid = static_cast<__mmask16>(L - j >= 16 ? 0xFFFF : (1u << (L - j)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(valid, exp512_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, pg + j), mv)));
-      _mm512_mask_storeu_ps(pg + j, valid, e);
+      const __m512 e = _mm512_maskz_mov_ps(valid, exp512_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, pi + j), mv)));
+      _mm512_mask_storeu_ps(pi + j, valid, e);
       sum = _mm512_add_ps(sum, e);
     }
-    inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+    inv[i] = 1.f / _mm512_reduce_add_ps(sum);
   }
-  const int64_t C = D / 16;
-  if (C % 8 == 0) values_heads<8>(ps.data(), group, L, V, keys, D, inv, outs.data());
-  else if (C % 4 == 0) values_heads<4>(ps.data(), group, L, V, keys, D, inv, outs.data());
-  else if (C % 2 == 0) values_heads<2>(ps.data(), group, L, V, keys, D, inv, outs.data());
-  else values_heads<1>(ps.data(), group, L, V, keys, D, inv, outs.data());
+  const ValuesFn values = values_fn(D);
+  for (int64_t j0 = 0; j0 < Ls; j0 += 32)
+    for (int64_t i = 0; i < P; ++i)
+      values(scratch.data() + i * stride + Lp, scratch.data() + i * stride, pr[i].keys, j0, std::min(j0 + 32, Ls), V, D);
+  for (int64_t i = 0; i < P; ++i) {
+    float* acc = scratch.data() + i * stride + Lp;
+    values(acc, scratch.data() + i * stride, pr[i].keys, Ls, pr[i].L, V, D);
+    const __m512 iv = _mm512_set1_ps(inv[i]);
+    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(pr[i].out + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), iv));
+  }
 }
+
 #endif
 
 at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, int64_t layer,
@@ -666,32 +678,60 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
   const int64_t group = H / KV;
   int64_t keys_total = 0;
   for (int64_t n = 0; n < N; ++n) keys_total += (s.hi[n] - s.lo[n]) + (s.off[n + 1] - s.off[n]);
-  // each (query, head) runs on one thread in a fixed order: threads do not change results
+  std::vector<std::vector<int64_t>> keys(N);   // per query: its committed range, then its ancestors
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = s.lo[n]; j < s.hi[n]; ++j) keys[n].push_back(j);
+    for (int64_t a = s.off[n]; a < s.off[n + 1]; ++a) keys[n].push_back(s.anc[a]);
+  }
   const int64_t work = keys_total * H * D;
-  const int64_t grain = work < (1 << 16) ? N * H : 1;
-  at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> keys;
+#if defined(__AVX512F__)
+  if (D % 16 == 0) {
+    // Units of up to 8 (query, head) pairs of one row and kv head whose queries start at the same
+    // committed slot (all nodes of a tree, all tokens of a chain): they share the reads of the first Ls
+    // keys. Each pair's result is what it would be alone (attend_pairs512), so neither the grouping nor
+    // the threads change any output.
+    struct Unit { int64_t b, h, Ls; std::vector<PairRef> pairs; };
+    std::vector<Unit> units;
+    for (int64_t n0 = 0; n0 < N;) {
+      int64_t n1 = n0 + 1;
+      while (n1 < N && n1 / T == n0 / T && s.lo[n1] == s.lo[n0]) ++n1;   // [n0, n1): same row and start
+      int64_t shared = INT64_MAX;
+      for (int64_t n = n0; n < n1; ++n) shared = std::min(shared, s.hi[n] - s.lo[n]);
+      const int64_t Ls = shared / 16 * 16, b = n0 / T;
+      for (int64_t h = 0; h < KV; ++h) {
+        for (int64_t n = n0; n < n1; ++n)
+          for (int64_t g = 0; g < group; ++g) {
+            if (units.empty() || units.back().pairs.size() == 8 || units.back().b != b || units.back().h != h ||
+                units.back().Ls != Ls || n == n0 && g == 0)
+              units.push_back(Unit{b, h, Ls, {}});
+            const int64_t head = h * group + g;
+            units.back().pairs.push_back(PairRef{qp + (n * H + head) * D, op + (n * H + head) * D, keys[n].data(),
+                                                 static_cast<int64_t>(keys[n].size())});
+          }
+      }
+      n0 = n1;
+    }
+    const int64_t count = static_cast<int64_t>(units.size());
+    at::parallel_for(0, count, work < (1 << 16) ? count : 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch;
+      for (int64_t u = begin; u < end; ++u) {
+        const Unit& unit = units[u];
+        const int64_t base = (unit.b * KV + unit.h) * capacity * D;
+        attend_pairs512(unit.pairs.data(), static_cast<int64_t>(unit.pairs.size()), unit.Ls, Kc + base, Vc + base, D,
+                        static_cast<float>(scale), scratch);
+      }
+    });
+    return out;
+  }
+#endif
+  // portable path: each (query, head) on one thread in a fixed order: threads do not change results
+  at::parallel_for(0, N * H, work < (1 << 16) ? N * H : 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
-    int64_t keys_of = -1;   // the query `keys` was built for
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / H, head = item % H, h = head / group, b = n / T;
-      if (keys_of != n) {
-        keys.clear();
-        for (int64_t j = s.lo[n]; j < s.hi[n]; ++j) keys.push_back(j);
-        for (int64_t a = s.off[n]; a < s.off[n + 1]; ++a) keys.push_back(s.anc[a]);
-        keys_of = n;
-      }
       const int64_t base = (b * KV + h) * capacity * D;
-      const float* qh = qp + (n * H + head) * D;
-      float* oh = op + (n * H + head) * D;
-      const int64_t L = static_cast<int64_t>(keys.size());
-#if defined(__AVX512F__)
-      if (D % 16 == 0) {
-        attend_one512(qh, Kc + base, Vc + base, oh, 1, D, D, keys.data(), L, static_cast<float>(scale), scratch);
-        continue;
-      }
-#endif
-      attend_one(qh, Kc + base, Vc + base, oh, 1, D, D, keys.data(), L, static_cast<float>(scale), scratch);
+      attend_one(qp + (n * H + head) * D, Kc + base, Vc + base, op + (n * H + head) * D, 1, D, D, keys[n].data(),
+                 static_cast<int64_t>(keys[n].size()), static_cast<float>(scale), scratch);
     }
   });
   return out;
