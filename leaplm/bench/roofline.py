@@ -32,8 +32,7 @@ def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: float parameters, plus int8 projections (``Int8Linear``:
     int8 weights and float32 per-channel scales) and int4 ones
     (``Int4Linear``: packed nibbles and float16 scale and minimum per group of 32)."""
-    from ..quant.int4 import Int4Linear
-    from ..quant.int8 import Int8Linear
+    from ..quant.linear import QuantizedLinear
 
     total = 0
     for name, p in model.named_parameters():
@@ -42,12 +41,8 @@ def weight_bytes_per_token(model) -> int:
         if p.dim() == 2 or name.endswith("bias") or "norm" in name:
             total += p.numel() * p.element_size()
     for m in model.modules():
-        if isinstance(m, Int8Linear):
+        if isinstance(m, QuantizedLinear):
             total += m.weight_bytes()
-            total += 0 if m.bias is None else 4 * m.bias.numel()
-        elif isinstance(m, Int4Linear):
-            total += sum(b.numel() * b.element_size() for b in (m.qweight, m.scale, m.minv))
-            total += 0 if m.bias is None else 4 * m.bias.numel()
     return total
 
 

@@ -1,9 +1,11 @@
-"""Native (C++) CPU operators for the compiled decode step, built on this machine at first use.
+"""Native (C++) CPU operators, built on this machine at first use: leaplm's int8 and int4 GEMMs (eager and
+compiled) and the compiled decode step's attention.
 
 ``load()`` compiles ``decode_ops.cpp`` with ``torch.utils.cpp_extension`` (gcc, ninja; ~1 minute once,
 then cached under ``~/.cache/torch_extensions``) and returns whether the ops are usable. On failure
-(no compiler, ``LEAPLM_NATIVE=0``) it warns once and returns False; the compiled step then uses the
-Python custom ops (``leaplm::attend``, ``leaplm::int8_linear``), which compute the same thing slower.
+(no compiler, ``LEAPLM_NATIVE=0``) it warns once and returns False; the compiled step then attends
+through the Python custom op (``leaplm::attend``), int8 weights run on fbgemm (``leaplm::int8_linear``
+when compiled; another activation grid, so other last bits) and int4 weights on a float fallback.
 
 Ops (``torch.ops.leaplm_native``; see the C++ file for contracts):
 

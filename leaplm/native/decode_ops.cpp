@@ -451,31 +451,27 @@ inline float exp_nonpositive(float x) {
   return y * scale;
 }
 
-// One (query token, kv head): the `group` heads sharing kv head h attend over the query's keys.
-void attend_one(const float* q, const float* K, const float* V, float* out, int64_t group, int64_t D,
-                int64_t head_stride_q, const int64_t* keys, int64_t L, float scale, std::vector<float>& scratch) {
+// One (query, head) over its keys: the portable loop (CPUs without AVX-512).
+void attend_one(const float* q, const float* K, const float* V, float* out, int64_t D, const int64_t* keys,
+                int64_t L, float scale, std::vector<float>& scratch) {
   scratch.resize(static_cast<size_t>(L));
   float* p = scratch.data();
-  for (int64_t g = 0; g < group; ++g) {
-    const float* qg = q + g * head_stride_q;
-    float m = -INFINITY;
-    for (int64_t j = 0; j < L; ++j) {
-      p[j] = dot(qg, K + keys[j] * D, D) * scale;
-      m = std::max(m, p[j]);
-    }
-    float sum = 0.f;
-    for (int64_t j = 0; j < L; ++j) p[j] = exp_nonpositive(p[j] - m);
-    for (int64_t j = 0; j < L; ++j) sum += p[j];
-    float* o = out + g * head_stride_q;
-    std::fill(o, o + D, 0.f);
-    for (int64_t j = 0; j < L; ++j) {
-      const float* vj = V + keys[j] * D;
-      const float pj = p[j];
-      for (int64_t d = 0; d < D; ++d) o[d] += pj * vj[d];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+  float m = -INFINITY;
+  for (int64_t j = 0; j < L; ++j) {
+    p[j] = dot(q, K + keys[j] * D, D) * scale;
+    m = std::max(m, p[j]);
   }
+  float sum = 0.f;
+  for (int64_t j = 0; j < L; ++j) p[j] = exp_nonpositive(p[j] - m);
+  for (int64_t j = 0; j < L; ++j) sum += p[j];
+  std::fill(out, out + D, 0.f);
+  for (int64_t j = 0; j < L; ++j) {
+    const float* vj = V + keys[j] * D;
+    const float pj = p[j];
+    for (int64_t d = 0; d < D; ++d) out[d] += pj * vj[d];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t d = 0; d < D; ++d) out[d] *= inv;
 }
 
 #if defined(__AVX512F__)
@@ -701,9 +697,7 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
       for (int64_t h = 0; h < KV; ++h) {
         for (int64_t n = n0; n < n1; ++n)
           for (int64_t g = 0; g < group; ++g) {
-            if (units.empty() || units.back().pairs.size() == 8 || units.back().b != b || units.back().h != h ||
-                units.back().Ls != Ls || n == n0 && g == 0)
-              units.push_back(Unit{b, h, Ls, {}});
+            if ((n == n0 && g == 0) || units.back().pairs.size() == 8) units.push_back(Unit{b, h, Ls, {}});
             const int64_t head = h * group + g;
             units.back().pairs.push_back(PairRef{qp + (n * H + head) * D, op + (n * H + head) * D, keys[n].data(),
                                                  static_cast<int64_t>(keys[n].size())});
@@ -730,7 +724,7 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / H, head = item % H, h = head / group, b = n / T;
       const int64_t base = (b * KV + h) * capacity * D;
-      attend_one(qp + (n * H + head) * D, Kc + base, Vc + base, op + (n * H + head) * D, 1, D, D, keys[n].data(),
+      attend_one(qp + (n * H + head) * D, Kc + base, Vc + base, op + (n * H + head) * D, D, keys[n].data(),
                  static_cast<int64_t>(keys[n].size()), static_cast<float>(scale), scratch);
     }
   });

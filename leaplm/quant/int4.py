@@ -24,7 +24,9 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from .linear import QuantizedLinear
 
 GROUP = 32
 BLOCK = 16   # outputs per packed block
@@ -76,17 +78,15 @@ def unpack_int4(qweight: Tensor, out_features: int) -> Tensor:
     return quads.reshape(B * BLOCK, G, GROUP)[:out_features]
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """``y = x @ W.T (+ b)`` with 4-bit ``W`` (see the module docstring); built by ``from_weight``."""
 
     def __init__(self, qweight: Tensor, scale: Tensor, minv: Tensor, in_features: int, out_features: int,
                  bias: Tensor | None) -> None:
-        super().__init__()
+        super().__init__(in_features, out_features, bias)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.register_buffer("minv", minv)
-        self.in_features, self.out_features = in_features, out_features
-        self.bias = bias
         from .. import native
 
         self.native = native.load()
@@ -113,21 +113,16 @@ class Int4Linear(nn.Module):
         w = q * rows(self.scale.float()) + rows(self.minv.float())
         return w.reshape(self.out_features, -1)[:, : self.in_features]
 
-    def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32:
-            x2 = x2.float()
-        if self.native:
-            pad = self.qweight.shape[1] * GROUP - self.in_features
-            if pad:
-                x2 = F.pad(x2, (0, pad))
-            y = torch.ops.leaplm_native.int4_linear(x2, self.qweight, self.scale, self.minv, self.out_features)
-        else:
-            y = x2 @ self.dequantized_weight().T
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+    def _weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.minv))
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        if not self.native:
+            return x @ self.dequantized_weight().T
+        pad = self.qweight.shape[1] * GROUP - self.in_features
+        if pad:
+            x = F.pad(x, (0, pad))
+        return torch.ops.leaplm_native.int4_linear(x, self.qweight, self.scale, self.minv, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 groups of {GROUP}, bias={self.bias is not None}"

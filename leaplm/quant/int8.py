@@ -27,7 +27,9 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from .linear import QuantizedLinear
 
 BLOCK = 16   # outputs per packed block (native layout)
 
@@ -89,7 +91,7 @@ def unpack_int8(qweight: Tensor, out_features: int, in_features: int) -> Tensor:
     return qweight.view(B, K4, BLOCK, 4).permute(0, 2, 1, 3).reshape(B * BLOCK, K4 * 4)[:out_features, :in_features]
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantizedLinear):
     """``y = x @ W.T (+ b)`` with int8 ``W``; built by ``from_weight``. Batch-invariant per row.
 
     ``native``: the weight is in ``pack_int8``'s layout for ``leaplm_native::int8_linear``; otherwise
@@ -97,9 +99,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: Tensor | None, *, native: tuple | None = None,
                  packed=None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.bias = bias
+        super().__init__(in_features, out_features, bias)
         self.native = native is not None
         if self.native:
             qweight, wscale, comp = native
@@ -135,34 +135,23 @@ class Int8Linear(nn.Module):
         w, _ = torch.ops.quantized.linear_unpack(self.packed)
         return w.dequantize()[:, : self.in_features]
 
-    def weight_bytes(self) -> int:
-        """Bytes of weight (and scales) one pass reads."""
+    def _weight_bytes(self) -> int:
         if self.native:
             return sum(t.numel() * t.element_size() for t in (self.qweight, self.wscale, self.comp))
         return self.out_features * (self.in_features + 2) + 4 * self.out_features
 
-    def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32:
-            x2 = x2.float()
+    def _matmul(self, x: Tensor) -> Tensor:
         if self.native:
-            y = torch.ops.leaplm_native.int8_linear(x2, self.qweight, self.wscale, self.comp, self.out_features)
-            y = y if self.bias is None else y + self.bias
-        elif torch.compiler.is_compiling():   # the same arithmetic as a graph: fused, no buffers
-            amax = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
-            sentinels = torch.tensor([[1.0, -1.0]], device=x2.device).expand(x2.shape[0], 2)
-            scaled = torch.cat([x2 / amax, sentinels], dim=1)
-            y = torch.ops.leaplm.int8_linear(scaled, self.handle, self.out_features) * amax
-            y = y if self.bias is None else y + self.bias
-        else:
-            amax = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # (vector_norm(inf) is 7x slower here)
-            buf = self._input_buffer(x2.shape[0])
-            torch.div(x2, amax, out=buf[:, : self.in_features])
-            y = torch.ops.quantized.linear_dynamic(buf, self.packed, REDUCE_RANGE).mul_(amax)
-            if self.bias is not None:
-                y.add_(self.bias)
-        return y.reshape(*shape[:-1], self.out_features)
+            return torch.ops.leaplm_native.int8_linear(x, self.qweight, self.wscale, self.comp, self.out_features)
+        if torch.compiler.is_compiling():   # the same arithmetic as a graph: fused, no buffers
+            amax = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+            sentinels = torch.tensor([[1.0, -1.0]], device=x.device).expand(x.shape[0], 2)
+            scaled = torch.cat([x / amax, sentinels], dim=1)
+            return torch.ops.leaplm.int8_linear(scaled, self.handle, self.out_features) * amax
+        amax = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # (vector_norm(inf) is 7x slower here)
+        buf = self._input_buffer(x.shape[0])
+        torch.div(x, amax, out=buf[:, : self.in_features])
+        return torch.ops.quantized.linear_dynamic(buf, self.packed, REDUCE_RANGE).mul_(amax)
 
     def _input_buffer(self, rows: int) -> Tensor:
         """``[rows, in + 2]`` with the sentinel columns set; kept for decode-sized inputs (eager torch

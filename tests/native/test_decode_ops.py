@@ -45,9 +45,10 @@ def _reference(q, K, V, keys, scale):
     return (w[:, None] @ vv)[:, 0].reshape(-1)
 
 
-def test_chain_pass_writes_the_cache_and_matches_the_reference():
-    k_cache, v_cache = _cache()
-    B, T, H, KV, D = 2, 3, 4, 2, 16
+@pytest.mark.parametrize("D", [16, 24])   # 24: not a multiple of 16, the portable loop
+def test_chain_pass_writes_the_cache_and_matches_the_reference(D):
+    k_cache, v_cache = _cache(D=D)
+    B, T, H, KV = 2, 3, 4, 2
     q, k, v = torch.randn(1, B * T, H, D), torch.randn(1, B * T, KV, D), torch.randn(1, B * T, KV, D)
     slots = [10, 11, 12, 7, 8, 9]          # ragged rows: row 0 at positions 10.., row 1 at 7..
     spans = [(0, 11), (0, 12), (0, 13), (0, 8), (0, 9), (0, 10)]
