@@ -90,7 +90,7 @@ for _key in ("CPU", "CUDA"):
     _lib.impl("attend", attend, _key)
 
 
-def _inductor_options(model) -> dict:
+def _inductor_options(model, native: bool) -> dict:
     """Inductor settings for the step.
 
     - CPU: single-threaded generated kernels. A decode step's element-wise work is a few rows of a few
@@ -98,12 +98,17 @@ def _inductor_options(model) -> dict:
       milliseconds whenever another process holds a core (a tiny model's compiled generation took
       seconds instead of tens of milliseconds on a busy 2-core machine). The matmuls (leaplm's int8/int4
       kernels, fbgemm, or the float GEMM) keep torch's threads.
+    - CPU with the native ops: ``cpp_wrapper`` — the code that calls the step's ~400 kernels and ops is
+      generated C++ instead of Python, so each call costs no interpreter work (Qwen2.5-0.5B int8 decode:
+      31 -> 38 tok/s; SmolLM2 ~1.2x; docs/benchmarks.md, session 8). Not with the Python fallback ops.
     - int8 weights: ``freezing`` — the float parameters left (norms, embedding) become constants of
       the compiled code instead of ~300 graph inputs checked on every call (SmolLM2 decode step:
       +13%, measured). Not for float weights, where freezing would repack every matrix into a second
       copy.
     """
     options = {"cpp.threads": 1} if model.device.type == "cpu" else {}
+    if model.device.type == "cpu" and native:
+        options["cpp_wrapper"] = True
     if model.quantization:
         options["freezing"] = True
     return options
@@ -137,7 +142,7 @@ class CompiledStep:
         # model's graph that the guard-free calls of __call__ would have to tell apart
         body = types.FunctionType(CompiledStep._body.__code__.replace(), globals(), "_body")
         self._fn = torch.compile(types.MethodType(body, self), dynamic=True, fullgraph=True,
-                                 options=_inductor_options(model))
+                                 options=_inductor_options(model, self.native))
 
     def _body(self, tokens: Tensor, positions: Tensor) -> Tensor:
         torch._check(tokens.shape[0] >= 1)   # lets shape checks on the unbacked size resolve statically

@@ -23,9 +23,13 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -42,20 +46,31 @@ namespace {
 // The integer sum is exact whatever order it is formed in and the float steps are fixed, so a row's
 // result depends neither on the other rows (batch invariance) nor on the thread computing it.
 
-// Activations of all M rows, interleaved per quad of inputs so a row group's broadcasts share one pointer:
-// q [K4][M] int32 words (4 bytes xq + 128 each), xs [M].
-void quantize_rows8(const float* x, int64_t M, int64_t K, int64_t K4, std::vector<int32_t>& q, std::vector<float>& xs) {
-  q.assign(static_cast<size_t>(K4 * M), 0x80808080);   // padding inputs: xq = 0
+// Activations of all M rows as int32 words of 4 bytes (xq + 128 each): word (m, i) (inputs 4i..4i+3 of row
+// m) at q[m * row_words + i * quad_words]. The VNNI loop reads them interleaved per quad of inputs (row
+// words 1, quad words M: a row group's broadcasts share one pointer), the AMX loop row-major (row words
+// K4, quad words 1). Rows Mp > M (AMX tile padding) and padding inputs hold xq = 0; xs [M]. Returns the
+// words' start in `buf`, 64-byte aligned (so a 64-byte tile row is one cache line).
+int32_t* quantize_rows8(const float* x, int64_t M, int64_t Mp, int64_t K, int64_t K4, int64_t row_words,
+                        int64_t quad_words, std::vector<int32_t>& buf, std::vector<float>& xs) {
+  buf.assign(static_cast<size_t>(Mp * K4 + 16), 0x80808080);
+  int32_t* q = buf.data() + (16 - reinterpret_cast<uintptr_t>(buf.data()) % 64 / 4) % 16;
   xs.resize(M);
-  uint8_t* qb = reinterpret_cast<uint8_t*>(q.data());
+  uint8_t* qb = reinterpret_cast<uint8_t*>(q);
   at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, K)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* xr = x + m * K;
       float amax = 0.f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      int64_t k = 0;
+#if defined(__AVX512F__)
+      __m512 vmax = _mm512_setzero_ps();   // max is exact: any order gives the same amax
+      for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
+      amax = _mm512_reduce_max_ps(vmax);
+#endif
+      for (; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
       xs[m] = amax / 127.f;
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int64_t k = 0;
+      k = 0;
 #if defined(__AVX512F__)
       // the same rounding as nearbyint (round to nearest even), 16 inputs = 4 words at a time
       const __m512 iv = _mm512_set1_ps(inv);
@@ -65,14 +80,15 @@ void quantize_rows8(const float* x, int64_t M, int64_t K, int64_t K4, std::vecto
                              _mm512_set1_epi32(128));
         alignas(16) int32_t words[4];
         _mm_store_si128(reinterpret_cast<__m128i*>(words), _mm512_cvtepi32_epi8(v));
-        for (int w = 0; w < 4; ++w) q[(k / 4 + w) * M + m] = words[w];
+        for (int w = 0; w < 4; ++w) q[m * row_words + (k / 4 + w) * quad_words] = words[w];
       }
 #endif
       for (; k < K; ++k)
-        qb[((k / 4) * M + m) * 4 + k % 4] =
+        qb[(m * row_words + (k / 4) * quad_words) * 4 + k % 4] =
             static_cast<uint8_t>(std::clamp(static_cast<int32_t>(std::nearbyint(xr[k] * inv)), -127, 127) + 128);
     }
   });
+  return q;
 }
 
 // NB blocks of 16 outputs (the next one `bstride` bytes on) for R rows (their words at x[i * M + r]):
@@ -149,6 +165,87 @@ void int8_rows(const int8_t* qb, int64_t bstride, const int32_t* x, int64_t M, i
   }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define LEAPLM_AMX 1
+// AMX (Sapphire Rapids and later): one TDPBUSD multiplies a 16 x 64 tile of u8 activations (16 rows,
+// 64 inputs, row-major) by a 16 x 64-byte tile of s8 weights, which is exactly 16 quads of one packed
+// block (the layout above: [quad][output][t]), into a 16 x 16 tile of int32 sums. It does 16x the
+// multiply-adds of a VNNI step per instruction, so a verification pass of 17 rows costs about what one
+// row does (the weights' bytes), where the VNNI loop is bound by its multiply-adds. The sums are the
+// same exact integers, so the two loops give bit-identical outputs and either may serve any call.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands a process the AMX register state only on request (arch_prctl ARCH_REQ_XCOMP_PERM).
+bool amx_permitted() {
+  static const bool ok = [] {
+    const char* env = std::getenv("LEAPLM_AMX");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// Every tile 16 rows x 64 bytes: C[r][nb] = tiles 0..3 (2r + nb), A[r] = 4 + r, B[nb] = 6 + nb.
+void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  _tile_loadconfig(&cfg);
+}
+
+// RT tiles of 16 rows (xa: row-major u8, `xstride` bytes per row) x NB blocks (the next `bstride` bytes
+// on) over K16 groups of 64 inputs: integer sums out[16 * r + i][16 * nb + o].
+constexpr int64_t PF = 2;
+template <int RT, int NB>
+void int8_amx_tile(const int8_t* qb, int64_t bstride, const uint8_t* xa, int64_t xstride, int64_t K16,
+                   int32_t out[][32]) {
+  _tile_zero(0);
+  if constexpr (NB == 2) _tile_zero(1);
+  if constexpr (RT == 2) _tile_zero(2);
+  if constexpr (RT == 2 && NB == 2) _tile_zero(3);
+  for (int64_t g = 0; g < K16; ++g) {
+    for (int l = 0; l < 16; ++l) {   // the weight tiles PF groups ahead (a tile load alone waits on memory)
+      _mm_prefetch(reinterpret_cast<const char*>(qb + (g + PF) * 1024 + 64 * l), _MM_HINT_T0);
+      if constexpr (NB == 2) _mm_prefetch(reinterpret_cast<const char*>(qb + bstride + (g + PF) * 1024 + 64 * l), _MM_HINT_T0);
+    }
+    _tile_loadd(6, qb + g * 1024, 64);
+    if constexpr (NB == 2) _tile_loadd(7, qb + bstride + g * 1024, 64);
+    _tile_loadd(4, xa + g * 64, xstride);
+    _tile_dpbusd(0, 4, 6);
+    if constexpr (NB == 2) _tile_dpbusd(1, 4, 7);
+    if constexpr (RT == 2) {
+      _tile_loadd(5, xa + 16 * xstride + g * 64, xstride);
+      _tile_dpbusd(2, 5, 6);
+      if constexpr (NB == 2) _tile_dpbusd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, out[0], 128);
+  if constexpr (NB == 2) _tile_stored(1, out[0] + 16, 128);
+  if constexpr (RT == 2) _tile_stored(2, out[16], 128);
+  if constexpr (RT == 2 && NB == 2) _tile_stored(3, out[16] + 16, 128);
+}
+#endif
+
+// Whether this build and OS run the AMX loop (int8_linear uses it from amx_min_rows rows on).
+bool int8_amx() {
+#ifdef LEAPLM_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+// From how many rows int8_linear takes the AMX loop (measured: 1 row is as fast on VNNI). Settable, for
+// tests that run both loops on the same input and for benchmarks; returns the previous value.
+std::atomic<int64_t> amx_min_rows{2};
+
+int64_t int8_amx_min_rows(int64_t rows) { return amx_min_rows.exchange(rows); }
+
 // Whether this build has the VNNI loop (else the portable one runs: correct, far slower than fbgemm).
 bool int8_vnni() {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -166,7 +263,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
               "int8_linear: qweight must be contiguous int8 [N / 16, K / 4, 64]");
   const int64_t M = x_in.size(0), K = x_in.size(1), blocks = qweight.size(0), K4 = qweight.size(1);
   const int64_t N = out_features;
-  TORCH_CHECK(K <= K4 * 4 && K > (K4 - 1) * 4, "int8_linear: x has ", K, " columns; the weight was packed for ",
+  TORCH_CHECK(K <= K4 * 4 && K > K4 * 4 - 64, "int8_linear: x has ", K, " columns; the weight was packed for ",
               K4 * 4);
   TORCH_CHECK(N > (blocks - 1) * 16 && N <= blocks * 16, "int8_linear: ", N, " outputs do not fit ", blocks,
               " blocks of 16");
@@ -174,14 +271,58 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
                   comp.scalar_type() == at::kInt && comp.is_contiguous() && comp.numel() == blocks * 16,
               "int8_linear: wscale (float32) and comp (int32) must hold ", blocks * 16, " values");
   at::Tensor x = x_in.contiguous();
-  std::vector<int32_t> xq;
-  std::vector<float> xs;
-  quantize_rows8(x.data_ptr<float>(), M, K, K4, xq, xs);
   at::Tensor y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   const int8_t* qp = qweight.data_ptr<int8_t>();
   const float* ws = wscale.data_ptr<float>();
   const int32_t* cp = comp.data_ptr<int32_t>();
+  std::vector<int32_t> xbuf;
+  std::vector<float> xs;
+  // rows [m0, m0 + n) of block pair t (from block b = 2t): y = float(isum - comp) * (xs * wscale)
+  auto epilogue = [&](const int32_t (*isum)[32], int64_t b, int64_t nb, int64_t m0, int64_t n) {
+    const int64_t valid = std::min<int64_t>(16 * nb, N - b * 16);
+    for (int64_t r = 0; r < n; ++r) {
+      const float scale = xs[m0 + r];
+      float* yr = yp + (m0 + r) * N + b * 16;
+      int64_t o = 0;
+#if defined(__AVX512F__)
+      const __m512 sv = _mm512_set1_ps(scale);
+      for (; o < valid; o += 16) {   // the scalar loop's operations, 16 lanes at a time
+        const __mmask16 mask = static_cast<__mmask16>(valid - o >= 16 ? 0xFFFF : (1u << (valid - o)) - 1);
+        const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(isum[r] + o), _mm512_loadu_si512(cp + b * 16 + o));
+        _mm512_mask_storeu_ps(yr + o, mask, _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv, _mm512_loadu_ps(ws + b * 16 + o))));
+      }
+#endif
+      for (; o < valid; ++o) yr[o] = static_cast<float>(isum[r][o] - cp[b * 16 + o]) * (scale * ws[b * 16 + o]);
+    }
+  };
+#ifdef LEAPLM_AMX
+  if (M >= amx_min_rows.load() && K4 % 16 == 0 && amx_permitted()) {
+    const int64_t Mp = (M + 15) / 16 * 16, tiles = (blocks + 1) / 2;
+    const uint8_t* xa = reinterpret_cast<const uint8_t*>(quantize_rows8(x.data_ptr<float>(), M, Mp, K, K4, K4, 1, xbuf, xs));
+    const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, K * Mp));
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+      alignas(64) int32_t isum[32][32];
+      amx_configure();
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = 2 * t, nb = std::min<int64_t>(2, blocks - b);
+        const int8_t* qb = qp + b * K4 * 64;
+        for (int64_t m0 = 0; m0 < M; m0 += 32) {
+          const uint8_t* xr = xa + m0 * K4 * 4;
+          const bool two_rows = M - m0 > 16;
+          if (nb == 2 && two_rows) int8_amx_tile<2, 2>(qb, K4 * 64, xr, K4 * 4, K4 / 16, isum);
+          else if (nb == 2) int8_amx_tile<1, 2>(qb, K4 * 64, xr, K4 * 4, K4 / 16, isum);
+          else if (two_rows) int8_amx_tile<2, 1>(qb, K4 * 64, xr, K4 * 4, K4 / 16, isum);
+          else int8_amx_tile<1, 1>(qb, K4 * 64, xr, K4 * 4, K4 / 16, isum);
+          epilogue(isum, b, nb, m0, std::min<int64_t>(32, M - m0));
+        }
+      }
+      _tile_release();
+    });
+    return y;
+  }
+#endif
+  const int32_t* xq = quantize_rows8(x.data_ptr<float>(), M, M, K, K4, 1, M, xbuf, xs);
   // up to 16 rows share each weight load (one block of 16 outputs); for wide inputs two blocks share
   // each activation broadcast (12 rows x 2 blocks), halving the broadcasts per VNNI step
   const int64_t NB = M > 16 ? 2 : 1, RM = NB == 2 ? 12 : 16;
@@ -194,16 +335,10 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
       const int8_t* qb = qp + b * K4 * 64;
       for (int64_t m0 = 0; m0 < M; m0 += RM) {
         const int64_t n = std::min(RM, M - m0);
-        const int32_t* xr = xq.data() + m0;
+        const int32_t* xr = xq + m0;
         if (nb == 2) int8_rows<2, 12>(qb, K4 * 64, xr, M, n, K4, isum);
         else int8_rows<1, 16>(qb, K4 * 64, xr, M, n, K4, isum);
-        const int64_t valid = std::min<int64_t>(16 * nb, N - b * 16);
-        for (int64_t r = 0; r < n; ++r) {
-          const float scale = xs[m0 + r];
-          float* yr = yp + (m0 + r) * N + b * 16;
-          for (int64_t o = 0; o < valid; ++o)
-            yr[o] = static_cast<float>(isum[r][o] - cp[b * 16 + o]) * (scale * ws[b * 16 + o]);
-        }
+        epilogue(isum, b, nb, m0, n);
       }
     }
   });
@@ -737,6 +872,8 @@ TORCH_LIBRARY(leaplm_native, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minv, int out_features) -> Tensor");
   m.impl("int4_linear", c10::DispatchKey::CPU, TORCH_FN(int4_linear));
   m.def("int8_vnni() -> bool", &int8_vnni);
+  m.def("int8_amx() -> bool", &int8_amx);
+  m.def("int8_amx_min_rows(int rows) -> int", &int8_amx_min_rows);
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor wscale, Tensor comp, int out_features) -> Tensor");
   m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
   m.def("bind_step(Tensor[] k, Tensor[] v, Tensor slots, int T, Tensor span_full, Tensor anc_off_full, "

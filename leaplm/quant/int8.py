@@ -78,7 +78,7 @@ def pack_int8(q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The native kernel's layout (native/decode_ops.cpp): ``q [out, in]`` int8, ``scale [out]`` ->
     ``qweight [out_p / 16, in_p / 4, 64]``, ``wscale [out_p]``, ``comp [out_p]`` (zero padding)."""
     out_f, in_f = q.shape
-    q = F.pad(q, (0, -in_f % 4, 0, -out_f % BLOCK))
+    q = F.pad(q, (0, -in_f % 64, 0, -out_f % BLOCK))   # inputs to whole AMX tiles (64), outputs to blocks
     B, K4 = q.shape[0] // BLOCK, q.shape[1] // 4
     qweight = q.view(B, BLOCK, K4, 4).permute(0, 2, 1, 3).reshape(B, K4, BLOCK * 4).contiguous()
     comp = (128 * q.to(torch.int32).sum(1)).to(torch.int32)

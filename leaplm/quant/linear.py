@@ -30,6 +30,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
+        if shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: input has {shape[-1]} features, the weight takes {self.in_features}")
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()

@@ -34,7 +34,8 @@ def test_int8_weights_count_one_byte_each(tiny_model_dir):
     from leaplm.quant.int8 import Int8Linear
 
     if next(m for m in model.modules() if isinstance(m, Int8Linear)).native:   # int8 + scales + int32 row sums
-        expected = sum(p.shape[0] * p.shape[1] + 8 * p.shape[0] for p in matrices)   # (dims: multiples of 16)
+        # (outputs: multiples of 16 here; inputs padded to whole AMX tiles of 64)
+        expected = sum(p.shape[0] * (-(-p.shape[1] // 64) * 64) + 8 * p.shape[0] for p in matrices)
     else:                                                                            # fbgemm: int8 + sentinels + scales
         expected = sum(p.shape[0] * (p.shape[1] + 2) + 4 * p.shape[0] for p in matrices)
     expected += sum(p.numel() * 4 for n, p in ref.named_parameters() if p.dim() == 1)    # norms stay float

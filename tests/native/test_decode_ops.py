@@ -23,6 +23,14 @@ def test_the_native_ops_build_here():
     assert Int8Linear.from_weight(torch.randn(16, 8)).native == native.fast_int8()
 
 
+def test_the_amx_loop_runs_where_the_cpu_has_it():
+    """From 2 rows on, int8_linear multiplies in AMX tiles where the CPU and OS allow (the bit-for-bit
+    test below then checks that loop; 1 row always takes the VNNI loop)."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    expected = "amx_int8" in flags and native.fast_int8() and os.environ.get("LEAPLM_AMX") != "0"
+    assert bool(ops.int8_amx()) == expected
+
+
 def _cache(B=2, KV=2, cap=40, D=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return ([torch.randn(B, KV, cap, D, generator=gen)], [torch.randn(B, KV, cap, D, generator=gen)])
@@ -139,8 +147,10 @@ def test_misuse_is_refused_with_a_message():
     module = Int8Linear(4, 8, None, native=pack_int8(*quantize_weight(torch.randn(8, 4))))
     with pytest.raises(RuntimeError, match="do not fit"):
         ops.int8_linear(torch.randn(1, 4), module.qweight, module.wscale, module.comp, 17)
-    with pytest.raises(RuntimeError, match="packed for 4"):
-        ops.int8_linear(torch.randn(1, 6), module.qweight, module.wscale, module.comp, 8)
+    with pytest.raises(RuntimeError, match="packed for 64"):   # inputs are padded to whole AMX tiles
+        ops.int8_linear(torch.randn(1, 65), module.qweight, module.wscale, module.comp, 8)
+    with pytest.raises(ValueError, match="input has 6 features, the weight takes 4"):
+        module(torch.randn(2, 6))
     ops.unbind_step()
     with pytest.raises(RuntimeError, match="outside a bound step"):
         ops.attend(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4), 0, 0, 1.0)
