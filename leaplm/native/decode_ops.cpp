@@ -240,9 +240,10 @@ bool int8_amx() {
 #endif
 }
 
-// From how many rows int8_linear takes the AMX loop (measured: 1 row is as fast on VNNI). Settable, for
-// tests that run both loops on the same input and for benchmarks; returns the previous value.
-std::atomic<int64_t> amx_min_rows{2};
+// From how many rows int8_linear takes the AMX loop (SmolLM2's projections, weights from memory: AMX
+// 0.87x / 0.94x / 1.13x / 1.3x the VNNI loop's speed at 1 / 4 / 8 / 16 rows). Settable, for tests that
+// run both loops on the same input and for benchmarks; returns the previous value.
+std::atomic<int64_t> amx_min_rows{6};
 
 int64_t int8_amx_min_rows(int64_t rows) { return amx_min_rows.exchange(rows); }
 
@@ -684,6 +685,60 @@ inline void score_block(const float* q, const float* K, const int64_t* keys, int
   mx = _mm512_mask_max_ps(mx, valid, mx, sc);
 }
 
+// score_block for two query heads over the same full block of 16 keys, interleaved so eight chains are
+// in flight instead of four (two FMA ports x four cycles of latency). Each query's arithmetic is
+// score_block's exactly: the same products, chains and reduce16.
+inline void score_block2(const float* qa, const float* qb, const float* K, const int64_t* keys, int64_t D,
+                         __m512 sv, float* pa, float* pb, __m512& mxa, __m512& mxb) {
+  const int64_t C = D / 16;
+  __m512 ta[16], tb[16];
+  for (int64_t k = 0; k < 16; k += 4) {
+    const float* k0 = K + keys[k] * D;
+    const float* k1 = K + keys[k + 1] * D;
+    const float* k2 = K + keys[k + 2] * D;
+    const float* k3 = K + keys[k + 3] * D;
+    __m512 x0 = _mm512_loadu_ps(k0), x1 = _mm512_loadu_ps(k1), x2 = _mm512_loadu_ps(k2), x3 = _mm512_loadu_ps(k3);
+    __m512 qc = _mm512_loadu_ps(qa), rc = _mm512_loadu_ps(qb);
+    __m512 a0 = _mm512_mul_ps(qc, x0), a1 = _mm512_mul_ps(qc, x1), a2 = _mm512_mul_ps(qc, x2), a3 = _mm512_mul_ps(qc, x3);
+    __m512 b0 = _mm512_mul_ps(rc, x0), b1 = _mm512_mul_ps(rc, x1), b2 = _mm512_mul_ps(rc, x2), b3 = _mm512_mul_ps(rc, x3);
+    for (int64_t c = 1; c < C; ++c) {
+      qc = _mm512_loadu_ps(qa + 16 * c), rc = _mm512_loadu_ps(qb + 16 * c);
+      x0 = _mm512_loadu_ps(k0 + 16 * c), x1 = _mm512_loadu_ps(k1 + 16 * c);
+      x2 = _mm512_loadu_ps(k2 + 16 * c), x3 = _mm512_loadu_ps(k3 + 16 * c);
+      a0 = _mm512_fmadd_ps(qc, x0, a0), a1 = _mm512_fmadd_ps(qc, x1, a1);
+      a2 = _mm512_fmadd_ps(qc, x2, a2), a3 = _mm512_fmadd_ps(qc, x3, a3);
+      b0 = _mm512_fmadd_ps(rc, x0, b0), b1 = _mm512_fmadd_ps(rc, x1, b1);
+      b2 = _mm512_fmadd_ps(rc, x2, b2), b3 = _mm512_fmadd_ps(rc, x3, b3);
+    }
+    ta[k] = a0, ta[k + 1] = a1, ta[k + 2] = a2, ta[k + 3] = a3;
+    tb[k] = b0, tb[k + 1] = b1, tb[k + 2] = b2, tb[k + 3] = b3;
+  }
+  const __m512 sa = _mm512_mul_ps(reduce16(ta), sv), sb = _mm512_mul_ps(reduce16(tb), sv);
+  _mm512_storeu_ps(pa, sa);
+  _mm512_storeu_ps(pb, sb);
+  mxa = _mm512_max_ps(mxa, sa);
+  mxb = _mm512_max_ps(mxb, sb);
+}
+
+// values_range for two pairs over the same keys (each pair's chains exactly values_range's), interleaved
+// so twice the chains are in flight.
+template <int C>
+void values_range2(float* acc_a, const float* p_a, float* acc_b, const float* p_b, const int64_t* keys, int64_t j0,
+                   int64_t j1, const float* V, int64_t D) {
+  __m512 a[C], b[C];
+  for (int c = 0; c < C; ++c) a[c] = _mm512_loadu_ps(acc_a + 16 * c), b[c] = _mm512_loadu_ps(acc_b + 16 * c);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* vj = V + keys[j] * D;
+    const __m512 wa = _mm512_set1_ps(p_a[j]), wb = _mm512_set1_ps(p_b[j]);
+    for (int c = 0; c < C; ++c) {
+      const __m512 v = _mm512_loadu_ps(vj + 16 * c);
+      a[c] = _mm512_fmadd_ps(wa, v, a[c]);
+      b[c] = _mm512_fmadd_ps(wb, v, b[c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc_a + 16 * c, a[c]), _mm512_storeu_ps(acc_b + 16 * c, b[c]);
+}
+
 // acc[0 .. D) += sum_{j in [j0, j1)} p[j] V[keys[j]], one chain per lane over j in order (acc in memory
 // between calls: storing and reloading a float changes nothing, so any split of the range gives the same sums).
 template <int C>
@@ -720,6 +775,20 @@ ValuesFn values_fn(int64_t D) {
   }
 }
 
+using Values2Fn = void (*)(float*, const float*, float*, const float*, const int64_t*, int64_t, int64_t, const float*,
+                           int64_t);
+
+Values2Fn values2_fn(int64_t D) {   // nullptr: no two-pair loop for this head size (pairs go one by one)
+  switch (D / 16) {
+    case 1: return values_range2<1>;
+    case 2: return values_range2<2>;
+    case 4: return values_range2<4>;
+    case 8: return values_range2<8>;
+    case 16: return values_range2<16>;
+    default: return nullptr;
+  }
+}
+
 struct PairRef {          // one (query, head): its query vector, output, key slots (committed range, ancestors)
   const float* q;
   float* out;
@@ -739,8 +808,16 @@ void attend_pairs512(const PairRef* pr, int64_t P, int64_t Ls, const float* K, c
   const __m512 sv = _mm512_set1_ps(scale);
   __m512 mx[8];
   for (int64_t i = 0; i < P; ++i) mx[i] = _mm512_set1_ps(-INFINITY);
-  for (int64_t j0 = 0; j0 < Ls; j0 += 16)
-    for (int64_t i = 0; i < P; ++i) score_block(pr[i].q, K, pr[i].keys + j0, 16, D, sv, scratch.data() + i * stride + j0, mx[i]);
+  const Values2Fn values2 = values2_fn(D);
+  const bool pairwise = values2 != nullptr;   // shared keys: two pairs at a time, each pair's arithmetic unchanged
+  for (int64_t j0 = 0; j0 < Ls; j0 += 16) {
+    int64_t i = 0;
+    if (pairwise)
+      for (; i + 2 <= P; i += 2)
+        score_block2(pr[i].q, pr[i + 1].q, K, pr[i].keys + j0, D, sv, scratch.data() + i * stride + j0,
+                     scratch.data() + (i + 1) * stride + j0, mx[i], mx[i + 1]);
+    for (; i < P; ++i) score_block(pr[i].q, K, pr[i].keys + j0, 16, D, sv, scratch.data() + i * stride + j0, mx[i]);
+  }
   for (int64_t i = 0; i < P; ++i)
     for (int64_t j0 = Ls; j0 < pr[i].L; j0 += 16)
       score_block(pr[i].q, K, pr[i].keys + j0, std::min<int64_t>(16, pr[i].L - j0), D, sv,
@@ -760,9 +837,16 @@ void attend_pairs512(const PairRef* pr, int64_t P, int64_t Ls, const float* K, c
     inv[i] = 1.f / _mm512_reduce_add_ps(sum);
   }
   const ValuesFn values = values_fn(D);
-  for (int64_t j0 = 0; j0 < Ls; j0 += 32)
-    for (int64_t i = 0; i < P; ++i)
+  for (int64_t j0 = 0; j0 < Ls; j0 += 32) {
+    int64_t i = 0;
+    if (pairwise)
+      for (; i + 2 <= P; i += 2)
+        values2(scratch.data() + i * stride + Lp, scratch.data() + i * stride,
+                         scratch.data() + (i + 1) * stride + Lp, scratch.data() + (i + 1) * stride, pr[i].keys, j0,
+                         std::min(j0 + 32, Ls), V, D);
+    for (; i < P; ++i)
       values(scratch.data() + i * stride + Lp, scratch.data() + i * stride, pr[i].keys, j0, std::min(j0 + 32, Ls), V, D);
+  }
   for (int64_t i = 0; i < P; ++i) {
     float* acc = scratch.data() + i * stride + Lp;
     values(acc, scratch.data() + i * stride, pr[i].keys, Ls, pr[i].L, V, D);

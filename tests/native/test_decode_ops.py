@@ -24,8 +24,8 @@ def test_the_native_ops_build_here():
 
 
 def test_the_amx_loop_runs_where_the_cpu_has_it():
-    """From 2 rows on, int8_linear multiplies in AMX tiles where the CPU and OS allow (the bit-for-bit
-    test below then checks that loop; 1 row always takes the VNNI loop)."""
+    """int8_linear multiplies in AMX tiles where the CPU and OS allow (from 6 rows on by default; the
+    bit-for-bit test below runs every shape through both loops)."""
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     expected = "amx_int8" in flags and native.fast_int8() and os.environ.get("LEAPLM_AMX") != "0"
     assert bool(ops.int8_amx()) == expected
@@ -132,12 +132,18 @@ def _int8_reference(x: torch.Tensor, module: Int8Linear) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows,out_f,in_f", [(1, 96, 64), (5, 40, 30), (17, 300, 128), (33, 16, 4)])
 def test_int8_linear_is_the_stated_integer_arithmetic_bit_for_bit(rows, out_f, in_f):
-    """Every row count takes a different register blocking; all equal the reference exactly."""
+    """Every row count takes a different register or tile blocking; all equal the reference exactly."""
     torch.manual_seed(rows)
     module = Int8Linear(in_f, out_f, None, native=pack_int8(*quantize_weight(torch.randn(out_f, in_f))))
     x = torch.randn(rows, in_f)
     x[0] *= 40
-    y = ops.int8_linear(x, module.qweight, module.wscale, module.comp, out_f)
+    previous = ops.int8_amx_min_rows(10**9)   # the VNNI loop
+    try:
+        y = ops.int8_linear(x, module.qweight, module.wscale, module.comp, out_f)
+        ops.int8_amx_min_rows(1)                 # the AMX loop where the CPU has it (else VNNI again)
+        assert torch.equal(ops.int8_linear(x, module.qweight, module.wscale, module.comp, out_f), y)
+    finally:
+        ops.int8_amx_min_rows(previous)
     assert torch.equal(y, _int8_reference(x, module))
     assert torch.equal(ops.int8_linear(x[-1:], module.qweight, module.wscale, module.comp, out_f)[0], y[-1])
 
