@@ -9,7 +9,10 @@ than fbgemm at 1 row and ~1.8x at 16 rows (``docs/benchmarks.md``, session 7): o
 
 Weights: symmetric per-output-channel int8, ``scale[o] = max|W[o, :]| / 127``. Native layout
 (``pack_int8``): ``qweight [out_p / 16, in_p / 4, 64]`` int8 (``[output 0..15][t 0..3]`` per quad of
-inputs), ``wscale [out_p]`` float32 and ``comp [out_p] = 128 * sum_k q[o, k]`` int32.
+inputs; ``in_p`` rounded up to 64, ``out_p`` to 16), ``wscale [out_p]`` float32 and
+``comp [out_p] = 128 * sum_k q[o, k]`` int32. 16 quads of one block are exactly an AMX weight tile
+(16 x 64 bytes), so on CPUs with AMX the kernel multiplies passes of 6+ rows in tiles (session 8: 1.3x
+the VNNI loop at 16 rows, 2x at 256, weights from memory) — the same integer sums, the same bits.
 
 Activations: quantized per row, ``xq = round(x / xs)``, ``xs = max|x| / 127`` (native), so a row's result
 never depends on the other rows: a verification pass of 6 tokens reproduces single-token decoding bit for
