@@ -171,9 +171,10 @@ void int8_rows(const int8_t* qb, int64_t bstride, const int32_t* x, int64_t M, i
 // 64 inputs, row-major) by a 16 x 64-byte tile of s8 weights, which is exactly 16 quads of one packed
 // block (the layout above: [quad][output][t]), into a 16 x 16 tile of int32 sums. It does 16x the
 // multiply-adds of a VNNI step per instruction, so wide passes are no longer bound by multiply-adds
-// (measured on SmolLM2's projections, weights from memory: 16 rows 1.3x, 32 rows 1.5x the VNNI loop; one
-// row is still cheaper on VNNI). The sums are the same exact integers, so the two loops give
-// bit-identical outputs and either may serve any call.
+// (measured on SmolLM2's projections, 30 layers with a distinct weight each, so streamed from memory:
+// 2 rows 1.12x, 4 rows 1.35x, 16 rows 1.66x the VNNI loop's speed; one row is still cheaper on VNNI).
+// The sums are the same exact integers, so the two loops give bit-identical outputs and either may
+// serve any call.
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
   uint8_t reserved[14] = {};
@@ -241,10 +242,13 @@ bool int8_amx() {
 #endif
 }
 
-// From how many rows int8_linear takes the AMX loop (SmolLM2's projections, weights from memory: AMX
-// 0.87x / 0.94x / 1.13x / 1.3x the VNNI loop's speed at 1 / 4 / 8 / 16 rows). Settable, for tests that
-// run both loops on the same input and for benchmarks; returns the previous value.
-std::atomic<int64_t> amx_min_rows{6};
+// From how many rows int8_linear takes the AMX loop. Measured on Sapphire Rapids, SmolLM2's
+// projections per pass, 30 layers with a distinct weight each (streamed from memory, as in a real step), one
+// process, loops alternated: ms AMX / VNNI at 1 row 8.61 / 7.30, 2 rows 7.43 / 8.34, 4 rows 7.39 /
+// 10.01, 8 rows 9.35 / 12.64, 16 rows 10.24 / 16.96. (An earlier A/B reused one weight per shape, which
+// stayed in cache and favoured the VNNI loop up to 5 rows.) Settable, for tests that run both loops on
+// the same input and for benchmarks; returns the previous value.
+std::atomic<int64_t> amx_min_rows{2};
 
 int64_t int8_amx_min_rows(int64_t rows) { return amx_min_rows.exchange(rows); }
 

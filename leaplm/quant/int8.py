@@ -11,8 +11,9 @@ Weights: symmetric per-output-channel int8, ``scale[o] = max|W[o, :]| / 127``. N
 (``pack_int8``): ``qweight [out_p / 16, in_p / 4, 64]`` int8 (``[output 0..15][t 0..3]`` per quad of
 inputs; ``in_p`` rounded up to 64, ``out_p`` to 16), ``wscale [out_p]`` float32 and
 ``comp [out_p] = 128 * sum_k q[o, k]`` int32. 16 quads of one block are exactly an AMX weight tile
-(16 x 64 bytes), so on CPUs with AMX the kernel multiplies passes of 6+ rows in tiles (session 8: 1.3x
-the VNNI loop at 16 rows, 2x at 256, weights from memory) — the same integer sums, the same bits.
+(16 x 64 bytes), so on CPUs with AMX the kernel multiplies passes of 2+ rows in tiles (1.1x the VNNI
+loop at 2 rows, 1.7x at 16 on SmolLM2's projections streamed from memory, 2x at 256) — the same
+integer sums, the same bits.
 
 Activations: quantized per row, ``xq = round(x / xs)``, ``xs = max|x| / 127`` (native), so a row's result
 never depends on the other rows: a verification pass of 6 tokens reproduces single-token decoding bit for

@@ -2,9 +2,10 @@
 
 ``time_tree_pass(model, nodes, context)`` times the target's tree pass over ``1 + n`` tokens (``n``
 draft nodes as a random tree after a ``context``-token prompt; ``n = 0`` is the plain decode step)
-and returns milliseconds per pass for each ``n``. ``relative_cost(model, max_nodes)`` interpolates a
-few of those timings into ``cost[n] = time(n) / time(0)`` for ``n = 0..max_nodes``, cached on the
-model object; drafters that size their tree by expected gain per unit of time use it.
+and returns milliseconds per pass for each ``n``; the sizes are timed interleaved, round after round, so
+drift on a shared machine moves all of them alike. ``relative_cost(model, max_nodes)`` interpolates a
+few of those timings into ``cost[n] = time(n) / time(0)`` for ``n = 0..max_nodes``, cached on the model
+object; drafters that size their tree by expected gain per unit of time use it.
 """
 from __future__ import annotations
 
@@ -32,14 +33,14 @@ def time_tree_pass(model, nodes: Sequence[int], context: int = 512, repeats: int
     model(prompt, torch.arange(context, device=device)[None], cache, kv_len=context, contiguous_start=0,
           logit_index=torch.tensor([[context - 1]], device=device))
     cache.commit(0, context)
-    out = []
+    passes = []
     for n in nodes:
         parents = _random_tree(n, gen)
         feed = torch.randint(0, cfg.vocab_size, (1, 1 + n), generator=gen).to(device)
         positions = torch.tensor([[context] + [context + d for d in depths(parents)]], device=device)
         mask = ancestor_matrix(parents)[None].to(device)
 
-        def one() -> None:
+        def one(n=n, feed=feed, positions=positions, mask=mask) -> None:
             if n == 0:
                 model(feed, positions, cache, kv_len=context + 1, contiguous_start=context)
             else:
@@ -48,13 +49,17 @@ def time_tree_pass(model, nodes: Sequence[int], context: int = 512, repeats: int
                 torch.cuda.synchronize()
 
         one()  # warm-up (allocations, kernel selection)
-        times = []
-        for _ in range(repeats):
+        passes.append(one)
+    # Interleaved: every round times each size once (alternating direction), so a machine whose speed
+    # drifts over the measurement (a shared CPU) shifts all sizes alike instead of skewing the ratios.
+    times: list[list[float]] = [[] for _ in nodes]
+    for r in range(repeats):
+        order = range(len(nodes)) if r % 2 == 0 else reversed(range(len(nodes)))
+        for i in order:
             t = time.perf_counter()
-            one()
-            times.append(time.perf_counter() - t)
-        out.append(1000 * sorted(times)[len(times) // 2])
-    return out
+            passes[i]()
+            times[i].append(time.perf_counter() - t)
+    return [1000 * sorted(ts)[len(ts) // 2] for ts in times]
 
 
 def relative_cost(model, max_nodes: int, context: int = 256) -> list[float]:
@@ -64,7 +69,7 @@ def relative_cost(model, max_nodes: int, context: int = 256) -> list[float]:
     if max_nodes in cache:
         return cache[max_nodes]
     probe = sorted({0, 1, 2, 4, 8, 16, 32, 64, max_nodes} & set(range(max_nodes + 1)))
-    ms = time_tree_pass(model, probe, context=context, repeats=3)
+    ms = time_tree_pass(model, probe, context=context, repeats=7)
     rel = [m / ms[0] for m in ms]
     cost = []
     for n in range(max_nodes + 1):

@@ -24,7 +24,7 @@ def test_the_native_ops_build_here():
 
 
 def test_the_amx_loop_runs_where_the_cpu_has_it():
-    """int8_linear multiplies in AMX tiles where the CPU and OS allow (from 6 rows on by default; the
+    """int8_linear multiplies in AMX tiles where the CPU and OS allow (from 2 rows on by default; the
     bit-for-bit test below runs every shape through both loops)."""
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     expected = "amx_int8" in flags and native.fast_int8() and os.environ.get("LEAPLM_AMX") != "0"

@@ -85,6 +85,18 @@ def test_lookup_first_drafts_the_copy_when_there_is_one(tiny_model_dir):
     assert sum(r.accepted for r in spec) > 0
 
 
+def test_lookup_first_cuts_the_copy_by_its_learnt_rate_and_cost():
+    d = _drafter(lookup=True, num_draft=8, node_cost=0.15)
+    context = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2]            # the copy would be 3 .. 10, 1, 2
+    first = d.propose(0, context, 8).tokens
+    assert 1 <= len(first) < 8 and first == [3, 4, 5, 6, 7, 8, 9, 10][:len(first)]   # prior 0.5 per token
+    for _ in range(30):                                          # every copied token accepted, every time
+        d.propose(0, context + context[2:2 + len(first)], 8)
+        first = d.propose(0, context, 8).tokens
+    assert len(first) == 8                                       # a reliable copy earns its full length
+    assert _drafter(lookup=True, node_cost=10.0).propose(0, context, 6).tokens == []   # never worth a pass
+
+
 def test_lookup_merge_makes_the_copy_one_branch_of_the_tree():
     d = _drafter(lookup="merge")
     # context ends in 5, 6, seen before followed by 9, 2: the copy is [9, 2]; the matrix offers 8, 9 after 6

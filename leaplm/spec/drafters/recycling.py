@@ -26,7 +26,9 @@ is predictable; on a GPU they grow to the budget.
 Prompt lookup (not in the paper; ``PromptLookup``: the continuation of the context's last 2-3 tokens
 seen earlier) adds what the matrix cannot know — text the output copies from the prompt:
 - ``lookup="first"`` (or ``True``): when lookup finds ``min_lookup`` tokens or more, that chain alone
-  is the draft; otherwise the recycled tree is.
+  is the draft; otherwise the recycled tree is. The chain is cut like the tree: to the prefix with the
+  best expected tokens per unit of pass time, from the learnt copy acceptance rate (measured: uncut
+  24-token copies made passes ~15% dearer for the same tokens per pass as 8-token ones).
 - ``lookup="merge"``: the copy is one more branch of the tree. Its nodes compete in the same best-first
   search with a score learnt like a rank's (an extra rank column, "copy", in the acceptance table),
   every copy node also gets recycled children, and a candidate equal to a sibling already in the
@@ -93,6 +95,8 @@ class TokenRecycling(Drafter):
         prior = np.array([_PRIOR[r] if r < len(_PRIOR) else _PRIOR[-1] for r in range(top_k)] + [_COPY_PRIOR])
         self._hits = np.tile(prior * _PRIOR_WEIGHT, (max_depth + 1, 1))   # [depth, rank]; rank top_k = copy
         self._visits = np.full(max_depth + 1, _PRIOR_WEIGHT)
+        self._copy_visits = np.full(max_depth + 1, _PRIOR_WEIGHT)   # depths where a copy node was offered
+        self._copy_pooled = [_COPY_PRIOR * _PRIOR_WEIGHT, _PRIOR_WEIGHT]  # copy (hits, offers), all depths
         self._last: dict[int, _LastTree] = {}
 
     def bind(self, target_model, target_tokenizer=None) -> None:
@@ -117,7 +121,9 @@ class TokenRecycling(Drafter):
     def acceptance(self) -> np.ndarray:
         """Current estimate of P(rank-r candidate accepted | parent accepted) ``[max_depth + 1, top_k + 1]``
         (the last column: a prompt-lookup copy node, ``lookup="merge"``; depths past max_depth use the last row)."""
-        return self._hits / self._visits[:, None]
+        rates = self._hits / self._visits[:, None]
+        rates[:, self.top_k] = self._hits[:, self.top_k] / self._copy_visits   # only where a copy was offered
+        return rates
 
     def _learn(self, row: int, context: Sequence[int]) -> None:
         """Walk the previous tree along what the context gained: which rank was accepted per depth."""
@@ -132,9 +138,15 @@ class TokenRecycling(Drafter):
                 return
             d = min(depth, self.max_depth)          # copy chains may run deeper than recycled nodes
             self._visits[d] += 1
+            copy_offered = any(last.ranks[i] == self.top_k for i in kids)
+            if copy_offered:
+                self._copy_visits[d] += 1
+                self._copy_pooled[1] += 1
             hit = next((i for i in kids if last.tokens[i] == token), None)
             if hit is None:
                 return
+            if last.ranks[hit] == self.top_k:
+                self._copy_pooled[0] += 1
             self._hits[d, last.ranks[hit]] += 1
             parent = hit
 
@@ -144,7 +156,11 @@ class TokenRecycling(Drafter):
         if self.lookup is not None:
             copy = self.lookup.propose(row, context, k).tokens
             if self.lookup_mode == "first" and len(copy) >= self.min_lookup:
-                return Draft(copy)
+                copy = self._cut_copy(copy)
+                if copy:
+                    chain = list(range(-1, len(copy) - 1))
+                    self._last[row] = _LastTree(copy, chain, [self.top_k] * len(copy), len(context))
+                    return Draft(copy)
             if len(copy) < self.min_lookup:
                 copy = []
         if self.next_tokens is None or not context or context[-1] >= self.next_tokens.shape[0]:
@@ -154,6 +170,20 @@ class TokenRecycling(Drafter):
         self._last[row] = _LastTree(*tree, len(context))
         tokens, parents, _ = tree
         return Draft(tokens, parents=parents) if tokens else Draft([])
+
+    def _cut_copy(self, copy: list[int]) -> list[int]:
+        """The prefix of a prompt-lookup chain with the best expected tokens per unit of pass time: the
+        ``j``-th copied token is accepted with probability ``rate ** j``, ``rate`` the copy acceptance rate
+        pooled over depths (one rate: a depth never drafted would otherwise keep its prior forever)."""
+        rate, cost = self._copy_pooled[0] / self._copy_pooled[1], self.cost
+        reach = gain = best_rate = 1.0
+        best_n = 0
+        for j in range(1, min(len(copy), len(cost) - 1) + 1):
+            reach *= rate
+            gain += reach
+            if gain / cost[j] > best_rate:
+                best_rate, best_n = gain / cost[j], j
+        return copy[:best_n]
 
     def _grow_tree(self, context: Sequence[int], k: int, copy: list[int]) -> tuple[list[int], list[int], list[int]]:
         """Best-first tree (tokens, parents, ranks) from the matrix, with ``copy`` as one more branch
