@@ -62,6 +62,18 @@ def time_tree_pass(model, nodes: Sequence[int], context: int = 512, repeats: int
     return [1000 * sorted(ts)[len(ts) // 2] for ts in times]
 
 
+def best_prefix(accepts: Sequence[float], cost: Sequence[float]) -> int:
+    """How many of a draft's nodes to keep: the ``n`` maximising expected tokens per unit of pass time,
+    ``(1 + sum(accepts[:n])) / cost[n]`` (``accepts[i]``: the chance node ``i`` is accepted, nodes in an
+    order where every prefix is a draft; ``cost[0] = 1``); 0 when no prefix beats a plain step."""
+    gain, best_rate, best_n = 1.0, 1.0, 0
+    for n, accept in enumerate(accepts, start=1):
+        gain += accept
+        if gain / cost[n] > best_rate:
+            best_rate, best_n = gain / cost[n], n
+    return best_n
+
+
 def relative_cost(model, max_nodes: int, context: int = 256) -> list[float]:
     """``cost[n]`` = pass time with ``n`` nodes / pass time with none, ``n = 0..max_nodes`` (measured at a
     few sizes, linearly interpolated, non-decreasing; cached per model and ``max_nodes``)."""

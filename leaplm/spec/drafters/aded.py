@@ -55,6 +55,7 @@ from typing import Sequence
 import numpy as np
 
 from ...errors import InvalidParamsError
+from ..cost import best_prefix, relative_cost
 from .base import Draft, Drafter
 
 _MAX_NEXT = 16              # continuations kept per pair / token
@@ -160,8 +161,6 @@ class ADED(Drafter):
 
     def bind(self, target_model, target_tokenizer=None) -> None:
         if self.node_cost is None:
-            from ..cost import relative_cost
-
             self.cost = relative_cost(target_model, self.num_draft)
 
     def reset(self, row: int) -> None:
@@ -294,8 +293,7 @@ class ADED(Drafter):
             heapq.heappush(heap, (-pri * min(1.0, cands[index][0]), order, parent, cands, index, depth, pri, acc, key))
 
         offer(-1, self.candidates(a0, b0), 0, 1, 1.0, 1.0, (a0, b0))
-        gain, best_rate, best_n = 1.0, 1.0, 0
-        cost = self.cost
+        accepts: list[float] = []       # each node's calibrated chance of acceptance, in pop order
         while heap and len(tokens) < k:
             neg, _, parent, cands, index, depth, pri, acc, key = heapq.heappop(heap)
             _, p, token = cands[index]
@@ -305,13 +303,12 @@ class ADED(Drafter):
             probs.append(p)
             keys.append(key)
             node_acc = acc * self.calibrated(p)
-            gain += node_acc
-            if gain / cost[len(tokens)] > best_rate:
-                best_rate, best_n = gain / cost[len(tokens)], len(tokens)
+            accepts.append(node_acc)
             offer(parent, cands, index + 1, depth, pri, acc, key)                      # the next sibling
             if depth < self.max_depth:
                 offer(node, self.candidates(key[1], token), 0, depth + 1, -neg, node_acc, (key[1], token))
         # pop order is topological (a parent before its children), so any prefix is a tree
+        best_n = best_prefix(accepts, self.cost)
         tokens, parents = tokens[:best_n], parents[:best_n]
         st.last = _LastTree(tokens, parents, probs[:best_n], keys[:best_n], len(context))
         if not tokens:

@@ -47,6 +47,7 @@ import numpy as np
 from torch import Tensor
 
 from ...errors import InvalidParamsError
+from ..cost import best_prefix, relative_cost
 from .base import Draft, Drafter
 
 # chance that the rank-r candidate is the target's next token, before anything is observed
@@ -96,14 +97,11 @@ class TokenRecycling(Drafter):
         self._hits = np.tile(prior * _PRIOR_WEIGHT, (max_depth + 1, 1))   # [depth, rank]; rank top_k = copy
         self._visits = np.full(max_depth + 1, _PRIOR_WEIGHT)
         self._copy_visits = np.full(max_depth + 1, _PRIOR_WEIGHT)   # depths where a copy node was offered
-        self._copy_pooled = [_COPY_PRIOR * _PRIOR_WEIGHT, _PRIOR_WEIGHT]  # copy (hits, offers), all depths
         self._last: dict[int, _LastTree] = {}
 
     def bind(self, target_model, target_tokenizer=None) -> None:
         self._grow(target_model.config.vocab_size)
         if self.node_cost is None:
-            from ..cost import relative_cost
-
             self.cost = relative_cost(target_model, self.num_draft)
 
     def _grow(self, vocab: int) -> None:
@@ -138,15 +136,11 @@ class TokenRecycling(Drafter):
                 return
             d = min(depth, self.max_depth)          # copy chains may run deeper than recycled nodes
             self._visits[d] += 1
-            copy_offered = any(last.ranks[i] == self.top_k for i in kids)
-            if copy_offered:
+            if any(last.ranks[i] == self.top_k for i in kids):
                 self._copy_visits[d] += 1
-                self._copy_pooled[1] += 1
             hit = next((i for i in kids if last.tokens[i] == token), None)
             if hit is None:
                 return
-            if last.ranks[hit] == self.top_k:
-                self._copy_pooled[0] += 1
             self._hits[d, last.ranks[hit]] += 1
             parent = hit
 
@@ -175,15 +169,14 @@ class TokenRecycling(Drafter):
         """The prefix of a prompt-lookup chain with the best expected tokens per unit of pass time: the
         ``j``-th copied token is accepted with probability ``rate ** j``, ``rate`` the copy acceptance rate
         pooled over depths (one rate: a depth never drafted would otherwise keep its prior forever)."""
-        rate, cost = self._copy_pooled[0] / self._copy_pooled[1], self.cost
-        reach = gain = best_rate = 1.0
-        best_n = 0
-        for j in range(1, min(len(copy), len(cost) - 1) + 1):
+        extra_priors = self.max_depth    # the pooled rate keeps one depth's prior, not max_depth + 1 of them
+        hits = self._hits[:, self.top_k].sum() - extra_priors * _COPY_PRIOR * _PRIOR_WEIGHT
+        rate = hits / (self._copy_visits.sum() - extra_priors * _PRIOR_WEIGHT)
+        reach, accepts = 1.0, []
+        for _ in range(min(len(copy), len(self.cost) - 1)):
             reach *= rate
-            gain += reach
-            if gain / cost[j] > best_rate:
-                best_rate, best_n = gain / cost[j], j
-        return copy[:best_n]
+            accepts.append(reach)
+        return copy[:best_prefix(accepts, self.cost)]
 
     def _grow_tree(self, context: Sequence[int], k: int, copy: list[int]) -> tuple[list[int], list[int], list[int]]:
         """Best-first tree (tokens, parents, ranks) from the matrix, with ``copy`` as one more branch
@@ -218,7 +211,7 @@ class TokenRecycling(Drafter):
         if context:
             offer_candidate(-1, context[-1], 1, 0, 1.0)
         offer_copy(-1, 0, 1, 1.0)
-        gain, best_rate, best_n = 1.0, 1.0, 0
+        accepts: list[float] = []       # each node's chance of acceptance, in pop order
         cost = self.cost
         while heap and len(tokens) < min(k, len(cost) - 1):
             neg, _, parent, depth, rank, base, row_tokens, i = heapq.heappop(heap)
@@ -234,13 +227,12 @@ class TokenRecycling(Drafter):
             tokens.append(token)
             parents.append(parent)
             ranks.append(rank)
-            gain += -neg
-            if gain / cost[len(tokens)] > best_rate:
-                best_rate, best_n = gain / cost[len(tokens)], len(tokens)
+            accepts.append(-neg)
             offer_candidate(node, token, depth + 1, 0, -neg)          # the first recycled child
             if row_tokens is None:
                 offer_copy(node, i + 1, depth + 1, -neg)              # the copy's next token
         # pop order is topological (a parent before its children), so any prefix is a tree
+        best_n = best_prefix(accepts, cost)
         return tokens[:best_n], parents[:best_n], ranks[:best_n]
 
     def reset(self, row: int) -> None:
