@@ -56,7 +56,8 @@ def test_acceptance_rates_are_learnt_from_the_accepted_branch():
 
 
 def test_bad_knobs_are_refused():
-    for knobs in ({"num_draft": 0}, {"top_k": 0}, {"top_k": 100}, {"node_cost": -1}):
+    for knobs in ({"num_draft": 0}, {"top_k": 0}, {"top_k": 100}, {"node_cost": -1}, {"context": 0},
+                  {"context": 9}, {"prompt": "maybe"}, {"context": 1, "prompt": True}):
         with pytest.raises(InvalidParamsError, match="recycling"):
             TokenRecycling(**knobs)
     assert isinstance(make_drafter("token_recycling"), TokenRecycling)
@@ -66,6 +67,47 @@ def test_bad_knobs_are_refused():
 def test_greedy_recycling_equals_vanilla_on_ragged_batches(name, tiny_model_dir):
     _, spec = greedy_equals_vanilla_on_ragged_batch(tiny_model_dir(name)[0], TokenRecycling(num_draft=12, node_cost=0.0))
     assert sum(r.accepted for r in spec) > 0
+
+
+def test_the_paper_s_matrix_alone_equals_vanilla(tiny_model_dir):
+    d = TokenRecycling(num_draft=12, node_cost=0.0, context=1, prompt=False)
+    _, spec = greedy_equals_vanilla_on_ragged_batch(tiny_model_dir("llama-gqa-untied")[0], d)
+    assert sum(r.accepted for r in spec) > 0 and d.contexts == []
+
+
+def test_context_rows_tell_apart_two_occurrences_of_a_token():
+    d = TokenRecycling(num_draft=4, top_k=2, node_cost=0.0, prompt=False)
+    assert d.propose(0, [1, 5], 4).tokens == []                 # nothing known yet
+    d.observe(0, [5], torch.tensor([[6, 7]]))                    # after 1, 5 the target said 6, 7
+    d.start(1, None)
+    first = d.propose(1, [2, 5], 4)
+    assert first.tokens[0] == 6                                  # 2, 5 is new: the matrix's row for 5
+    d.observe(1, [5] + first.tokens, torch.tensor([[8, 9]] + [[3, 4]] * len(first.tokens)))   # after 2, 5: 8, 9
+    assert d.next_tokens[5].tolist() == [8, 9]                   # the matrix keeps the latest occurrence only
+    assert d.propose(2, [1, 5], 1).tokens == [6]                 # ... the 2-token context row tells them apart
+    assert d.propose(3, [2, 5], 1).tokens == [8]
+    assert d.propose(4, [3, 5], 1).tokens == [8]                 # an unseen context: the matrix
+
+
+def test_prompt_rows_draft_what_the_output_copies_and_learn_their_own_rate():
+    context = [1, 2, 3, 4, 9, 1, 2]
+    d = TokenRecycling(num_draft=4, top_k=2, node_cost=0.0)
+    draft = d.propose(0, context, 3)
+    assert draft.tokens == [3, 4, 9] and draft.parents == [-1, 0, 1]   # the prompt's continuation of 1, 2
+    assert set(d._last[0].sources) == {d.prompt_source}
+    before = d.acceptance(d.prompt_source)[1, 0]
+    d.propose(0, context + [3, 4, 9, 1], 3)                      # all three accepted
+    assert d.acceptance(d.prompt_source)[1, 0] > before
+    assert TokenRecycling(num_draft=4, top_k=2, node_cost=0.0, prompt=False).propose(0, context, 3).tokens == []
+
+
+def test_a_row_that_keeps_its_best_candidate_gets_its_own_rate():
+    d = _drafter()
+    assert d._row((5,))[1] == 0                                  # seen once
+    d.observe(0, [5], torch.tensor([[6, 9]]))                    # the same best candidate again
+    assert d._row((5,))[1] == 1
+    d.observe(0, [5], torch.tensor([[7, 6]]))                    # a new one: unsettled again
+    assert d._row((5,))[1] == 0
 
 
 def test_hot_start_across_requests_and_int8_exactness(tiny_model_dir):
@@ -98,7 +140,7 @@ def test_lookup_first_cuts_the_copy_by_its_learnt_rate_and_cost():
 
 
 def test_lookup_merge_makes_the_copy_one_branch_of_the_tree():
-    d = _drafter(lookup="merge")
+    d = _drafter(lookup="merge", prompt=False)      # (prompt rows would draft the same copy from the tree)
     # context ends in 5, 6, seen before followed by 9, 2: the copy is [9, 2]; the matrix offers 8, 9 after 6
     draft = d.propose(0, [5, 6, 9, 2, 4, 5, 6], 6)
     check_tree(draft.tokens, draft.parents)
@@ -110,7 +152,7 @@ def test_lookup_merge_makes_the_copy_one_branch_of_the_tree():
 
 
 def test_lookup_merge_learns_the_copy_rate_and_is_exact(tiny_model_dir):
-    d = _drafter(lookup="merge")
+    d = _drafter(lookup="merge", prompt=False)
     d.propose(0, [1, 2, 3, 7, 1, 2], 6)                          # copy [3, 7, ...]: 3 is unknown to the matrix
     before = d.acceptance()[1, d.top_k]
     d.propose(0, [1, 2, 3, 7, 1, 2, 3, 7], 6)                   # the copy was right twice

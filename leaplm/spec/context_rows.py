@@ -1,0 +1,100 @@
+"""``ContextRows``: a fixed-size hashed table from a token n-gram (the last ``order`` tokens of a path) to a
+row of ``top_k`` candidate next tokens, with a small confidence level per entry. Token Recycling
+(``drafters/recycling.py``) keeps one per context length 2, 3, ... beside its per-token adjacency matrix.
+
+Layout (``slots`` a power of two, ``top_k`` candidates):
+- ``keys  [slots]`` uint64: the 64-bit hash of the n-gram stored in the slot (0 = empty);
+- ``rows  [slots, top_k]`` int32: candidate next tokens, best first, -1 = none;
+- ``level [slots]`` int8: how many consecutive updates kept the same best candidate (0 .. ``levels - 1``),
+  or ``SEEDED`` (-1) for an entry written from text (``seed``) rather than from the model's candidates.
+
+A slot holds one n-gram; a newer n-gram hashing to the same slot replaces it (bounded memory, no
+allocation while decoding). A lookup checks the full 64-bit hash, so a replaced or colliding entry is
+never returned for another n-gram (up to 64-bit hash collisions). All operations are deterministic.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+SEEDED = -1
+_MULT = 0x100000001B3          # FNV-1a-style prime, per token
+_MIX = 0x9E3779B97F4A7C15      # Fibonacci hashing of the key into a slot
+_MASK = (1 << 64) - 1
+
+
+def gram_hash(gram: Sequence[int]) -> int:
+    """64-bit hash of a token n-gram (never 0 for a non-empty gram of token ids >= 0)."""
+    h = 0
+    for t in gram:
+        h = ((h * _MULT) ^ (int(t) + 1)) & _MASK
+    return h or 1
+
+
+def gram_hashes(grams: np.ndarray) -> np.ndarray:
+    """``gram_hash`` of each row of ``grams [n, order]`` (int) -> uint64 ``[n]``, same values."""
+    h = np.zeros(grams.shape[0], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(grams.shape[1]):
+            h = (h * np.uint64(_MULT)) ^ (grams[:, j].astype(np.uint64) + np.uint64(1))
+    h[h == 0] = 1
+    return h
+
+
+class ContextRows:
+    def __init__(self, order: int, top_k: int, slots: int = 1 << 15, levels: int = 4) -> None:
+        if slots & (slots - 1) or slots < 2:
+            raise ValueError(f"slots must be a power of two >= 2, got {slots}")
+        self.order, self.top_k, self.levels = order, top_k, levels
+        self._shift = 64 - (slots.bit_length() - 1)
+        self.keys = np.zeros(slots, dtype=np.uint64)
+        self.rows = np.full((slots, top_k), -1, dtype=np.int32)
+        self.level = np.zeros(slots, dtype=np.int8)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.rows.nbytes + self.level.nbytes
+
+    def _slot(self, h: int) -> int:
+        return ((h * _MIX) & _MASK) >> self._shift
+
+    def _slots(self, h: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return ((h * np.uint64(_MIX)) >> np.uint64(self._shift)).astype(np.int64)
+
+    def get(self, gram: Sequence[int]) -> tuple[np.ndarray, int] | None:
+        """(candidate row ``[top_k]``, level) stored for the last ``order`` tokens of ``gram``, or None."""
+        if len(gram) < self.order:
+            return None
+        h = gram_hash(gram[-self.order:])
+        slot = self._slot(h)
+        if int(self.keys[slot]) != h:
+            return None
+        return self.rows[slot], int(self.level[slot])
+
+    def put(self, grams: np.ndarray, candidates: np.ndarray) -> None:
+        """Store ``candidates [n, top_k]`` (the model's next-token candidates) for ``grams [n, order]``; an
+        entry whose best candidate is unchanged gains a level (capped), any other starts at level 0.
+        Later rows win when two grams share a slot."""
+        h = gram_hashes(grams)
+        slots = self._slots(h)
+        same = (self.keys[slots] == h) & (self.rows[slots, 0] == candidates[:, 0]) & (self.level[slots] != SEEDED)
+        self.level[slots] = np.where(same, np.minimum(self.level[slots] + 1, self.levels - 1), 0)
+        self.keys[slots] = h
+        self.rows[slots] = candidates
+
+    def seed(self, tokens: Sequence[int]) -> None:
+        """Record, for every ``order``-gram of ``tokens`` but the last, the token that followed it (one
+        candidate, level ``SEEDED``): text the output may copy. A later ``put`` of the same gram replaces it."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        n = len(ids) - self.order
+        if n <= 0:
+            return
+        grams = np.stack([ids[j: j + n] for j in range(self.order)], axis=1)
+        h = gram_hashes(grams)
+        slots = self._slots(h)
+        self.keys[slots] = h
+        self.rows[slots] = -1
+        self.rows[slots, 0] = ids[self.order:]
+        self.level[slots] = SEEDED

@@ -1,0 +1,53 @@
+"""ContextRows: n-gram keyed candidate rows, with settledness levels, prompt seeding and bounded slots."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from leaplm.spec.context_rows import SEEDED, ContextRows, gram_hash, gram_hashes
+
+
+def test_vector_and_scalar_hashes_agree():
+    grams = np.array([[0, 0], [1, 2], [2, 1], [151_000, 7]])
+    assert gram_hashes(grams).tolist() == [gram_hash(g) for g in grams.tolist()]
+    assert len(set(gram_hashes(grams).tolist())) == 4          # order matters
+
+
+def test_put_get_and_levels():
+    t = ContextRows(order=2, top_k=3, slots=64)
+    assert t.get([1, 2]) is None
+    t.put(np.array([[1, 2], [3, 4]]), np.array([[5, 6, 7], [8, -1, -1]]))
+    row, level = t.get([9, 9, 1, 2])                          # the last two tokens key the row
+    assert row.tolist() == [5, 6, 7] and level == 0
+    assert t.get([2, 1]) is None and t.get([2]) is None
+    t.put(np.array([[1, 2]]), np.array([[5, 7, 6]]))           # same best candidate: one level up
+    assert t.get([1, 2])[1] == 1
+    for _ in range(5):
+        t.put(np.array([[1, 2]]), np.array([[5, 7, 6]]))
+    assert t.get([1, 2])[1] == t.levels - 1                   # capped
+    t.put(np.array([[1, 2]]), np.array([[6, 5, 7]]))           # a new best candidate: level 0
+    assert t.get([1, 2])[1] == 0
+
+
+def test_seed_records_what_followed_each_gram_and_the_model_replaces_it():
+    t = ContextRows(order=2, top_k=2, slots=64)
+    t.seed([1, 2, 3, 1, 2, 4])
+    row, level = t.get([1, 2])
+    assert row.tolist() == [4, -1] and level == SEEDED         # the latest occurrence wins
+    assert t.get([2, 3])[0].tolist() == [1, -1]
+    assert t.get([2, 4]) is None                                # the last gram has no continuation yet
+    t.put(np.array([[1, 2]]), np.array([[4, 3]]))
+    row, level = t.get([1, 2])
+    assert row.tolist() == [4, 3] and level == 0                # the model's candidates, not yet settled
+
+
+def test_slots_are_bounded_and_a_replaced_gram_is_not_returned():
+    t = ContextRows(order=2, top_k=1, slots=4)
+    grams = np.array([[i, i + 1] for i in range(50)])
+    t.put(grams, np.arange(50)[:, None])
+    assert t.nbytes == 4 * 8 + 4 * 4 + 4
+    found = [g for g in grams.tolist() if t.get(g) is not None]
+    assert 1 <= len(found) <= 4
+    assert all(t.get(g)[0][0] == g[0] for g in found)           # what is returned belongs to the gram
+    with pytest.raises(ValueError, match="power of two"):
+        ContextRows(order=2, top_k=1, slots=6)
