@@ -258,13 +258,16 @@ def _bound_drafter(target: Target, key: tuple, make):
 
 
 @register_method("recycling", lossless=True,
-                 description="Token Recycling: a token tree from the target's own top-k candidates of earlier passes")
+                 description="Token Recycling: a token tree from the target's own top-k candidates of earlier passes "
+                             "(context=1 prompt=false: the paper's one-token matrix alone)")
 def recycling(target: Target, prompt_ids: list[int], params, num_draft: int = 24, top_k: int = 8,
-              max_depth: int = 8, node_cost: float | None = None, lookup: bool = False) -> Generation:
+              max_depth: int = 8, node_cost: float | None = None, lookup: bool = False, context: int = 4,
+              prompt: bool = True) -> Generation:
     from ..spec.drafters import TokenRecycling
 
-    drafter = _bound_drafter(target, ("recycling", num_draft, top_k, max_depth, node_cost, lookup),  # one matrix per run
-                             lambda: TokenRecycling(num_draft, top_k, max_depth, node_cost=node_cost, lookup=lookup))
+    key = ("recycling", num_draft, top_k, max_depth, node_cost, lookup, context, prompt)   # one matrix per run
+    drafter = _bound_drafter(target, key, lambda: TokenRecycling(num_draft, top_k, max_depth, node_cost=node_cost,
+                                                                lookup=lookup, context=context, prompt=prompt))
     return _run_engine(target, prompt_ids, params, drafter)
 
 
