@@ -24,7 +24,9 @@ calls (every fed token's path: the committed tail, then its tree ancestors). A n
 from the longest context that has a row; its acceptance rates are learnt per source (context length
 and how settled the row is: how many consecutive updates kept its best candidate, 0-3), so a row
 that keeps repeating itself (a loop in the output) earns deep chains and an unsettled one stays shallow.
-Measured on Spec-Bench with SmolLM2 (docs/benchmarks.md): 1.78 -> 2.30 accepted tokens per pass.
+Measured on Spec-Bench with SmolLM2, int8 on a 2-core CPU (docs/benchmarks.md, session 11): the paper's
+matrix alone 1.90 accepted tokens per pass (1.44x), with context rows 2.40 (1.68x), with prompt rows too
+2.63 (1.83x; prompt lookup 2.45, 1.85x in the same run).
 
 Prompt rows (``prompt = True``, default; not in the paper): at a request's first draft the context
 rows are also seeded with the prompt's own n-grams and the token that followed each (one candidate,
@@ -42,7 +44,7 @@ bound to its target (``spec.cost.relative_cost``, about a second) or given as a 
 is predictable; on a GPU they grow to the budget.
 
 Prompt lookup (not in the paper; ``PromptLookup``: the continuation of the context's last 2-3 tokens
-seen earlier) adds what the matrix cannot know — text the output copies from the prompt:
+seen earlier) drafts copies as a chain of their own, beside or instead of prompt rows:
 - ``lookup="first"`` (or ``True``): when lookup finds ``min_lookup`` tokens or more, that chain alone
   is the draft; otherwise the recycled tree is. The chain is cut like the tree: to the prefix with the
   best expected tokens per unit of pass time, from the learnt copy acceptance rate (measured: uncut
