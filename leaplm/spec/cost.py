@@ -6,6 +6,12 @@ and returns milliseconds per pass for each ``n``; the sizes are timed interleave
 drift on a shared machine moves all of them alike. ``relative_cost(model, max_nodes)`` interpolates a
 few of those timings into ``cost[n] = time(n) / time(0)`` for ``n = 0..max_nodes``, cached on the model
 object; drafters that size their tree by expected gain per unit of time use it.
+
+A node's cost grows with the context: every node attends over it, so on a CPU a node in a 1,500-token
+conversation costs a good deal more than one after 256 tokens (SmolLM2 int8, this repo's 2-core CPU:
+measured by ``leaplm profile --verify-curve --context``). ``pass_cost(model, max_nodes)`` measures the
+table at a short and a long context and ``PassCost.at(context_len)`` interpolates between them
+(linearly: attention is linear in the context), so drafters size a tree for the context they draft in.
 """
 from __future__ import annotations
 
@@ -78,8 +84,8 @@ def relative_cost(model, max_nodes: int, context: int = 256) -> list[float]:
     """``cost[n]`` = pass time with ``n`` nodes / pass time with none, ``n = 0..max_nodes`` (measured at a
     few sizes, linearly interpolated, non-decreasing; cached per model and ``max_nodes``)."""
     cache = model.__dict__.setdefault("_leaplm_pass_cost", {})
-    if max_nodes in cache:
-        return cache[max_nodes]
+    if (max_nodes, context) in cache:
+        return cache[(max_nodes, context)]
     probe = sorted({0, 1, 2, 4, 8, 16, 32, 64, max_nodes} & set(range(max_nodes + 1)))
     ms = time_tree_pass(model, probe, context=context, repeats=7)
     rel = [m / ms[0] for m in ms]
@@ -92,5 +98,40 @@ def relative_cost(model, max_nodes: int, context: int = 256) -> list[float]:
             a, b = probe[j - 1], probe[j]
             c = rel[j - 1] + (rel[j] - rel[j - 1]) * (n - a) / (b - a)
         cost.append(max(c, cost[-1]) if cost else 1.0)
-    cache[max_nodes] = cost
+    cache[(max_nodes, context)] = cost
     return cost
+
+
+class PassCost:
+    """``cost[n]`` for ``n = 0..max_nodes`` at any context length, from tables measured at two lengths:
+    linear in the context between and beyond them (a node's attention is linear in it), never below 1
+    and non-decreasing in ``n``; one list per 64-token bucket of context, cached."""
+
+    def __init__(self, short: Sequence[float], long: Sequence[float], short_context: int, long_context: int) -> None:
+        self.short, self.long = list(short), list(long)
+        self.short_context, self.long_context = short_context, long_context
+        self._at: dict[int, list[float]] = {}
+
+    def at(self, context_len: int) -> list[float]:
+        bucket = max(0, int(context_len)) // 64
+        if bucket not in self._at:
+            span = self.long_context - self.short_context
+            w = (bucket * 64 + 32 - self.short_context) / span if span > 0 else 0.0
+            cost = []
+            for s, l in zip(self.short, self.long):
+                c = max(1.0, s + (l - s) * w)
+                cost.append(max(c, cost[-1]) if cost else 1.0)
+            self._at[bucket] = cost
+        return self._at[bucket]
+
+
+def pass_cost(model, max_nodes: int, short_context: int = 256, long_context: int = 1024) -> PassCost:
+    """``PassCost`` from ``relative_cost`` at two context lengths (the long one clipped to the model's
+    positions; a model too short for both gets one table at every length). About two seconds, cached."""
+    limit = model.config.max_position_embeddings - 1 - max_nodes
+    long_context = min(long_context, limit)
+    short_context = min(short_context, long_context)
+    short = relative_cost(model, max_nodes, context=short_context)
+    if long_context <= short_context:
+        return PassCost(short, short, short_context, short_context)
+    return PassCost(short, relative_cost(model, max_nodes, context=long_context), short_context, long_context)

@@ -43,6 +43,16 @@ def test_costly_nodes_shrink_the_tree():
     assert 0 < len(small) < 6
 
 
+def test_a_longer_context_makes_nodes_dearer_and_the_tree_smaller():
+    from leaplm.spec.cost import PassCost
+
+    d = _drafter(prompt=False)
+    d._pass_cost = PassCost([1.0 + 0.02 * n for n in range(7)], [1.0 + 0.1 * n for n in range(7)], 256, 1024)
+    short = d.propose(0, [7] * 200 + [5], 6).tokens
+    long = d.propose(1, [7] * 1500 + [5], 6).tokens
+    assert len(short) == 6 and 0 < len(long) < len(short)
+
+
 def test_acceptance_rates_are_learnt_from_the_accepted_branch():
     d = _drafter()
     draft = d.propose(0, [5], 6)

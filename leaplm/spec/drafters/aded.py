@@ -35,7 +35,8 @@ Cost-aware size (as Token Recycling): a node is accepted with the chance ``produ
 along its path, so the first ``n`` nodes popped are expected to yield ``1 + sum`` tokens per pass; the
 draft keeps the prefix of the pop order (a tree, since a parent pops before its children) that
 maximizes ``(1 + sum) / cost[n]``, ``cost[n]`` the pass time with ``n`` nodes relative to a plain
-decode step: measured when bound to the target (``spec.cost.relative_cost``) or ``1 + node_cost * n``.
+decode step: measured when bound to the target at the context being drafted in (``spec.cost.pass_cost``)
+or ``1 + node_cost * n``.
 ``node_cost=0`` always keeps the whole budget.
 
 Drafts are deterministic given the context and the statistics (one-hot q, ``probs=None``), so
@@ -55,7 +56,7 @@ from typing import Sequence
 import numpy as np
 
 from ...errors import InvalidParamsError
-from ..cost import best_prefix, relative_cost
+from ..cost import PassCost, best_prefix, pass_cost
 from .base import Draft, Drafter
 
 _MAX_NEXT = 16              # continuations kept per pair / token
@@ -148,6 +149,7 @@ class ADED(Drafter):
         if node_cost is not None:
             node_cost = _number("node_cost (None = measure)", node_cost, 0.0)
         self.node_cost = node_cost
+        self._pass_cost: PassCost | None = None     # measured in bind(): cost by context length
         # cost[n]: pass time with n nodes relative to none; measured in bind() unless node_cost is given
         self.cost = [1.0 + (node_cost if node_cost is not None else _DEFAULT_NODE_COST) * n
                      for n in range(self.num_draft + 1)]
@@ -161,7 +163,8 @@ class ADED(Drafter):
 
     def bind(self, target_model, target_tokenizer=None) -> None:
         if self.node_cost is None:
-            self.cost = relative_cost(target_model, self.num_draft)
+            self._pass_cost = pass_cost(target_model, self.num_draft)
+            self.cost = self._pass_cost.at(256)
 
     def reset(self, row: int) -> None:
         self._rows.pop(row, None)
@@ -271,6 +274,8 @@ class ADED(Drafter):
             st = self._rows[row] = _Row()
         self._ingest(st, context)
         self._learn(st, context)
+        if self._pass_cost is not None:             # nodes cost more in a longer context
+            self.cost = self._pass_cost.at(len(context))
         k = min(k, self.num_draft, len(self.cost) - 1)
         if k < 1 or not context:
             return Draft([])

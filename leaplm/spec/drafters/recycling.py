@@ -39,8 +39,9 @@ Cost-aware size: a node's score is the chance the target accepts it, so the firs
 popped are expected to yield ``1 + sum(scores)`` tokens per pass. The draft keeps the ``n`` that
 maximizes that gain per unit of pass time, ``(1 + sum) / cost[n]``, where ``cost[n]`` is the pass
 time with ``n`` nodes relative to a plain decode step: measured on this machine when the drafter is
-bound to its target (``spec.cost.relative_cost``, about a second) or given as a linear
-``node_cost`` per node. On a CPU, where a wide pass is expensive, trees stay small unless the text
+bound to its target, at a short and a long context and interpolated at the context being drafted in
+(``spec.cost.pass_cost``, about two seconds; a node attends over the whole context), or given as a
+linear ``node_cost`` per node. On a CPU, where a wide pass is expensive, trees stay small unless the text
 is predictable; on a GPU they grow to the budget.
 
 Prompt lookup (not in the paper; ``PromptLookup``: the continuation of the context's last 2-3 tokens
@@ -68,7 +69,7 @@ from torch import Tensor
 
 from ...errors import InvalidParamsError
 from ..context_rows import SEEDED, ContextRows
-from ..cost import best_prefix, relative_cost
+from ..cost import PassCost, best_prefix, pass_cost
 from .base import Draft, Drafter
 
 # chance that the rank-r candidate is the target's next token, before anything is observed
@@ -136,13 +137,15 @@ class TokenRecycling(Drafter):
         self._hits = np.tile(prior * _PRIOR_WEIGHT, (self.sources, max_depth + 1, 1))
         self._visits = np.full((self.sources, max_depth + 1), _PRIOR_WEIGHT)
         self._copy_visits = np.full(max_depth + 1, _PRIOR_WEIGHT)   # depths where a copy node was offered
+        self._pass_cost: PassCost | None = None           # measured in bind(): cost by context length
         self._last: dict[int, _LastTree] = {}
         self._tail: dict[int, list[int]] = {}    # per row: the context's last tokens at the last propose
 
     def bind(self, target_model, target_tokenizer=None) -> None:
         self._grow(target_model.config.vocab_size)
         if self.node_cost is None:
-            self.cost = relative_cost(target_model, self.num_draft)
+            self._pass_cost = pass_cost(target_model, self.num_draft)
+            self.cost = self._pass_cost.at(256)
 
     def _grow(self, vocab: int) -> None:
         if self.next_tokens is None or self.next_tokens.shape[0] < vocab:
@@ -227,6 +230,8 @@ class TokenRecycling(Drafter):
 
     def propose(self, row: int, context: Sequence[int], k: int) -> Draft:
         self._learn(row, context)
+        if self._pass_cost is not None:               # nodes cost more in a longer context
+            self.cost = self._pass_cost.at(len(context))
         if self.prompt and row not in self._tail:     # a request's first draft: its prompt seeds rows
             for table in self.contexts:
                 table.seed(context)
