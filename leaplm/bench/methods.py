@@ -259,10 +259,10 @@ def _bound_drafter(target: Target, key: tuple, make):
 
 @register_method("recycling", lossless=True,
                  description="Token Recycling: a token tree from the target's own top-k candidates of earlier passes "
-                             "(context=1 prompt=false: the paper's one-token matrix alone)")
+                             "(context=1: the paper's one-token matrix alone)")
 def recycling(target: Target, prompt_ids: list[int], params, num_draft: int = 24, top_k: int = 8,
               max_depth: int = 8, node_cost: float | None = None, lookup: bool = False, context: int = 4,
-              prompt: bool = True) -> Generation:
+              prompt: bool | None = None) -> Generation:
     from ..spec.drafters import TokenRecycling
 
     key = ("recycling", num_draft, top_k, max_depth, node_cost, lookup, context, prompt)   # one matrix per run

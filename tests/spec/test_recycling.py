@@ -83,6 +83,7 @@ def test_the_paper_s_matrix_alone_equals_vanilla(tiny_model_dir):
     d = TokenRecycling(num_draft=12, node_cost=0.0, context=1, prompt=False)
     _, spec = greedy_equals_vanilla_on_ragged_batch(tiny_model_dir("llama-gqa-untied")[0], d)
     assert sum(r.accepted for r in spec) > 0 and d.contexts == []
+    assert not TokenRecycling(context=1).prompt and TokenRecycling().prompt   # prompt rows need 2+ tokens
 
 
 def test_context_rows_tell_apart_two_occurrences_of_a_token():

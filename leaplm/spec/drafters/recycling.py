@@ -28,7 +28,7 @@ Measured on Spec-Bench with SmolLM2, int8 on a 2-core CPU (docs/benchmarks.md, s
 matrix alone 1.90 accepted tokens per pass (1.44x), with context rows 2.40 (1.68x), with prompt rows too
 2.63 (1.83x; prompt lookup 2.45, 1.85x in the same run).
 
-Prompt rows (``prompt = True``, default; not in the paper): at a request's first draft the context
+Prompt rows (``prompt = True``, the default when ``context >= 2``; not in the paper): at a request's first draft the context
 rows are also seeded with the prompt's own n-grams and the token that followed each (one candidate,
 a source of its own with its own learnt rate), so text the output copies from the prompt (extraction,
 summaries, RAG) is drafted like prompt lookup does, inside the same tree. The model's candidates
@@ -96,13 +96,13 @@ class TokenRecycling(Drafter):
 
     def __init__(self, num_draft: int = 24, top_k: int = 8, max_depth: int = 8,
                  node_cost: float | None = None, lookup: bool | str = False, min_lookup: int = 2,
-                 context: int = 4, prompt: bool = True) -> None:
+                 context: int = 4, prompt: bool | None = None) -> None:
         for knob, value, low in (("num_draft", num_draft, 1), ("top_k", top_k, 1), ("max_depth", max_depth, 1)):
             if not isinstance(value, int) or value < low:
                 raise InvalidParamsError(f"recycling {knob} must be an integer >= {low}, got {value!r}")
         if not isinstance(context, int) or isinstance(context, bool) or not 1 <= context <= _MAX_CONTEXT:
             raise InvalidParamsError(f"recycling context must be an integer in 1..{_MAX_CONTEXT}, got {context!r}")
-        prompt = {"true": True, "false": False}.get(prompt, prompt)
+        prompt = {"true": True, "false": False, None: context >= 2}.get(prompt, prompt)   # default: on if keyable
         if not isinstance(prompt, bool):
             raise InvalidParamsError(f"recycling prompt must be true or false, got {prompt!r}")
         if prompt and context < 2:
