@@ -3,7 +3,8 @@ row of ``top_k`` candidate next tokens, with a small confidence level per entry.
 (``drafters/recycling.py``) keeps one per context length 2, 3, ... beside its per-token adjacency matrix.
 
 Layout (``slots`` a power of two, ``top_k`` candidates):
-- ``keys  [slots]`` uint64: the 64-bit hash of the n-gram stored in the slot (0 = empty);
+- ``keys  [slots]`` uint64: the 64-bit hash of the n-gram stored in the slot, 0 = empty (a gram whose hash
+  is 0, one in 2**64, is never stored);
 - ``rows  [slots, top_k]`` int32: candidate next tokens, best first, -1 = none;
 - ``level [slots]`` int8: how many consecutive updates kept the same best candidate (0 .. ``levels - 1``),
   or ``SEEDED`` (-1) for an entry written from text (``seed``) rather than from the model's candidates.
@@ -24,12 +25,18 @@ _MIX = 0x9E3779B97F4A7C15      # Fibonacci hashing of the key into a slot
 _MASK = (1 << 64) - 1
 
 
+def extend_hash(h: int, token: int) -> int:
+    """The hash of a gram extended by ``token`` on the right, from the gram's hash (0 for the empty gram):
+    a path's hashes follow from its parent's without re-reading the path."""
+    return ((h * _MULT) ^ (int(token) + 1)) & _MASK
+
+
 def gram_hash(gram: Sequence[int]) -> int:
-    """64-bit hash of a token n-gram (never 0 for a non-empty gram of token ids >= 0)."""
+    """64-bit hash of a token n-gram (``extend_hash`` folded over it from 0)."""
     h = 0
     for t in gram:
-        h = ((h * _MULT) ^ (int(t) + 1)) & _MASK
-    return h or 1
+        h = extend_hash(h, t)
+    return h
 
 
 def gram_hashes(grams: np.ndarray) -> np.ndarray:
@@ -38,7 +45,6 @@ def gram_hashes(grams: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         for j in range(grams.shape[1]):
             h = (h * np.uint64(_MULT)) ^ (grams[:, j].astype(np.uint64) + np.uint64(1))
-    h[h == 0] = 1
     return h
 
 
@@ -67,9 +73,12 @@ class ContextRows:
         """(candidate row ``[top_k]``, level) stored for the last ``order`` tokens of ``gram``, or None."""
         if len(gram) < self.order:
             return None
-        h = gram_hash(gram[-self.order:])
+        return self.get_hashed(gram_hash(gram[-self.order:]))
+
+    def get_hashed(self, h: int) -> tuple[np.ndarray, int] | None:
+        """``get`` for an ``order``-gram given by its ``gram_hash``."""
         slot = self._slot(h)
-        if int(self.keys[slot]) != h:
+        if h == 0 or int(self.keys[slot]) != h:
             return None
         return self.rows[slot], int(self.level[slot])
 
@@ -77,7 +86,10 @@ class ContextRows:
         """Store ``candidates [n, top_k]`` (the model's next-token candidates) for ``grams [n, order]``; an
         entry whose best candidate is unchanged gains a level (capped), any other starts at level 0.
         Later rows win when two grams share a slot."""
-        h = gram_hashes(grams)
+        self.put_hashed(gram_hashes(grams), candidates)
+
+    def put_hashed(self, h: np.ndarray, candidates: np.ndarray) -> None:
+        """``put`` for ``order``-grams given by their hashes (uint64 ``[n]``)."""
         slots = self._slots(h)
         same = (self.keys[slots] == h) & (self.rows[slots, 0] == candidates[:, 0]) & (self.level[slots] != SEEDED)
         self.level[slots] = np.where(same, np.minimum(self.level[slots] + 1, self.levels - 1), 0)

@@ -51,3 +51,12 @@ def test_slots_are_bounded_and_a_replaced_gram_is_not_returned():
     assert all(t.get(g)[0][0] == g[0] for g in found)           # what is returned belongs to the gram
     with pytest.raises(ValueError, match="power of two"):
         ContextRows(order=2, top_k=1, slots=6)
+
+
+def test_extending_a_hash_token_by_token_gives_the_gram_s_hash():
+    from leaplm.spec.context_rows import extend_hash
+
+    h = 0
+    for t in [4, 8, 15, 16]:
+        h = extend_hash(h, t)
+    assert h == gram_hash([4, 8, 15, 16]) == int(gram_hashes(np.array([[4, 8, 15, 16]]))[0])

@@ -114,11 +114,11 @@ def test_prompt_rows_draft_what_the_output_copies_and_learn_their_own_rate():
 
 def test_a_row_that_keeps_its_best_candidate_gets_its_own_rate():
     d = _drafter()
-    assert d._row((5,))[1] == 0                                  # seen once
+    assert d._row((6,), 5)[1] == 0                                  # seen once
     d.observe(0, [5], torch.tensor([[6, 9]]))                    # the same best candidate again
-    assert d._row((5,))[1] == 1
+    assert d._row((6,), 5)[1] == 1
     d.observe(0, [5], torch.tensor([[7, 6]]))                    # a new one: unsettled again
-    assert d._row((5,))[1] == 0
+    assert d._row((6,), 5)[1] == 0
 
 
 def test_hot_start_across_requests_and_int8_exactness(tiny_model_dir):

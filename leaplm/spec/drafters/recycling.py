@@ -68,7 +68,7 @@ import numpy as np
 from torch import Tensor
 
 from ...errors import InvalidParamsError
-from ..context_rows import SEEDED, ContextRows
+from ..context_rows import SEEDED, ContextRows, extend_hash
 from ..cost import PassCost, best_prefix, pass_cost
 from .base import Draft, Drafter
 
@@ -80,6 +80,20 @@ LOOKUP_MODES = (False, "first", "merge")
 _DEFAULT_NODE_COST = 0.05   # per node, relative to a decode step, when not measured (unbound drafter)
 _LEVELS = 4                 # how settled a row is: consecutive updates that kept its best candidate, capped
 _MAX_CONTEXT = 8
+_PATIENCE = 8               # stop growing a tree after this many nodes that did not improve its tokens per time
+
+
+def _extend(hashes: tuple[int, ...], token: int, n: int) -> tuple[int, ...]:
+    """A path's suffix hashes after ``token``: element ``o - 1`` hashes its last ``o`` tokens, ``o = 1..n``
+    (fewer on a shorter path), each from the path's one-shorter suffix before it."""
+    return (extend_hash(0, token),) + tuple(extend_hash(h, token) for h in hashes[: n - 1])
+
+
+def _suffixes(tokens: Sequence[int], n: int) -> tuple[int, ...]:
+    hashes: tuple[int, ...] = ()
+    for t in tokens[-n:]:
+        hashes = _extend(hashes, t, n)
+    return hashes
 
 
 @dataclass
@@ -176,23 +190,25 @@ class TokenRecycling(Drafter):
         if pending < 1 or list(fed[pending:]) != last.tokens or list(fed[:pending]) != tail[-pending:]:
             return
         n = self.context
-        grams = [tuple(tail[: len(tail) - pending + 1 + i][-n:]) for i in range(pending)]
-        root = grams[-1]
+        paths = [_suffixes(tail[: len(tail) - pending + 1 + i], n) for i in range(pending)]
+        root = paths[-1]
         for token, parent in zip(last.tokens, last.parents):
-            grams.append(((root if parent < 0 else grams[pending + parent]) + (token,))[-n:])
+            paths.append(_extend(root if parent < 0 else paths[pending + parent], token, n))
         for table in self.contexts:
-            keep = [i for i, g in enumerate(grams) if len(g) >= table.order]
+            o = table.order
+            keep = [i for i, hashes in enumerate(paths) if len(hashes) >= o]
             if keep:
-                table.put(np.asarray([grams[i][-table.order:] for i in keep], dtype=np.int64), ids[keep])
+                table.put_hashed(np.fromiter((paths[i][o - 1] for i in keep), dtype=np.uint64, count=len(keep)),
+                                 ids[keep])
 
-    def _row(self, gram: Sequence[int]) -> tuple[np.ndarray | None, int]:
-        """(candidate row, acceptance source) for a path ending in ``gram``: the longest context with a row."""
+    def _row(self, hashes: tuple[int, ...], token: int) -> tuple[np.ndarray | None, int]:
+        """(candidate row, acceptance source) for a path ending in ``token`` with suffix ``hashes``: the
+        longest context with a row, else the matrix."""
         for table in reversed(self.contexts):
-            found = table.get(gram)
+            found = table.get_hashed(hashes[table.order - 1]) if len(hashes) >= table.order else None
             if found is not None:
                 row, level = found
                 return row, (self.prompt_source if level == SEEDED else (table.order - 1) * _LEVELS + level)
-        token = gram[-1]
         if self.next_tokens is None or token >= self.next_tokens.shape[0]:
             return None, 0
         return self.next_tokens[token], int(self._level[token])
@@ -275,8 +291,8 @@ class TokenRecycling(Drafter):
         parents: list[int] = []
         ranks: list[int] = []
         sources: list[int] = []
-        grams: list[tuple[int, ...]] = []             # per node: its path's last ``context`` tokens
-        root = tuple(context[-n:])
+        paths: list[tuple[int, ...]] = []             # per node: its path's suffix hashes (``_extend``)
+        root = _suffixes(context, n)
         node_of: dict[tuple[int, int], int] = {}     # (parent, token) -> node: siblings stay distinct
         # heap entries: (-score, order, parent node, depth, rank, parent score, (row, source) | None, copy index)
         order = 0
@@ -298,11 +314,12 @@ class TokenRecycling(Drafter):
                                       copy_rank, base, None, i))
 
         if context:
-            offer_candidate(-1, 1, 0, 1.0, self._row(root))
+            offer_candidate(-1, 1, 0, 1.0, self._row(root, context[-1]))
         offer_copy(-1, 0, 1, 1.0)
         accepts: list[float] = []       # each node's chance of acceptance, in pop order
         cost = self.cost
-        while heap and len(tokens) < min(k, len(cost) - 1):
+        gain, best_rate, best_n = 1.0, 1.0, 0   # best_prefix's running choice: stop once it stops moving
+        while heap and len(tokens) < min(k, len(cost) - 1) and len(tokens) - best_n < _PATIENCE:
             neg, _, parent, depth, rank, base, found, i = heapq.heappop(heap)
             token = copy[i] if found is None else int(found[0][rank])
             if found is not None:       # the same row's next candidate competes next
@@ -318,8 +335,11 @@ class TokenRecycling(Drafter):
             ranks.append(rank)
             sources.append(0 if found is None else found[1])
             accepts.append(-neg)
-            grams.append(((root if parent < 0 else grams[parent]) + (token,))[-n:])
-            offer_candidate(node, depth + 1, 0, -neg, self._row(grams[node]))   # the first recycled child
+            gain += -neg
+            if gain / cost[len(tokens)] > best_rate:
+                best_rate, best_n = gain / cost[len(tokens)], len(tokens)
+            paths.append(_extend(root if parent < 0 else paths[parent], token, n))
+            offer_candidate(node, depth + 1, 0, -neg, self._row(paths[node], token))   # the first recycled child
             if found is None:
                 offer_copy(node, i + 1, depth + 1, -neg)              # the copy's next token
         # pop order is topological (a parent before its children), so any prefix is a tree
