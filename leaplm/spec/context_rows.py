@@ -10,7 +10,8 @@ Layout (``slots`` a power of two, ``top_k`` candidates):
   or ``SEEDED`` (-1) for an entry written from text (``seed``) rather than from the model's candidates.
 
 A slot holds one n-gram; a newer n-gram hashing to the same slot replaces it (bounded memory, no
-allocation while decoding). A lookup checks the full 64-bit hash, so a replaced or colliding entry is
+allocation while decoding). Grams are given by their hash (``gram_hash``; ``extend_hash`` grows a path's
+hashes token by token). A lookup checks the full 64-bit hash, so a replaced or colliding entry is
 never returned for another n-gram (up to 64-bit hash collisions). All operations are deterministic.
 """
 from __future__ import annotations
@@ -48,6 +49,12 @@ def gram_hashes(grams: np.ndarray) -> np.ndarray:
     return h
 
 
+def settle(level: np.ndarray, same_best: np.ndarray, levels: int) -> np.ndarray:
+    """A row's next settledness level: one up (capped at ``levels - 1``) when an update kept its best
+    candidate (``same_best``), else 0. Shared by these rows and Token Recycling's per-token matrix."""
+    return np.where(same_best, np.minimum(level + 1, levels - 1), 0).astype(level.dtype)
+
+
 class ContextRows:
     def __init__(self, order: int, top_k: int, slots: int = 1 << 15, levels: int = 4) -> None:
         if slots & (slots - 1) or slots < 2:
@@ -69,30 +76,20 @@ class ContextRows:
         with np.errstate(over="ignore"):
             return ((h * np.uint64(_MIX)) >> np.uint64(self._shift)).astype(np.int64)
 
-    def get(self, gram: Sequence[int]) -> tuple[np.ndarray, int] | None:
-        """(candidate row ``[top_k]``, level) stored for the last ``order`` tokens of ``gram``, or None."""
-        if len(gram) < self.order:
-            return None
-        return self.get_hashed(gram_hash(gram[-self.order:]))
-
-    def get_hashed(self, h: int) -> tuple[np.ndarray, int] | None:
-        """``get`` for an ``order``-gram given by its ``gram_hash``."""
+    def get(self, h: int) -> tuple[np.ndarray, int] | None:
+        """(candidate row ``[top_k]``, level) stored for the ``order``-gram whose ``gram_hash`` is ``h``, or None."""
         slot = self._slot(h)
         if h == 0 or int(self.keys[slot]) != h:
             return None
         return self.rows[slot], int(self.level[slot])
 
-    def put(self, grams: np.ndarray, candidates: np.ndarray) -> None:
-        """Store ``candidates [n, top_k]`` (the model's next-token candidates) for ``grams [n, order]``; an
-        entry whose best candidate is unchanged gains a level (capped), any other starts at level 0.
-        Later rows win when two grams share a slot."""
-        self.put_hashed(gram_hashes(grams), candidates)
-
-    def put_hashed(self, h: np.ndarray, candidates: np.ndarray) -> None:
-        """``put`` for ``order``-grams given by their hashes (uint64 ``[n]``)."""
+    def put(self, h: np.ndarray, candidates: np.ndarray) -> None:
+        """Store ``candidates [n, top_k]`` (the model's next-token candidates) for the ``order``-grams whose
+        hashes are ``h`` (uint64 ``[n]``); an entry whose best candidate is unchanged gains a level
+        (``settle``), any other starts at level 0. Later rows win when two grams share a slot."""
         slots = self._slots(h)
         same = (self.keys[slots] == h) & (self.rows[slots, 0] == candidates[:, 0]) & (self.level[slots] != SEEDED)
-        self.level[slots] = np.where(same, np.minimum(self.level[slots] + 1, self.levels - 1), 0)
+        self.level[slots] = settle(self.level[slots], same, self.levels)
         self.keys[slots] = h
         self.rows[slots] = candidates
 

@@ -68,16 +68,34 @@ def time_tree_pass(model, nodes: Sequence[int], context: int = 512, repeats: int
     return [1000 * sorted(ts)[len(ts) // 2] for ts in times]
 
 
+class PrefixChooser:
+    """``best_prefix`` one node at a time: ``add(accept)`` for each node in draft order, ``best_n`` the
+    choice so far, ``since_best`` how many nodes were added since it last moved (a caller growing a draft
+    best-first can stop once that is large: later nodes are ever less likely to pay)."""
+
+    def __init__(self, cost: Sequence[float]) -> None:
+        self.cost = cost
+        self.n, self.gain, self.best_rate, self.best_n = 0, 1.0, 1.0, 0
+
+    def add(self, accept: float) -> None:
+        self.n += 1
+        self.gain += accept
+        if self.gain / self.cost[self.n] > self.best_rate:
+            self.best_rate, self.best_n = self.gain / self.cost[self.n], self.n
+
+    @property
+    def since_best(self) -> int:
+        return self.n - self.best_n
+
+
 def best_prefix(accepts: Sequence[float], cost: Sequence[float]) -> int:
     """How many of a draft's nodes to keep: the ``n`` maximising expected tokens per unit of pass time,
     ``(1 + sum(accepts[:n])) / cost[n]`` (``accepts[i]``: the chance node ``i`` is accepted, nodes in an
     order where every prefix is a draft; ``cost[0] = 1``); 0 when no prefix beats a plain step."""
-    gain, best_rate, best_n = 1.0, 1.0, 0
-    for n, accept in enumerate(accepts, start=1):
-        gain += accept
-        if gain / cost[n] > best_rate:
-            best_rate, best_n = gain / cost[n], n
-    return best_n
+    chooser = PrefixChooser(cost)
+    for accept in accepts:
+        chooser.add(accept)
+    return chooser.best_n
 
 
 def relative_cost(model, max_nodes: int, context: int = 256) -> list[float]:

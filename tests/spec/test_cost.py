@@ -15,6 +15,16 @@ def test_best_prefix_keeps_the_nodes_that_pay_for_their_pass():
     assert best_prefix([], cost) == 0
 
 
+def test_prefix_chooser_tracks_best_prefix_node_by_node():
+    from leaplm.spec.cost import PrefixChooser
+
+    chooser = PrefixChooser([1.0, 1.1, 1.2, 1.3, 1.4])
+    for n, accept in enumerate([0.9, 0.8, 0.1, 0.05], start=1):
+        chooser.add(accept)
+        assert chooser.best_n == best_prefix([0.9, 0.8, 0.1, 0.05][:n], chooser.cost)
+    assert chooser.best_n == 2 and chooser.since_best == 2
+
+
 def test_pass_cost_follows_the_context_length():
     from leaplm.spec.cost import PassCost
 

@@ -68,8 +68,8 @@ import numpy as np
 from torch import Tensor
 
 from ...errors import InvalidParamsError
-from ..context_rows import SEEDED, ContextRows, extend_hash
-from ..cost import PassCost, best_prefix, pass_cost
+from ..context_rows import SEEDED, ContextRows, extend_hash, settle
+from ..cost import PassCost, PrefixChooser, best_prefix, pass_cost
 from .base import Draft, Drafter
 
 # chance that the rank-r candidate is the target's next token, before anything is observed
@@ -103,6 +103,8 @@ class _LastTree:
     ranks: list[int]
     base: int              # len(context) when it was proposed
     sources: list[int]     # per node: the acceptance-table source of the row it came from
+    root: tuple[int, ...]  # the context's suffix hashes (``_suffixes``) when it was proposed
+    paths: list[tuple[int, ...]]   # per node: its path's suffix hashes (``_extend``)
 
 
 class TokenRecycling(Drafter):
@@ -176,8 +178,7 @@ class TokenRecycling(Drafter):
         if self.contexts:
             self._observe_contexts(row, fed, ids)
         at = np.asarray(fed)
-        same = self.next_tokens[at, 0] == ids[:, 0]
-        self._level[at] = np.where(same, np.minimum(self._level[at] + 1, _LEVELS - 1), 0)
+        self._level[at] = settle(self._level[at], self.next_tokens[at, 0] == ids[:, 0], _LEVELS)
         self.next_tokens[at] = ids                      # a later duplicate of a token wins: fine
 
     def _observe_contexts(self, row: int, fed: Sequence[int], ids: np.ndarray) -> None:
@@ -189,23 +190,20 @@ class TokenRecycling(Drafter):
         pending = len(fed) - len(last.tokens)
         if pending < 1 or list(fed[pending:]) != last.tokens or list(fed[:pending]) != tail[-pending:]:
             return
-        n = self.context
-        paths = [_suffixes(tail[: len(tail) - pending + 1 + i], n) for i in range(pending)]
-        root = paths[-1]
-        for token, parent in zip(last.tokens, last.parents):
-            paths.append(_extend(root if parent < 0 else paths[pending + parent], token, n))
+        # the last pending token ends the context the draft grew from: its hashes and the nodes' are kept
+        earlier = [_suffixes(tail[: len(tail) - pending + 1 + i], self.context) for i in range(pending - 1)]
+        paths = earlier + [last.root] + last.paths
         for table in self.contexts:
             o = table.order
             keep = [i for i, hashes in enumerate(paths) if len(hashes) >= o]
             if keep:
-                table.put_hashed(np.fromiter((paths[i][o - 1] for i in keep), dtype=np.uint64, count=len(keep)),
-                                 ids[keep])
+                table.put(np.fromiter((paths[i][o - 1] for i in keep), dtype=np.uint64, count=len(keep)), ids[keep])
 
     def _row(self, hashes: tuple[int, ...], token: int) -> tuple[np.ndarray | None, int]:
         """(candidate row, acceptance source) for a path ending in ``token`` with suffix ``hashes``: the
         longest context with a row, else the matrix."""
         for table in reversed(self.contexts):
-            found = table.get_hashed(hashes[table.order - 1]) if len(hashes) >= table.order else None
+            found = table.get(hashes[table.order - 1]) if len(hashes) >= table.order else None
             if found is not None:
                 row, level = found
                 return row, (self.prompt_source if level == SEEDED else (table.order - 1) * _LEVELS + level)
@@ -258,15 +256,18 @@ class TokenRecycling(Drafter):
             if self.lookup_mode == "first" and len(copy) >= self.min_lookup:
                 copy = self._cut_copy(copy)
                 if copy:
-                    chain = list(range(-1, len(copy) - 1))
-                    self._last[row] = _LastTree(copy, chain, [self.top_k] * len(copy), len(context), [0] * len(copy))
+                    root, paths = _suffixes(context, self.context), []
+                    for token in copy:
+                        paths.append(_extend(paths[-1] if paths else root, token, self.context))
+                    self._last[row] = _LastTree(copy, list(range(-1, len(copy) - 1)), [self.top_k] * len(copy),
+                                                len(context), [0] * len(copy), root, paths)
                     return Draft(copy)
             if len(copy) < self.min_lookup:
                 copy = []
-        tokens, parents, ranks, sources = self._grow_tree(context, k, copy)
+        tree = self._grow_tree(context, k, copy)
         # kept also when empty: observe files the pending token's candidates under its context
-        self._last[row] = _LastTree(tokens, parents, ranks, len(context), sources)
-        return Draft(tokens, parents=parents) if tokens else Draft([])
+        self._last[row] = tree
+        return Draft(tree.tokens, parents=tree.parents) if tree.tokens else Draft([])
 
     def _cut_copy(self, copy: list[int]) -> list[int]:
         """The prefix of a prompt-lookup chain with the best expected tokens per unit of pass time: the
@@ -281,10 +282,10 @@ class TokenRecycling(Drafter):
             accepts.append(reach)
         return copy[:best_prefix(accepts, self.cost)]
 
-    def _grow_tree(self, context: Sequence[int], k: int, copy: list[int]
-                   ) -> tuple[list[int], list[int], list[int], list[int]]:
-        """Best-first tree (tokens, parents, ranks, sources) from the candidate rows, with ``copy`` as one more
-        branch (rank ``top_k``), cut to the node prefix with the best expected tokens per unit of pass time."""
+    def _grow_tree(self, context: Sequence[int], k: int, copy: list[int]) -> _LastTree:
+        """Best-first tree from the candidate rows, with ``copy`` as one more branch (rank ``top_k``), cut to
+        the node prefix with the best expected tokens per unit of pass time (``PrefixChooser``; growth stops
+        after ``_PATIENCE`` nodes that did not move that choice)."""
         rates, copy_rank = self.acceptance(None), self.top_k
         deepest, n = self.max_depth, self.context
         tokens: list[int] = []
@@ -316,10 +317,9 @@ class TokenRecycling(Drafter):
         if context:
             offer_candidate(-1, 1, 0, 1.0, self._row(root, context[-1]))
         offer_copy(-1, 0, 1, 1.0)
-        accepts: list[float] = []       # each node's chance of acceptance, in pop order
         cost = self.cost
-        gain, best_rate, best_n = 1.0, 1.0, 0   # best_prefix's running choice: stop once it stops moving
-        while heap and len(tokens) < min(k, len(cost) - 1) and len(tokens) - best_n < _PATIENCE:
+        chooser = PrefixChooser(cost)     # each node's chance of acceptance, in pop order
+        while heap and len(tokens) < min(k, len(cost) - 1) and chooser.since_best < _PATIENCE:
             neg, _, parent, depth, rank, base, found, i = heapq.heappop(heap)
             token = copy[i] if found is None else int(found[0][rank])
             if found is not None:       # the same row's next candidate competes next
@@ -334,17 +334,14 @@ class TokenRecycling(Drafter):
             parents.append(parent)
             ranks.append(rank)
             sources.append(0 if found is None else found[1])
-            accepts.append(-neg)
-            gain += -neg
-            if gain / cost[len(tokens)] > best_rate:
-                best_rate, best_n = gain / cost[len(tokens)], len(tokens)
+            chooser.add(-neg)
             paths.append(_extend(root if parent < 0 else paths[parent], token, n))
             offer_candidate(node, depth + 1, 0, -neg, self._row(paths[node], token))   # the first recycled child
             if found is None:
                 offer_copy(node, i + 1, depth + 1, -neg)              # the copy's next token
         # pop order is topological (a parent before its children), so any prefix is a tree
-        best_n = best_prefix(accepts, cost)
-        return tokens[:best_n], parents[:best_n], ranks[:best_n], sources[:best_n]
+        b = chooser.best_n
+        return _LastTree(tokens[:b], parents[:b], ranks[:b], len(context), sources[:b], root, paths[:b])
 
     def reset(self, row: int) -> None:
         self._last.pop(row, None)
