@@ -49,7 +49,7 @@ from torch import Tensor
 from .cache.kv import KVCache
 from .constrain.base import Constraint, apply_bitmask_, bitmask_width
 from .errors import ConstraintError, InvalidParamsError, PromptTooLongError
-from .sampling import SamplingParams, TokenHistory, make_generator
+from .sampling import SamplingParams, TokenHistory, make_generator, top_ids
 from .spec.drafters.base import Draft, Drafter
 from .models.transformer import EXACT_MAX_T
 from .spec.tree import ancestor_matrix, chain_parents, check_tree, compaction, depths, path_to
@@ -414,7 +414,7 @@ class Batch:
             if self.drafter is not None and self.drafter.observe_topk:
                 tokens = [(r.prompt_ids + self.pending[b])[-1]] if prefill else self.pending[b] + list(draft)
                 # the raw logits: the model's own candidates, not the grammar's
-                self.drafter.observe(b, tokens, logits[b, : len(tokens)].topk(self.drafter.observe_topk, dim=-1).indices)
+                self.drafter.observe(b, tokens, top_ids(logits[b, : len(tokens)], self.drafter.observe_topk))
             verdict = None
             if not self._feed_only[b]:
                 if r.constraint is not None:

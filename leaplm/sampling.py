@@ -220,6 +220,24 @@ def sample(logits: Tensor, params: SamplingParams, history: TokenHistory | None,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def top_ids(logits: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest logits of each row, ``[N, V]`` -> ``[N, k]`` int64, largest first.
+
+    Ties go to the smaller index, so ``top_ids(x, 1)[:, 0]`` is ``x.argmax(-1)`` exactly (its first maximum).
+    float32 CPU logits take leaplm's native one-pass kernel when the native ops are loaded (a compiled or
+    int8/int4 model loads them; ~10x torch's ``argmax`` and ``topk`` on a 49k vocabulary), anything else
+    ``torch.topk`` (``torch.argmax`` for ``k = 1``).
+    """
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and 1 <= k <= min(64, logits.shape[-1]):
+        from . import native
+
+        if native.available():
+            return torch.ops.leaplm_native.row_topk(logits, k)
+    if k == 1:
+        return logits.argmax(-1, keepdim=True)
+    return logits.topk(k, dim=-1).indices
+
+
 def make_generator(seed: int | None, device) -> torch.Generator:
     """A per-request generator: seeded for reproducibility, else from fresh OS entropy."""
     gen = torch.Generator(device=device)

@@ -93,3 +93,24 @@ def test_seeded_sampling_is_reproducible_and_matches_distribution():
 def test_bad_values_are_refused_with_the_field_named(kw, field):
     with pytest.raises(InvalidParamsError, match=field):
         SamplingParams(**kw)
+
+
+def test_top_ids_is_argmax_and_a_stable_topk_with_or_without_the_native_kernel(monkeypatch):
+    """Verification's argmax and Token Recycling's candidates: the same ids from the native kernel (float32
+    CPU, ops loaded) and from torch (any other input, or ops unavailable)."""
+    from leaplm import native
+    from leaplm.sampling import top_ids
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3000, generator=gen)
+    x[2] = (x[2] * 3).round()
+    reference = torch.sort(x, dim=-1, descending=True, stable=True).indices
+    native.load()
+    fast = top_ids(x, 8)
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert torch.equal(top_ids(x, 1)[:, 0], x.argmax(-1))
+    assert torch.equal(top_ids(x, 1), reference[:, :1])
+    assert torch.equal(fast, reference[:, :8])
+    assert torch.equal(top_ids(x.double(), 1)[:, 0], x.argmax(-1))       # not float32: torch
+    untied = [0, 1, 3, 4, 5]                  # torch.topk: the same candidates where no tie straddles the cut
+    assert torch.equal(top_ids(x, 8)[untied].sort(-1).values, fast[untied].sort(-1).values)

@@ -54,8 +54,12 @@ def time_tree_pass(model, nodes: Sequence[int], context: int = 512, repeats: int
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        one()  # warm-up (allocations, kernel selection)
         passes.append(one)
+    # Warm-up: two untimed rounds over every size. The first passes of each size after loading run slow
+    # (fresh buffers, page faults): timed alone, a plain step once measured slower than a 2-node pass.
+    for _ in range(2):
+        for one in passes:
+            one()
     # Interleaved: every round times each size once (alternating direction), so a machine whose speed
     # drifts over the measurement (a shared CPU) shifts all sizes alike instead of skewing the ratios.
     times: list[list[float]] = [[] for _ in nodes]

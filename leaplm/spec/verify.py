@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..sampling import SamplingParams, TokenHistory, probabilities
+from ..sampling import SamplingParams, TokenHistory, probabilities, top_ids
 from .tree import children, path_to
 
 
@@ -83,7 +83,7 @@ def target_argmax(logits: Tensor, params: SamplingParams, history: TokenHistory 
                   draft: Sequence[int], parents: Sequence[int] | None = None) -> list[int]:
     """Greedy choices ``[k + 1]`` of the target; without penalties a plain argmax (the hot path)."""
     if history is None or not params.uses_penalties:
-        return logits.argmax(-1).tolist()
+        return top_ids(logits, 1)[:, 0].tolist()
     return target_probabilities(logits, params, history, draft, parents).argmax(-1).tolist()
 
 

@@ -163,3 +163,43 @@ def test_misuse_is_refused_with_a_message():
     k_cache, v_cache = _cache(B=1, cap=8, D=4, KV=1)
     with pytest.raises(RuntimeError, match="beyond the cache"):
         _bind(k_cache, v_cache, [8], 1, [(0, 9)])
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 64])
+def test_row_topk_is_a_stable_descending_sort_cut_to_k(k):
+    """Largest first, equal values in index order (so k = 1 is torch.argmax's first maximum), whatever the
+    row length (vector body and scalar tail), the number of rows (threads) or the stride; ties and -inf
+    rows included."""
+    gen = torch.Generator().manual_seed(k)
+    for V in (k, 17, 100, 1001, 49152):
+        if V < k:
+            continue
+        x = torch.randn(9, V, generator=gen)
+        x[1] = (x[1] * 2).round()                    # many ties
+        x[2] = float("-inf")                          # a fully masked row (a grammar allowing nothing)
+        x[3, ::2] = float("-inf")
+        x[4] = 0.0
+        got = ops.row_topk(x, k)
+        assert torch.equal(got, torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k])
+        assert torch.equal(ops.row_topk(x, 1)[:, 0], x.argmax(-1))
+        assert torch.equal(ops.row_topk(x[5:6], k), got[5:6])          # a row alone: same answer
+    wide = torch.randn(4, 300, generator=gen)
+    assert torch.equal(ops.row_topk(wide[:, :200], k), torch.sort(wide[:, :200], dim=-1, descending=True, stable=True).indices[:, :k])
+
+
+def test_row_topk_ranks_nan_like_torch():
+    x = torch.randn(3, 100)
+    x[1, 50] = float("nan")
+    x[2, 7] = x[2, 9] = float("nan")
+    assert torch.equal(ops.row_topk(x, 1)[:, 0], x.argmax(-1))
+    assert torch.equal(ops.row_topk(x, 1)[1], torch.tensor([50]))
+    assert set(ops.row_topk(x, 2)[2].tolist()) == {7, 9}
+
+
+def test_row_topk_refuses_bad_input():
+    with pytest.raises(RuntimeError, match="k must be in 1..min"):
+        ops.row_topk(torch.randn(2, 10), 11)
+    with pytest.raises(RuntimeError, match="k must be in 1..min"):
+        ops.row_topk(torch.randn(2, 100), 65)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.row_topk(torch.randn(2, 10, dtype=torch.float64), 1)
