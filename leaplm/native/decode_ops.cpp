@@ -982,45 +982,30 @@ bool topk_row(const float* x, int64_t V, int64_t k, int64_t* out) {
     insert(x[i], i);
   }
   float thr = val[k - 1];
+  // the lanes of x[base ..] flagged in `mask` (above the threshold, or NaN) in index order; false at a NaN
+  auto take = [&](int64_t base, uint32_t mask) {
+    while (mask) {
+      const int64_t j = base + __builtin_ctz(mask);
+      mask &= mask - 1;
+      if (std::isnan(x[j])) return false;
+      if (x[j] > thr) {
+        insert(x[j], j);
+        thr = val[k - 1];
+      }
+    }
+    return true;
+  };
 #if defined(__AVX512F__)
-  __m512 vthr = _mm512_set1_ps(thr);
-  for (; i + 16 <= V; i += 16) {
-    // not (x <= thr): x > thr or NaN
-    __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), vthr, _CMP_NLE_UQ);
-    while (m) {
-      const int64_t j = i + __builtin_ctz(m);
-      m &= m - 1;
-      if (std::isnan(x[j])) return false;
-      if (x[j] > thr) {
-        insert(x[j], j);
-        thr = val[k - 1];
-      }
-    }
-    vthr = _mm512_set1_ps(thr);
-  }
+  for (; i + 16 <= V; i += 16)   // not (x <= thr): x > thr or NaN
+    if (!take(i, _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), _mm512_set1_ps(thr), _CMP_NLE_UQ))) return false;
 #elif defined(__AVX2__)
-  __m256 vthr = _mm256_set1_ps(thr);
-  for (; i + 8 <= V; i += 8) {
-    int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vthr, _CMP_NLE_UQ));
-    while (m) {
-      const int64_t j = i + __builtin_ctz(m);
-      m &= m - 1;
-      if (std::isnan(x[j])) return false;
-      if (x[j] > thr) {
-        insert(x[j], j);
-        thr = val[k - 1];
-      }
-    }
-    vthr = _mm256_set1_ps(thr);
-  }
+  for (; i + 8 <= V; i += 8)
+    if (!take(i, static_cast<uint32_t>(_mm256_movemask_ps(
+                     _mm256_cmp_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(thr), _CMP_NLE_UQ)))))
+      return false;
 #endif
-  for (; i < V; ++i) {
-    if (std::isnan(x[i])) return false;
-    if (x[i] > thr) {
-      insert(x[i], i);
-      thr = val[k - 1];
-    }
-  }
+  for (; i < V; ++i)
+    if (!take(i, 1u)) return false;
   std::copy(idx, idx + k, out);
   return true;
 }
