@@ -23,7 +23,8 @@ int8/int4 GEMMs (``quant/``), which are native ops eager and compiled alike:
   out)`` (``quant/int8.py``) finds the packed weight of the ``Int8Linear`` registered under ``handle`` (a
   packed weight is a TorchScript object, which dynamo cannot trace).
 
-After the first (compiling) call, calls skip dynamo's guard evaluation (see ``__call__``).
+After the first (compiling) call, calls skip dynamo's guard evaluation and its per-call frame hook: the
+code dynamo generated for the step is called as a plain function (``CompiledStep._find_direct``).
 
 Exactness: every token of a compiled pass runs the same generated code whatever the number of rows and
 tokens — the graph sees the ``B * T`` tokens as one row of ``N`` (1-D inputs, ``N`` *unbacked*:
@@ -141,8 +142,10 @@ class CompiledStep:
         # (one) cache entry — no recompile limit shared by every model of the process, and no other
         # model's graph that the guard-free calls of __call__ would have to tell apart
         body = types.FunctionType(CompiledStep._body.__code__.replace(), globals(), "_body")
+        self._code = body.__code__
         self._fn = torch.compile(types.MethodType(body, self), dynamic=True, fullgraph=True,
                                  options=_inductor_options(model, self.native))
+        self.direct = None   # the compiled graph's entry, called without dynamo (``_find_direct``)
 
     def _body(self, tokens: Tensor, positions: Tensor) -> Tensor:
         torch._check(tokens.shape[0] >= 1)   # lets shape checks on the unbacked size resolve statically
@@ -169,12 +172,16 @@ class CompiledStep:
         # attention (the only op mixing tokens) takes the real [B, T] layout from the active step.
         # Fresh inference tensors: a tensor made outside inference mode would compile another graph.
         flat = [t.reshape(-1).clone() for t in (tokens, positions)]
+        if self.direct is not None:   # compiled: the graph's own entry, no dynamo in between
+            out = self.direct(*flat)
+            return out.view(B, T, out.shape[-1])
         for t in flat:
             mark_unbacked(t, 0)
         if self.compile_s is None:   # the first call compiles
             start = time.perf_counter()
             out = self._fn(*flat)
             self.compile_s = time.perf_counter() - start
+            self.direct = self._find_direct()
         else:
             # Later calls skip dynamo's ~1600 guards on the model's modules (SmolLM2 int8 decoding went from
             # 63 to 80 tok/s, measured). Safe here: this step's code object has one graph, which serves
@@ -183,6 +190,28 @@ class CompiledStep:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 out = self._fn(*flat)
         return out.view(B, T, out.shape[-1])
+
+    def _find_direct(self):
+        """The bytecode dynamo generated for ``_body`` (argument handling, then the compiled graph), as a
+        plain method of this step, or None. Calling it skips dynamo's per-call frame hook and cache lookup:
+        ~0.75 ms of a 7-8 ms SmolLM2 int8 step (measured; the same logits bit for bit). Safe for the same
+        reasons guard evaluation is skipped below: one graph (``fullgraph``, unbacked width) serves every
+        decode-sized pass, and nothing a guard watches changes after compiling. Only when dynamo holds
+        exactly one entry for the step's private code object; the lookup is a debugging accessor of
+        torch's, so any other shape of it falls back to the guarded call."""
+        try:
+            from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+            entries = _debug_get_cache_entry_list(self._code)
+            if len(entries) != 1 or not isinstance(entries[0].code, types.CodeType):
+                return None
+            code = entries[0].code
+            if code.co_argcount != self._code.co_argcount:
+                return None
+            # dynamo put the graph and its imports in the globals of _body's frame: this module's
+            return types.MethodType(types.FunctionType(code, globals(), "_body_compiled"), self)
+        except Exception:  # noqa: BLE001 - an accessor that moved or changed: keep the guarded call
+            return None
 
     def warm_up(self) -> float:
         """Compile with one decode pass on a scratch cache; returns the seconds it took."""

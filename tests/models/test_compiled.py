@@ -135,6 +135,23 @@ def test_two_compiled_models_in_one_process_each_run_their_own_graph(tiny_model_
                 torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_compiled_passes_call_the_graph_directly_with_the_guarded_calls_bits(tiny_model_dir):
+    """After compiling, a pass calls the code dynamo generated for the step as a plain function (no frame
+    hook, no cache lookup); its logits are the guarded dynamo call's bit for bit, chains and trees."""
+    from torch._C._dynamo import eval_frame
+
+    model = _model(tiny_model_dir("llama-gqa-untied")[0], int8=True)
+    model.compile()
+    step = model.compiled
+    if hasattr(eval_frame, "_debug_get_cache_entry_list"):   # torch's accessor: present in the pinned torch
+        assert step.direct is not None
+    direct = _passes(model, seed=6)
+    step.direct = None   # back to the guarded call through dynamo
+    guarded = _passes(model, seed=6)
+    for a, b in zip(direct, guarded):
+        assert torch.equal(a, b)
+
+
 def test_prefill_stays_eager(tiny_model_dir):
     model = _model(tiny_model_dir("llama-gqa-untied")[0], int8=False)
     model.compile(warm_up=False)
