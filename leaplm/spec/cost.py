@@ -147,6 +147,17 @@ class PassCost:
         return self._at[bucket]
 
 
+DEFAULT_NODE_COST = 0.05   # per node, relative to a plain step, for a drafter never bound to its target
+
+
+def drafter_cost(max_nodes: int, node_cost: float | None) -> PassCost:
+    """A cost-sized drafter's table before binding: ``1 + node_cost * n`` at every context (the given
+    ``node_cost``, else ``DEFAULT_NODE_COST``); ``bind`` replaces it by ``pass_cost`` when none was given."""
+    per_node = DEFAULT_NODE_COST if node_cost is None else node_cost
+    linear = [1.0 + per_node * n for n in range(max_nodes + 1)]
+    return PassCost(linear, linear, 0, 0)
+
+
 def pass_cost(model, max_nodes: int, short_context: int = 256, long_context: int = 1024) -> PassCost:
     """``PassCost`` from ``relative_cost`` at two context lengths (the long one clipped to the model's
     positions; a model too short for both gets one table at every length). About two seconds, cached."""

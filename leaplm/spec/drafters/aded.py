@@ -56,14 +56,13 @@ from typing import Sequence
 import numpy as np
 
 from ...errors import InvalidParamsError
-from ..cost import PassCost, best_prefix, pass_cost
+from ..cost import best_prefix, drafter_cost, pass_cost
 from .base import Draft, Drafter
 
 _MAX_NEXT = 16              # continuations kept per pair / token
 _FLOOR = 1e-3               # a decayed count below this is forgotten
 _BINS = 10                  # calibration bins over the estimate p in [0, 1]
 _PRIOR_WEIGHT = 4.0         # pseudo-trials of each bin's prior (the bin's centre)
-_DEFAULT_NODE_COST = 0.05   # per node, relative to a decode step, when not measured (unbound drafter)
 
 
 class _Next:
@@ -149,10 +148,10 @@ class ADED(Drafter):
         if node_cost is not None:
             node_cost = _number("node_cost (None = measure)", node_cost, 0.0)
         self.node_cost = node_cost
-        self._pass_cost: PassCost | None = None     # measured in bind(): cost by context length
-        # cost[n]: pass time with n nodes relative to none; measured in bind() unless node_cost is given
-        self.cost = [1.0 + (node_cost if node_cost is not None else _DEFAULT_NODE_COST) * n
-                     for n in range(self.num_draft + 1)]
+        # cost[n] at a context length: pass time with n nodes relative to none; measured in bind() unless
+        # node_cost is given. self.cost: the table for the context of the draft being grown
+        self._pass_cost = drafter_cost(self.num_draft, node_cost)
+        self.cost = self._pass_cost.at(0)
         self.trigrams: OrderedDict[tuple[int, int], _Next] = OrderedDict()
         self.bigrams: dict[int, _Next] = {}
         self.clock = 0                                       # tokens ingested so far (all rows)
@@ -164,7 +163,6 @@ class ADED(Drafter):
     def bind(self, target_model, target_tokenizer=None) -> None:
         if self.node_cost is None:
             self._pass_cost = pass_cost(target_model, self.num_draft)
-            self.cost = self._pass_cost.at(256)
 
     def reset(self, row: int) -> None:
         self._rows.pop(row, None)
@@ -274,8 +272,7 @@ class ADED(Drafter):
             st = self._rows[row] = _Row()
         self._ingest(st, context)
         self._learn(st, context)
-        if self._pass_cost is not None:             # nodes cost more in a longer context
-            self.cost = self._pass_cost.at(len(context))
+        self.cost = self._pass_cost.at(len(context))    # nodes cost more in a longer context
         k = min(k, self.num_draft, len(self.cost) - 1)
         if k < 1 or not context:
             return Draft([])

@@ -69,7 +69,7 @@ from torch import Tensor
 
 from ...errors import InvalidParamsError
 from ..context_rows import SEEDED, ContextRows, extend_hash, settle
-from ..cost import PassCost, PrefixChooser, best_prefix, pass_cost
+from ..cost import PrefixChooser, best_prefix, drafter_cost, pass_cost
 from .base import Draft, Drafter
 
 # chance that the rank-r candidate is the target's next token, before anything is observed
@@ -77,7 +77,6 @@ _PRIOR = (0.45, 0.15, 0.08, 0.05, 0.035, 0.025, 0.02, 0.015, 0.012, 0.01, 0.008,
 _PRIOR_WEIGHT = 20.0
 _COPY_PRIOR = 0.5           # chance a prompt-lookup node is accepted, before anything is observed
 LOOKUP_MODES = (False, "first", "merge")
-_DEFAULT_NODE_COST = 0.05   # per node, relative to a decode step, when not measured (unbound drafter)
 _LEVELS = 4                 # how settled a row is: consecutive updates that kept its best candidate, capped
 _MAX_CONTEXT = 8
 _PATIENCE = 8               # stop growing a tree after this many nodes that did not improve its tokens per time
@@ -137,9 +136,10 @@ class TokenRecycling(Drafter):
         self.lookup_mode = lookup
         self.lookup = PromptLookup(num_draft) if lookup else None
         self.min_lookup = min_lookup
-        # cost[n]: pass time with n nodes relative to none; measured in bind() unless node_cost is given
-        self.cost = [1.0 + (node_cost if node_cost is not None else _DEFAULT_NODE_COST) * n
-                     for n in range(num_draft + 1)]
+        # cost[n] at a context length: pass time with n nodes relative to none; measured in bind() unless
+        # node_cost is given. self.cost: the table for the context of the draft being grown
+        self._pass_cost = drafter_cost(num_draft, node_cost)
+        self.cost = self._pass_cost.at(0)
         self.observe_topk = top_k
         self.next_tokens: np.ndarray | None = None       # [V, top_k] int32, -1 = unseen
         self._level: np.ndarray | None = None            # [V] int8: how settled each matrix row is
@@ -153,7 +153,6 @@ class TokenRecycling(Drafter):
         self._hits = np.tile(prior * _PRIOR_WEIGHT, (self.sources, max_depth + 1, 1))
         self._visits = np.full((self.sources, max_depth + 1), _PRIOR_WEIGHT)
         self._copy_visits = np.full(max_depth + 1, _PRIOR_WEIGHT)   # depths where a copy node was offered
-        self._pass_cost: PassCost | None = None           # measured in bind(): cost by context length
         self._last: dict[int, _LastTree] = {}
         self._tail: dict[int, list[int]] = {}    # per row: the context's last tokens at the last propose
 
@@ -161,7 +160,6 @@ class TokenRecycling(Drafter):
         self._grow(target_model.config.vocab_size)
         if self.node_cost is None:
             self._pass_cost = pass_cost(target_model, self.num_draft)
-            self.cost = self._pass_cost.at(256)
 
     def _grow(self, vocab: int) -> None:
         if self.next_tokens is None or self.next_tokens.shape[0] < vocab:
@@ -244,8 +242,7 @@ class TokenRecycling(Drafter):
 
     def propose(self, row: int, context: Sequence[int], k: int) -> Draft:
         self._learn(row, context)
-        if self._pass_cost is not None:               # nodes cost more in a longer context
-            self.cost = self._pass_cost.at(len(context))
+        self.cost = self._pass_cost.at(len(context))    # nodes cost more in a longer context
         if self.prompt and row not in self._tail:     # a request's first draft: its prompt seeds rows
             for table in self.contexts:
                 table.seed(context)
