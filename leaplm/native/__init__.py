@@ -1,7 +1,7 @@
 """Native (C++) CPU operators, built on this machine at first use: leaplm's int8 and int4 GEMMs (eager and
 compiled) and the compiled decode step's attention.
 
-``load()`` compiles ``decode_ops.cpp`` with ``torch.utils.cpp_extension`` (gcc, ninja; ~1 minute once,
+``load()`` compiles ``decode_ops.cpp`` and ``recycling_ops.cpp`` with ``torch.utils.cpp_extension`` (gcc, ninja; ~1 minute once,
 then cached under ``~/.cache/torch_extensions``) and returns whether the ops are usable. On failure
 (no compiler, ``LEAPLM_NATIVE=0``) it warns once and returns False; the compiled step then attends
 through the Python custom op (``leaplm::attend``), int8 weights run on fbgemm (``leaplm::int8_linear``
@@ -18,6 +18,10 @@ Ops (``torch.ops.leaplm_native``; see the C++ file for contracts):
 - ``bind_step(k, v, slots [N], T, spans...)`` / ``unbind_step()``, and
   ``attend(q [1, N, H, D], k, v [1, N, KV, D], layer, kind, scale) -> [1, N, H * D]``: exact per-query
   attention over the bound cache (batch-invariant), float32.
+
+- ``row_topk(x [N, V], k) -> [N, k]``: each row's k largest, ties in index order (``sampling.top_ids``).
+- ``recycle_observe`` / ``recycle_grow``: Token Recycling's table updates and best-first tree
+  (``spec/drafters/recycling.py``, which keeps the Python reference; contracts in ``recycling_ops.cpp``).
 
 ``step_spans(step, sliding)`` turns a decode step's visible slots into ``bind_step``'s arrays.
 """
@@ -68,12 +72,12 @@ def _build(verbose: bool) -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    source = Path(__file__).with_name("decode_ops.cpp")
+    sources = [str(Path(__file__).with_name(name)) for name in ("decode_ops.cpp", "recycling_ops.cpp")]
     if verbose:
         print("building leaplm's native CPU ops (once; about a minute) ...", flush=True)
     # -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers (serial without it); the
     # loader resolves libgomp.so.1 to the copy torch already loaded, so there is one thread pool
-    cpp_extension.load(name="leaplm_native_ops", sources=[str(source)], is_python_module=False,
+    cpp_extension.load(name="leaplm_native_ops", sources=sources, is_python_module=False,
                        extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], verbose=False)
 

@@ -65,8 +65,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 from torch import Tensor
 
+from ... import native
 from ...errors import InvalidParamsError
 from ..context_rows import SEEDED, ContextRows, extend_hash, settle
 from ..cost import PrefixChooser, best_prefix, drafter_cost, pass_cost
@@ -102,8 +104,12 @@ class _LastTree:
     ranks: list[int]
     base: int              # len(context) when it was proposed
     sources: list[int]     # per node: the acceptance-table source of the row it came from
-    root: tuple[int, ...]  # the context's suffix hashes (``_suffixes``) when it was proposed
-    paths: list[tuple[int, ...]]   # per node: its path's suffix hashes (``_extend``)
+
+
+def _native_ops(device_type: str = "cpu"):
+    """``torch.ops.leaplm_native`` when leaplm's native ops are loaded (a compiled or int8/int4 model loads
+    them) and the candidates are on the CPU, else None: the Python loops below, the reference, run."""
+    return torch.ops.leaplm_native if device_type == "cpu" and native.available() else None
 
 
 class TokenRecycling(Drafter):
@@ -143,6 +149,8 @@ class TokenRecycling(Drafter):
         self.observe_topk = top_k
         self.next_tokens: np.ndarray | None = None       # [V, top_k] int32, -1 = unseen
         self._level: np.ndarray | None = None            # [V] int8: how settled each matrix row is
+        self._tables: list[Tensor] | None = None         # the tables as tensors (``_views``)
+        self._cost_t: tuple[list[float], Tensor] | None = None
         self.context, self.prompt = context, prompt
         self.contexts = [ContextRows(n, top_k, levels=_LEVELS) for n in range(2, context + 1)]
         # acceptance-table sources: (context length - 1) * _LEVELS + level, then one for prompt rows
@@ -153,6 +161,8 @@ class TokenRecycling(Drafter):
         self._hits = np.tile(prior * _PRIOR_WEIGHT, (self.sources, max_depth + 1, 1))
         self._visits = np.full((self.sources, max_depth + 1), _PRIOR_WEIGHT)
         self._copy_visits = np.full(max_depth + 1, _PRIOR_WEIGHT)   # depths where a copy node was offered
+        # the counts as tensors sharing their memory (the native drafting loop reads the rates from them)
+        self._counts = [torch.from_numpy(a) for a in (self._hits, self._visits, self._copy_visits)]
         self._last: dict[int, _LastTree] = {}
         self._tail: dict[int, list[int]] = {}    # per row: the context's last tokens at the last propose
 
@@ -169,33 +179,62 @@ class TokenRecycling(Drafter):
                 grown[: self.next_tokens.shape[0]] = self.next_tokens
                 level[: self._level.shape[0]] = self._level
             self.next_tokens, self._level = grown, level
+            self._tables = None
 
     def observe(self, row: int, fed: Sequence[int], topk: Tensor) -> None:
+        paths = self._fed_paths(row, fed) if self.contexts else None
+        ops = _native_ops(topk.device.type)
+        if ops is not None and self.next_tokens is not None:
+            prefix, parents = paths if paths is not None else ([], [])
+            args = (prefix[-self.context:], list(fed), parents, topk, _LEVELS, paths is not None)
+            need = ops.recycle_observe(self._views(), *args)
+            if need:      # a token past the matrix: grow it, then store (nothing was written)
+                self._grow(need)
+                ops.recycle_observe(self._views(), *args)
+            return
         ids = topk.to("cpu").numpy().astype(np.int32)   # [len(fed), top_k]
         self._grow(max(max(fed), int(ids.max())) + 1)
-        if self.contexts:
-            self._observe_contexts(row, fed, ids)
+        if paths is not None:
+            self._observe_contexts(fed, ids, *paths)
         at = np.asarray(fed)
         self._level[at] = settle(self._level[at], self.next_tokens[at, 0] == ids[:, 0], _LEVELS)
         self.next_tokens[at] = ids                      # a later duplicate of a token wins: fine
 
-    def _observe_contexts(self, row: int, fed: Sequence[int], ids: np.ndarray) -> None:
-        """Store each fed token's candidates under its path's last 2.. ``context`` tokens: the pending tokens
-        continue the context seen at the last ``propose``, each draft node its tree path."""
+    def _fed_paths(self, row: int, fed: Sequence[int]) -> tuple[list[int], list[int]] | None:
+        """``(prefix, parents)`` locating each fed token: the committed tokens before the fed ones, and per fed
+        token its parent among them (-1: it follows the prefix). The pending tokens continue the context seen
+        at the last ``propose``, each draft node hangs off its tree parent. None after a prefill (no path is
+        known beyond the matrix's one token) or when the feed is not the last draft (no tree to place it in)."""
         last, tail = self._last.get(row), self._tail.get(row)
         if last is None or tail is None:
-            return                      # a prefill: no path known beyond the matrix's one token
+            return None
         pending = len(fed) - len(last.tokens)
         if pending < 1 or list(fed[pending:]) != last.tokens or list(fed[:pending]) != tail[-pending:]:
-            return
-        # the last pending token ends the context the draft grew from: its hashes and the nodes' are kept
-        earlier = [_suffixes(tail[: len(tail) - pending + 1 + i], self.context) for i in range(pending - 1)]
-        paths = earlier + [last.root] + last.paths
+            return None
+        parents = list(range(-1, pending - 1)) + [pending - 1 if p < 0 else pending + p for p in last.parents]
+        return tail[: len(tail) - pending], parents
+
+    def _observe_contexts(self, fed: Sequence[int], ids: np.ndarray, prefix: list[int], parents: list[int]) -> None:
+        """Store each fed token's candidates under its path's last 2.. ``context`` tokens (the Python reference
+        of the native ``recycle_observe``)."""
+        root = _suffixes(prefix, self.context)
+        paths: list[tuple[int, ...]] = []
+        for token, parent in zip(fed, parents):
+            paths.append(_extend(root if parent < 0 else paths[parent], token, self.context))
         for table in self.contexts:
             o = table.order
             keep = [i for i, hashes in enumerate(paths) if len(hashes) >= o]
             if keep:
                 table.put(np.fromiter((paths[i][o - 1] for i in keep), dtype=np.uint64, count=len(keep)), ids[keep])
+
+    def _views(self) -> list[Tensor]:
+        """The tables as tensors sharing their memory, in ``recycling_ops.cpp``'s order."""
+        if self._tables is None:
+            self._tables = [torch.from_numpy(self.next_tokens), torch.from_numpy(self._level)]
+            for table in self.contexts:
+                self._tables += [torch.from_numpy(table.keys.view(np.int64)), torch.from_numpy(table.rows),
+                                 torch.from_numpy(table.level)]
+        return self._tables
 
     def _row(self, hashes: tuple[int, ...], token: int) -> tuple[np.ndarray | None, int]:
         """(candidate row, acceptance source) for a path ending in ``token`` with suffix ``hashes``: the
@@ -253,18 +292,28 @@ class TokenRecycling(Drafter):
             if self.lookup_mode == "first" and len(copy) >= self.min_lookup:
                 copy = self._cut_copy(copy)
                 if copy:
-                    root, paths = _suffixes(context, self.context), []
-                    for token in copy:
-                        paths.append(_extend(paths[-1] if paths else root, token, self.context))
                     self._last[row] = _LastTree(copy, list(range(-1, len(copy) - 1)), [self.top_k] * len(copy),
-                                                len(context), [0] * len(copy), root, paths)
+                                                len(context), [0] * len(copy))
                     return Draft(copy)
             if len(copy) < self.min_lookup:
                 copy = []
-        tree = self._grow_tree(context, k, copy)
+        ops = _native_ops() if self.next_tokens is not None else None
+        if ops is None:
+            tree = self._grow_tree(context, k, copy)
+        else:
+            grown = ops.recycle_grow(self._views(), self._counts, list(context[-self.context:]), copy,
+                                     self._cost_tensor(), k, self.max_depth, _PATIENCE, self.prompt_source, _LEVELS)
+            tokens, parents, ranks, sources = grown.tolist()
+            tree = _LastTree(tokens, parents, ranks, len(context), sources)
         # kept also when empty: observe files the pending token's candidates under its context
         self._last[row] = tree
         return Draft(tree.tokens, parents=tree.parents) if tree.tokens else Draft([])
+
+    def _cost_tensor(self) -> Tensor:
+        """``self.cost`` as a float64 tensor (one per table: ``PassCost.at`` returns the same list per bucket)."""
+        if self._cost_t is None or self._cost_t[0] is not self.cost:
+            self._cost_t = (self.cost, torch.tensor(self.cost, dtype=torch.float64))
+        return self._cost_t[1]
 
     def _cut_copy(self, copy: list[int]) -> list[int]:
         """The prefix of a prompt-lookup chain with the best expected tokens per unit of pass time: the
@@ -282,7 +331,8 @@ class TokenRecycling(Drafter):
     def _grow_tree(self, context: Sequence[int], k: int, copy: list[int]) -> _LastTree:
         """Best-first tree from the candidate rows, with ``copy`` as one more branch (rank ``top_k``), cut to
         the node prefix with the best expected tokens per unit of pass time (``PrefixChooser``; growth stops
-        after ``_PATIENCE`` nodes that did not move that choice)."""
+        after ``_PATIENCE`` nodes that did not move that choice). The Python reference of the native
+        ``recycle_grow``, which runs instead when the native ops are loaded."""
         rates, copy_rank = self.acceptance(None), self.top_k
         deepest, n = self.max_depth, self.context
         tokens: list[int] = []
@@ -338,7 +388,7 @@ class TokenRecycling(Drafter):
                 offer_copy(node, i + 1, depth + 1, -neg)              # the copy's next token
         # pop order is topological (a parent before its children), so any prefix is a tree
         b = chooser.best_n
-        return _LastTree(tokens[:b], parents[:b], ranks[:b], len(context), sources[:b], root, paths[:b])
+        return _LastTree(tokens[:b], parents[:b], ranks[:b], len(context), sources[:b])
 
     def reset(self, row: int) -> None:
         self._last.pop(row, None)
