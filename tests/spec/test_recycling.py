@@ -71,6 +71,7 @@ def test_bad_knobs_are_refused():
         with pytest.raises(InvalidParamsError, match="recycling"):
             TokenRecycling(**knobs)
     assert isinstance(make_drafter("token_recycling"), TokenRecycling)
+    assert TokenRecycling().lookup_mode == "first" and TokenRecycling(lookup=False).lookup is None   # the default
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "gemma3", "qwen3-qknorm"])
@@ -102,14 +103,15 @@ def test_context_rows_tell_apart_two_occurrences_of_a_token():
 
 def test_prompt_rows_draft_what_the_output_copies_and_learn_their_own_rate():
     context = [1, 2, 3, 4, 9, 1, 2]
-    d = TokenRecycling(num_draft=4, top_k=2, node_cost=0.0)
+    d = TokenRecycling(num_draft=4, top_k=2, node_cost=0.0, lookup=False)   # the rows, not a lookup chain
     draft = d.propose(0, context, 3)
     assert draft.tokens == [3, 4, 9] and draft.parents == [-1, 0, 1]   # the prompt's continuation of 1, 2
     assert set(d._last[0].sources) == {d.prompt_source}
     before = d.acceptance(d.prompt_source)[1, 0]
     d.propose(0, context + [3, 4, 9, 1], 3)                      # all three accepted
     assert d.acceptance(d.prompt_source)[1, 0] > before
-    assert TokenRecycling(num_draft=4, top_k=2, node_cost=0.0, prompt=False).propose(0, context, 3).tokens == []
+    assert TokenRecycling(num_draft=4, top_k=2, node_cost=0.0, prompt=False, lookup=False).propose(
+        0, context, 3).tokens == []
 
 
 def test_a_row_that_keeps_its_best_candidate_gets_its_own_rate():
