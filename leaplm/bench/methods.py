@@ -60,6 +60,7 @@ class Target:
     dtype: Any
     draft_model_path: Path | None = None
     cache: dict = field(default_factory=dict)   # methods keep loaded extras here (e.g. a draft model)
+    contestant: str = ""   # the --methods entry running now: learnt drafter state is kept per entry
 
     @property
     def has_chat_template(self) -> bool:
@@ -157,7 +158,8 @@ class MethodRun:
     spec: MethodSpec
     knobs: dict
 
-    def __call__(self, target: Target, prompt_ids: list[int], params) -> Generation:
+    def __call__(self, target: Target, prompt_ids: list[int], params, label: str | None = None) -> Generation:
+        target.contestant = self.label if label is None else label   # whose drafter state this call uses
         return self.spec.fn(target, prompt_ids, params, **self.knobs)
 
 
@@ -241,15 +243,17 @@ def copyspec(target: Target, prompt_ids: list[int], params, num_draft: int = 10,
              max_store_tokens: int = 1_000_000) -> Generation:
     from ..spec.drafters import CopySpec
 
-    key = ("copyspec", num_draft, gamma, max_store_tokens)  # one store across the run's requests
+    key = (target.contestant, "copyspec", num_draft, gamma, max_store_tokens)  # one store across the run's requests
     if key not in target.cache:
         target.cache[key] = CopySpec(num_draft, gamma, max_store_tokens)
     return _run_engine(target, prompt_ids, params, target.cache[key])
 
 
 def _bound_drafter(target: Target, key: tuple, make):
-    """One drafter per configuration for the whole run (its learnt state carries across requests),
-    bound to the target on first use."""
+    """One drafter per ``--methods`` entry and configuration for the whole run (its learnt state carries
+    across requests, never between two entries: two spellings of one configuration would otherwise share
+    a drafter that has already seen the sample), bound to the target on first use."""
+    key = (target.contestant,) + key
     if key not in target.cache:
         drafter = make()
         drafter.bind(target.model, getattr(target, "tokenizer", None))
@@ -258,10 +262,11 @@ def _bound_drafter(target: Target, key: tuple, make):
 
 
 @register_method("recycling", lossless=True,
-                 description="Token Recycling: a token tree from the target's own top-k candidates of earlier passes "
-                             "(context=1: the paper's one-token matrix alone)")
+                 description="Token Recycling: a token tree from the target's own top-k candidates of earlier passes, "
+                             "a prompt-lookup chain first when there is one (lookup=false: the tree alone; "
+                             "context=1:prompt=false:lookup=false: the paper's one-token matrix alone)")
 def recycling(target: Target, prompt_ids: list[int], params, num_draft: int = 24, top_k: int = 8,
-              max_depth: int = 8, node_cost: float | None = None, lookup: bool = False, context: int = 4,
+              max_depth: int = 8, node_cost: float | None = None, lookup: bool | str = "first", context: int = 4,
               prompt: bool | None = None) -> Generation:
     from ..spec.drafters import TokenRecycling
 
@@ -344,8 +349,8 @@ def draft(target: Target, prompt_ids: list[int], params, num_draft: int = 6, con
 
     if target.draft_model_path is None:
         raise BenchError("method 'draft' needs --draft-model")
-    key = ("draft", num_draft, confidence, adaptive, quantization, lookup, draft_vocab, tree_top_k, tree_extra,
-           tree_min_prob)
+    key = (target.contestant, "draft", num_draft, confidence, adaptive, quantization, lookup, draft_vocab, tree_top_k,
+           tree_extra, tree_min_prob)
     if key not in target.cache:
         drafter = DraftModel(target.draft_model_path, num_draft=num_draft, confidence=confidence, adaptive=adaptive,
                              quantization=None if quantization == "none" else quantization, lookup=lookup, draft_vocab=draft_vocab,

@@ -237,7 +237,7 @@ def _contestants(methods: list[MethodRun], peers: list[PeerEntry], target: Targe
                               lossy=not m.spec.lossless, claims_exact=m.spec.lossless, info=info))
         for jf in variants:
             t = structured.tag(workload, jf)
-            out.append(Contestant(m.label + t, "method", (lambda ids, p, m=m: m(target, ids, p)),
+            out.append(Contestant(m.label + t, "method", (lambda ids, p, m=m, t=t: m(target, ids, p, m.label + t)),
                                   lossy=not m.spec.lossless, claims_exact=m.spec.lossless, info=info,
                                   constrained=True, jump_forward=jf, reference="vanilla" + t, base=m.label))
     for e in peers:

@@ -197,3 +197,20 @@ def test_sampling_run_and_failures_are_reported_not_fatal(tiny, tmp_path):
     _finite_numbers(res)
     report = (out / "report.md").read_text()
     assert "sample oov" in report and "temperature 0.9" in report
+
+
+def test_each_methods_entry_learns_on_its_own_drafter(tiny):
+    """Two entries that spell one configuration (``recycling`` and ``recycling:lookup=first``) must not share
+    a drafter: the second would run every sample after the first had already learnt it."""
+    from leaplm.bench.methods import load_target
+    from leaplm.sampling import SamplingParams
+
+    folder, _ = tiny
+    target = load_target(folder, need_tokenizer=False)
+    first, second = parse_methods("recycling,recycling:lookup=first")[1:]
+    params = SamplingParams(temperature=0, max_tokens=8)
+    for run in (first, second):
+        run(target, PROMPTS[2][0], params)
+    drafters = [v for k, v in target.cache.items() if "recycling" in k]
+    assert len(drafters) == 2 and drafters[0] is not drafters[1]
+    assert {k[0] for k in target.cache} == {"recycling", "recycling:lookup=first"}
