@@ -12,7 +12,9 @@ from leaplm.engine import Engine
 from leaplm.errors import InvalidParamsError
 from leaplm.models.load import build_model
 from leaplm.sampling import SamplingParams, probabilities
+from leaplm.cache.kv import KVCache
 from leaplm.spec.drafters import DraftModel, make_drafter
+from leaplm.spec.tree import check_tree, path_to
 
 
 from .cases import run as _run
@@ -26,7 +28,9 @@ def _bound(draft_model, target, **knobs):
 
 @pytest.mark.parametrize("target_name,draft_name", [("llama-mha-tied", "llama-gqa-untied"), ("gemma3", "gemma3"),
                                                     ("qwen2-bias", "qwen3-qknorm")])
-@pytest.mark.parametrize("tree", [{}, {"tree_top_k": 3, "tree_extra": 5, "tree_min_prob": 0.0}], ids=["chain", "tree"])
+@pytest.mark.parametrize("tree", [{}, {"tree_top_k": 3, "tree_extra": 5, "tree_min_prob": 0.0},
+                                  {"tree_top_k": 2, "tree_extra": 5, "tree_min_prob": 0.0, "tree_width": 3}],
+                         ids=["chain", "tree", "dynamic-tree"])
 def test_greedy_draft_model_equals_vanilla_on_ragged_batches(target_name, draft_name, tree, tiny_model_dir):
     target = build_model(tiny_model_dir(target_name)[0])
     draft = build_model(tiny_model_dir(draft_name)[0], quantization="int8")
@@ -243,7 +247,49 @@ def test_tree_mode_drafts_the_chain_plus_alternative_leaves(tiny_model_dir):
     assert rows[0].accepted >= 3 * (rows[0].target_passes - 2)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-int8"])
+def test_dynamic_tree_expands_the_likeliest_nodes_of_each_depth(compiled, tiny_model_dir):
+    """tree_width = 3: nodes off the greedy chain get children too, and every node's token is among the
+    draft's likeliest after its own path — computed here by feeding the path as a plain sequence, so the
+    draft's subtree passes (tree attention over the draft cache) are checked against chain decoding."""
+    folder, _ = tiny_model_dir("llama-gqa-untied")
+    quant = "int8" if compiled else None
+    target, draft_model = build_model(folder, quantization=quant), build_model(folder, quantization=quant)
+    if compiled:
+        target.compile()
+    drafter = _bound(draft_model, target, num_draft=4, adaptive=False, confidence=0.0, quantization=quant,
+                     tree_top_k=2, tree_extra=8, tree_min_prob=0.0, tree_width=3)
+    assert (drafter.model.compiled is not None) == compiled
+    drafter.start(0, SamplingParams(temperature=0))
+    context = [5, 6, 7, 8, 9, 10]
+    draft = drafter.propose(0, context, 12)
+    assert draft.is_tree and len(draft.tokens) == 12
+    check_tree(draft.tokens, draft.parents)
+    chain = [0]
+    while (nxt := next((i for i, p in enumerate(draft.parents) if p == chain[-1]), None)) is not None:
+        chain.append(nxt)
+    assert any(p >= 0 and p not in chain for p in draft.parents)   # a branch off the chain was expanded
+    for i, token in enumerate(draft.tokens):
+        path = [draft.tokens[j] for j in path_to(draft.parents, i)]
+        ids = torch.tensor([context + path[:-1]])
+        logits = build_model(folder, quantization=quant)(ids, torch.arange(ids.shape[1])[None],
+                                                          KVCache.for_model(draft_model.config, 1, 32, torch.float32,
+                                                                            "cpu"), kv_len=ids.shape[1],
+                                                          contiguous_start=0)[0, -1]
+        assert token in logits.topk(3).indices.tolist()   # among the top tree_top_k + 1
+    # drafting for itself: exact, and each pass accepts at least the chain's depth
+    engine = Engine(target)
+    prompt, params = [context], [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)]
+    rows = _run(engine, prompt, params, drafter)
+    assert rows[0].output_ids == _run(engine, prompt, params)[0].output_ids
+    assert rows[0].accepted > 0
+
+
 def test_tree_knobs_are_refused():
+    with pytest.raises(InvalidParamsError, match="tree_width"):
+        DraftModel("x", tree_top_k=2, tree_width=0)
+    with pytest.raises(InvalidParamsError, match="tree_width > 1"):
+        DraftModel("x", tree_width=2)
     with pytest.raises(InvalidParamsError, match="tree_top_k"):
         DraftModel("x", tree_top_k=-1)
     with pytest.raises(InvalidParamsError, match="tree_min_prob"):
