@@ -47,11 +47,12 @@ is predictable; on a GPU they grow to the budget.
 Prompt lookup (not in the paper; ``PromptLookup``: the continuation of the context's last 2-3 tokens
 seen earlier) drafts copies as a chain of their own, beside or instead of prompt rows:
 - ``lookup="first"`` (or ``True``; the default): when lookup finds ``min_lookup`` tokens or more, that chain
-  alone is the draft; otherwise the recycled tree is. Measured on Spec-Bench (SmolLM2 int8, 2-core CPU,
-  docs/benchmarks.md): 2.66-2.89 tokens per pass against 2.35-2.73 without it, faster in each of six runs,
-  and ahead of prompt lookup alone in each; ``lookup=False`` drafts from the recycled tree only. The chain is cut like the tree: to the prefix with the
-  best expected tokens per unit of pass time, from the learnt copy acceptance rate (measured: uncut
-  24-token copies made passes ~15% dearer for the same tokens per pass as 8-token ones).
+  alone is the draft; otherwise the recycled tree is. The chain is cut like the tree: to the prefix with
+  the best expected tokens per unit of pass time, from the learnt copy acceptance rate (measured: uncut
+  24-token copies made passes ~15% dearer for the same tokens per pass as 8-token ones). Measured on
+  Spec-Bench (SmolLM2 int8, 2-core CPU, docs/benchmarks.md): more tokens per pass and more speed than the
+  tree alone in each of eight runs (sessions 11-13), at or ahead of prompt lookup alone in each (1.00x to
+  1.045x). ``lookup=False`` drafts from the recycled tree only.
 - ``lookup="merge"``: the copy is one more branch of the tree. Its nodes compete in the same best-first
   search with a score learnt like a rank's (an extra rank column, "copy", in the acceptance table),
   every copy node also gets recycled children, and a candidate equal to a sibling already in the
