@@ -28,7 +28,7 @@ def _bound(draft_model, target, **knobs):
 
 @pytest.mark.parametrize("target_name,draft_name", [("llama-mha-tied", "llama-gqa-untied"), ("gemma3", "gemma3"),
                                                     ("qwen2-bias", "qwen3-qknorm")])
-@pytest.mark.parametrize("tree", [{}, {"tree_top_k": 3, "tree_extra": 5, "tree_min_prob": 0.0},
+@pytest.mark.parametrize("tree", [{}, {"tree_top_k": 3, "tree_extra": 5, "tree_min_prob": 0.0, "node_cost": 0.0},
                                   {"tree_top_k": 2, "tree_extra": 5, "tree_min_prob": 0.0, "tree_width": 3}],
                          ids=["chain", "tree", "dynamic-tree"])
 def test_greedy_draft_model_equals_vanilla_on_ragged_batches(target_name, draft_name, tree, tiny_model_dir):
@@ -231,7 +231,7 @@ def test_tree_mode_drafts_the_chain_plus_alternative_leaves(tiny_model_dir):
     folder, _ = tiny_model_dir("llama-gqa-untied")
     target = build_model(folder)
     drafter = _bound(build_model(folder), target, num_draft=3, adaptive=False, confidence=0.0,
-                     quantization=None, tree_top_k=2, tree_extra=4, tree_min_prob=0.0)
+                     quantization=None, tree_top_k=2, tree_extra=4, tree_min_prob=0.0, node_cost=0.0)
     drafter.start(0, SamplingParams(temperature=0))
     draft = drafter.propose(0, [5, 6, 7, 8], 7)
     assert draft.is_tree and len(draft.tokens) == 7      # 3 chain tokens + the 4 likeliest alternatives
@@ -285,7 +285,29 @@ def test_dynamic_tree_expands_the_likeliest_nodes_of_each_depth(compiled, tiny_m
     assert rows[0].accepted > 0
 
 
+def test_leaves_are_cut_to_what_pays_for_the_wider_pass(tiny_model_dir):
+    """Tree mode keeps the number of alternative leaves that maximises expected tokens per unit of pass
+    time: all of them when nodes are free, none when a node costs a whole pass, the target's measured
+    table by default."""
+    from leaplm.spec.cost import PassCost
+
+    folder, _ = tiny_model_dir("llama-gqa-untied")
+    target = build_model(folder)
+    sizes = {}
+    for cost in (0.0, 0.05, 10.0):
+        drafter = _bound(build_model(folder), target, num_draft=3, adaptive=False, confidence=0.0, quantization=None,
+                         tree_top_k=2, tree_extra=4, tree_min_prob=0.0, node_cost=cost)
+        drafter.start(0, SamplingParams(temperature=0))
+        sizes[cost] = len(drafter.propose(0, [5, 6, 7, 8], 7).tokens)
+    assert sizes[0.0] == 7 and sizes[10.0] == 3 and 3 <= sizes[0.05] <= 7
+    measured = _bound(build_model(folder), target, num_draft=3, tree_top_k=2, tree_extra=4, quantization=None)
+    assert isinstance(measured._pass_cost, PassCost) and len(measured._pass_cost.at(100)) == 8
+    assert measured._pass_cost.short != [1.0 + 0.05 * n for n in range(8)]     # timed, not the default line
+
+
 def test_tree_knobs_are_refused():
+    with pytest.raises(InvalidParamsError, match="node_cost"):
+        DraftModel("x", tree_top_k=2, node_cost=-1)
     with pytest.raises(InvalidParamsError, match="tree_width"):
         DraftModel("x", tree_top_k=2, tree_width=0)
     with pytest.raises(InvalidParamsError, match="tree_width > 1"):

@@ -63,6 +63,7 @@ from ...cache.kv import KVCache
 from ...errors import InvalidParamsError
 from ...sampling import SamplingParams, make_generator, processed_logits
 from ..adaptive import DraftLength, accepted_prefix
+from ..cost import drafter_cost, pass_cost
 from ..tree import ancestor_matrix, depths
 from .base import Draft, Drafter
 
@@ -90,12 +91,14 @@ class TreeCandidates:
     ``chain``: the greedy chain; ``alternatives``: ``(path probability, depth index, token)``, likeliest
     first, token ``token`` as a sibling of ``chain[depth]`` (under ``chain[depth - 1]``, the root for
     depth 0); ``root_probs``: the draft's distribution after the context ``[V_target]`` (None when the
-    draft did not run: no room left in its window).
+    draft did not run: no room left in its window); ``chain_reach``: the draft probability of each chain
+    prefix (``chain[: i + 1]``).
     """
 
     chain: list[int]
     alternatives: list[tuple[float, int, int]]
     root_probs: torch.Tensor | None
+    chain_reach: list[float] = field(default_factory=list)
 
     def draft(self) -> Draft:
         """The chain with every alternative as a leaf, in depth order (a plain chain without alternatives)."""
@@ -121,7 +124,7 @@ class DraftModel(Drafter):
                  confidence: float = 0.4, quantization: str | None = "int8", min_draft: int = 1,
                  lookup: bool = False, min_lookup: int = 2, draft_vocab: int | None = None,
                  tokenizer=None, download: bool = True, tree_top_k: int = 0, tree_extra: int = 6,
-                 tree_min_prob: float = 0.05, tree_width: int = 1) -> None:
+                 tree_min_prob: float = 0.05, tree_width: int = 1, node_cost: float | None = None) -> None:
         if not isinstance(num_draft, int) or num_draft < 1:
             raise InvalidParamsError(f"draft_model num_draft must be an integer >= 1, got {num_draft!r}")
         if not 1 <= min_draft <= num_draft:
@@ -147,9 +150,14 @@ class DraftModel(Drafter):
             raise InvalidParamsError("draft_model tree_width > 1 grows a tree: it needs tree_top_k >= 1")
         self.tree_top_k, self.tree_extra, self.tree_min_prob = tree_top_k, tree_extra, tree_min_prob
         self.tree_width = tree_width
+        if node_cost is not None and not (isinstance(node_cost, (int, float)) and node_cost >= 0):
+            raise InvalidParamsError(f"draft_model node_cost must be a number >= 0 (None = measure), got {node_cost!r}")
+        self.node_cost = node_cost
         self.chain_draft = num_draft
         if tree_top_k:
             self.num_draft = num_draft + tree_extra   # the node budget the engine grants per step
+        # the target's pass cost by nodes, which cuts tree mode's leaves (measured in bind unless node_cost given)
+        self._pass_cost = drafter_cost(self.num_draft, node_cost)
         self.vocab_map: torch.Tensor | None = None   # draft head row -> token id, when shrunk
         self.download = download
         self.tokenizer = tokenizer          # the draft's tokenizer (loaded from the path when None)
@@ -204,6 +212,8 @@ class DraftModel(Drafter):
             keep_ids = torch.tensor(sorted(t for t in keep if t < min(dcfg.vocab_size, tcfg.vocab_size)))
             _shrink_head(self.model, keep_ids)
             self.vocab_map = keep_ids.to(self.model.device)
+        if self.tree_top_k and self.tree_width == 1 and self.node_cost is None and self.bridge is None:
+            self._pass_cost = pass_cost(target_model, self.num_draft)
         if getattr(target_model, "compiled", None) is not None and getattr(self.model, "compiled", 1) is None:
             self.model.compile()   # a compiled target gets a compiled draft (its decode steps: _feed)
 
@@ -230,7 +240,9 @@ class DraftModel(Drafter):
         if self.tree_top_k and self.bridge is None:
             if self.tree_width > 1:
                 return self._dynamic_tree(row, context, k)
-            return self.tree_candidates(row, context, k).draft()
+            found = self.tree_candidates(row, context, k)
+            found.alternatives = found.alternatives[: self._leaves_that_pay(found, len(context))]
+            return found.draft()
         st.last_by_model = True
         k = min(k, st.length.k, self.chain_draft)
         if self.bridge is not None:
@@ -290,6 +302,7 @@ class DraftModel(Drafter):
         alternatives: list[tuple[float, int, int]] = []   # (path probability, depth index, token)
         root: torch.Tensor | None = None
         reach = 1.0                                         # draft probability of the chain so far
+        chain_reach: list[float] = []
         for i in range(k):
             probs = self._full_vocab(logits).softmax(-1)
             if root is None:
@@ -301,10 +314,12 @@ class DraftModel(Drafter):
             chain.append(ids[0])
             alternatives += [(reach * p, i, t) for p, t in zip(values[1:], ids[1:]) if p >= self.tree_min_prob]
             reach *= values[0]
+            chain_reach.append(reach)
             if i + 1 < k:
                 logits = self._feed(st, [ids[0]])
         st.last_draft, st.last_base = chain, len(context)
-        return TreeCandidates(chain, sorted(alternatives, reverse=True)[: max(0, budget - len(chain))], root)
+        return TreeCandidates(chain, sorted(alternatives, reverse=True)[: max(0, budget - len(chain))], root,
+                              chain_reach)
 
     def _dynamic_tree(self, row: int, context: Sequence[int], k: int) -> Draft:
         """Dynamic tree mode (``tree_width = W > 1``, see the module docstring): depth by depth, the W nodes of
@@ -384,6 +399,23 @@ class DraftModel(Drafter):
         index = torch.tensor([[1 + w for w in want]], device=device)
         logits = self.model(feed, positions, st.cache, kv_len=base + 1 + n, tree=tree, logit_index=index)[0]
         return list(logits)
+
+    def _leaves_that_pay(self, found: TreeCandidates, context_len: int) -> int:
+        """How many of tree mode's alternative leaves (likeliest first) to verify: the number that maximises
+        expected tokens per unit of pass time, ``(1 + sum(chain_reach) + sum(leaf path probabilities)) /
+        cost[len(chain) + j]``, the draft's probabilities standing in for acceptance and ``cost`` the target's
+        pass cost (``node_cost``: measured at bind when None, 0 keeps every leaf)."""
+        cost = self._pass_cost.at(context_len)
+        n = len(found.chain)
+        gain = 1.0 + sum(found.chain_reach)
+        best_j, best = 0, gain / cost[min(n, len(cost) - 1)]
+        for j, (p, _, _) in enumerate(found.alternatives, start=1):
+            if n + j >= len(cost):
+                break
+            gain += p
+            if gain / cost[n + j] > best:
+                best_j, best = j, gain / cost[n + j]
+        return best_j
 
     def _propose_through_text(self, st: _Row, context: Sequence[int], k: int) -> Draft:
         """Greedy draft in the draft's own tokens, handed over as target tokens (no q: see token_bridge)."""
