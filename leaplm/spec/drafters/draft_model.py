@@ -25,15 +25,20 @@ Tree mode (``tree_top_k = m > 0``): the draft still runs its greedy chain (one d
 token), and at each depth its next-best ``m`` tokens with draft probability at least
 ``tree_min_prob`` become alternative leaves under the previous chain token — free to draft (the
 draft's distribution is already computed), paid for in target verification width. Of those, the
-``tree_extra`` most likely ones (draft probability of the path) are kept. If the target rejects the
-chain token at some depth but takes an alternative, that depth still gains a token. Tree drafts
-are deterministic (no q), so lossless under sampling too.
+``tree_extra`` most likely ones (draft probability of the path) are kept, and of those only as many as
+pay for the wider verification pass: the count that maximises expected tokens per unit of pass time,
+with the draft's path probabilities standing in for acceptance and the target's pass cost by nodes
+measured at bind (``spec.cost.pass_cost``; ``node_cost`` gives a linear cost instead, 0 keeps every
+leaf). If the target rejects the chain token at some depth but takes an alternative, that depth still
+gains a token. Tree drafts are deterministic (no q), so lossless under sampling too.
 Dynamic tree mode (``tree_width = W > 1``, EAGLE-2 / DySpec style): the tree grows where the draft's
 path probability is highest instead of along the greedy chain only. At each depth the W likeliest nodes
 of the newest depth get children (their ``tree_top_k + 1`` likeliest next tokens; below the first only
 those with probability >= ``tree_min_prob``), computed in one draft pass over the subtree holding them
-(tree attention over the draft's cache; the subtree is fed again at each depth, which a small draft,
-bound by reading its weights, pays little for); after as many depths as the chain would draft, the
+(tree attention over the draft's cache; the subtree is fed again at each depth, and the compiled draft
+step computes the LM head for each of its nodes: on a 2-core CPU this made the mode slower than the chain
+for the Qwen pair despite more tokens per pass, docs/benchmarks.md); after as many depths as the chain
+would draft, the
 ``num_draft + tree_extra`` likeliest nodes (by path probability, so every kept node's parent is kept)
 are the draft. Deterministic, so lossless under sampling too.
 ``tree_candidates(row, context, k)`` returns these ingredients (the chain, the alternatives with
