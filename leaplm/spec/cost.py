@@ -75,16 +75,17 @@ def time_tree_pass(model, nodes: Sequence[int], context: int = 512, repeats: int
 class PrefixChooser:
     """``best_prefix`` one node at a time: ``add(accept)`` for each node in draft order, ``best_n`` the
     choice so far, ``since_best`` how many nodes were added since it last moved (a caller growing a draft
-    best-first can stop once that is large: later nodes are ever less likely to pay)."""
+    best-first can stop once that is large: later nodes are ever less likely to pay). The first ``keep``
+    nodes are kept whatever they cost (a part of the draft decided otherwise)."""
 
-    def __init__(self, cost: Sequence[float]) -> None:
-        self.cost = cost
+    def __init__(self, cost: Sequence[float], keep: int = 0) -> None:
+        self.cost, self.keep = cost, keep
         self.n, self.gain, self.best_rate, self.best_n = 0, 1.0, 1.0, 0
 
     def add(self, accept: float) -> None:
         self.n += 1
         self.gain += accept
-        if self.gain / self.cost[self.n] > self.best_rate:
+        if self.n <= self.keep or self.gain / self.cost[self.n] > self.best_rate:
             self.best_rate, self.best_n = self.gain / self.cost[self.n], self.n
 
     @property
@@ -92,11 +93,11 @@ class PrefixChooser:
         return self.n - self.best_n
 
 
-def best_prefix(accepts: Sequence[float], cost: Sequence[float]) -> int:
-    """How many of a draft's nodes to keep: the ``n`` maximising expected tokens per unit of pass time,
-    ``(1 + sum(accepts[:n])) / cost[n]`` (``accepts[i]``: the chance node ``i`` is accepted, nodes in an
-    order where every prefix is a draft; ``cost[0] = 1``); 0 when no prefix beats a plain step."""
-    chooser = PrefixChooser(cost)
+def best_prefix(accepts: Sequence[float], cost: Sequence[float], keep: int = 0) -> int:
+    """How many of a draft's nodes to keep: the ``n >= keep`` maximising expected tokens per unit of pass
+    time, ``(1 + sum(accepts[:n])) / cost[n]`` (``accepts[i]``: the chance node ``i`` is accepted, nodes in
+    an order where every prefix is a draft; ``cost[0] = 1``); 0 when no prefix beats a plain step."""
+    chooser = PrefixChooser(cost, keep)
     for accept in accepts:
         chooser.add(accept)
     return chooser.best_n

@@ -13,6 +13,9 @@ def test_best_prefix_keeps_the_nodes_that_pay_for_their_pass():
     assert best_prefix([0.05, 0.05], cost) == 0            # 1.05 / 1.1 < one token per plain step
     assert best_prefix([0.9, 0.9, 0.9, 0.9], [1.0] * 5) == 4   # free nodes: keep them all
     assert best_prefix([], cost) == 0
+    # keep: the first nodes stay whatever they cost, the rest are chosen as before
+    assert best_prefix([0.05, 0.05], cost, keep=1) == 1 and best_prefix([0.05, 0.05], cost, keep=2) == 2
+    assert best_prefix([0.05, 0.9, 0.8, 0.1], cost, keep=1) == 3   # 2.75 / 1.3 beats 1.05 / 1.1 and 1.95 / 1.2
 
 
 def test_prefix_chooser_tracks_best_prefix_node_by_node():

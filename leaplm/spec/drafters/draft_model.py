@@ -38,9 +38,8 @@ those with probability >= ``tree_min_prob``), computed in one draft pass over th
 (tree attention over the draft's cache; the subtree is fed again at each depth, and the compiled draft
 step computes the LM head for each of its nodes: on a 2-core CPU this made the mode slower than the chain
 for the Qwen pair despite more tokens per pass, docs/benchmarks.md); after as many depths as the chain
-would draft, the
-``num_draft + tree_extra`` likeliest nodes (by path probability, so every kept node's parent is kept)
-are the draft. Deterministic, so lossless under sampling too.
+would draft, the ``num_draft + tree_extra`` likeliest nodes (by path probability, so every kept node's
+parent is kept) are the draft. Deterministic, so lossless under sampling too.
 ``tree_candidates(row, context, k)`` returns these ingredients (the chain, the alternatives with
 their path probabilities, and the draft's distribution after the context) for drafters that build
 on the draft model (``rasd``); the draft cache is synced the same way.
@@ -68,7 +67,7 @@ from ...cache.kv import KVCache
 from ...errors import InvalidParamsError
 from ...sampling import SamplingParams, make_generator, processed_logits
 from ..adaptive import DraftLength, accepted_prefix
-from ..cost import drafter_cost, pass_cost
+from ..cost import best_prefix, drafter_cost, pass_cost
 from ..tree import ancestor_matrix, depths
 from .base import Draft, Drafter
 
@@ -341,7 +340,6 @@ class DraftModel(Drafter):
         tokens: list[int] = []
         parents: list[int] = []
         reach: list[float] = []       # draft probability of each node's path
-        depth: list[int] = []
 
         def grow(parent: int, node_logits: torch.Tensor) -> list[int]:
             top = self._full_vocab(node_logits).softmax(-1).topk(self.tree_top_k + 1)
@@ -353,7 +351,6 @@ class DraftModel(Drafter):
                 tokens.append(t)
                 parents.append(parent)
                 reach.append((1.0 if parent < 0 else reach[parent]) * p)
-                depth.append(1 if parent < 0 else depth[parent] + 1)
             return kids
 
         newest = grow(-1, logits)
@@ -370,8 +367,8 @@ class DraftModel(Drafter):
                                    [at[i] for i in expand])
             newest = [kid for i, node_logits in zip(expand, rows) for kid in grow(i, node_logits)]
         st.cache.commit(0, len(st.fed))        # the subtree's slots are scratch past the committed tokens
-        # the likeliest nodes, parents first on ties: every kept node's parent is kept
-        keep = sorted(sorted(range(len(tokens)), key=lambda i: (-reach[i], depth[i], i))[:budget])
+        # the likeliest nodes, earlier (so parents) first on ties: every kept node's parent is kept
+        keep = sorted(sorted(range(len(tokens)), key=lambda i: (-reach[i], i))[:budget])
         index = {node: j for j, node in enumerate(keep)}
         chain, node = [], -1                   # the greedy path (first child each time) for the adaptive length
         while True:
@@ -406,21 +403,14 @@ class DraftModel(Drafter):
         return list(logits)
 
     def _leaves_that_pay(self, found: TreeCandidates, context_len: int) -> int:
-        """How many of tree mode's alternative leaves (likeliest first) to verify: the number that maximises
-        expected tokens per unit of pass time, ``(1 + sum(chain_reach) + sum(leaf path probabilities)) /
-        cost[len(chain) + j]``, the draft's probabilities standing in for acceptance and ``cost`` the target's
-        pass cost (``node_cost``: measured at bind when None, 0 keeps every leaf)."""
+        """How many of tree mode's alternative leaves (likeliest first) to verify beside the whole chain: the
+        number that maximises expected tokens per unit of pass time (``best_prefix`` over the chain's then the
+        leaves' path probabilities, standing in for acceptance; ``cost`` the target's pass cost, ``node_cost``:
+        measured at bind when None, 0 keeps every leaf)."""
         cost = self._pass_cost.at(context_len)
         n = len(found.chain)
-        gain = 1.0 + sum(found.chain_reach)
-        best_j, best = 0, gain / cost[min(n, len(cost) - 1)]
-        for j, (p, _, _) in enumerate(found.alternatives, start=1):
-            if n + j >= len(cost):
-                break
-            gain += p
-            if gain / cost[n + j] > best:
-                best_j, best = j, gain / cost[n + j]
-        return best_j
+        accepts = found.chain_reach + [p for p, _, _ in found.alternatives]
+        return max(0, best_prefix(accepts[: len(cost) - 1], cost, keep=n) - n)
 
     def _propose_through_text(self, st: _Row, context: Sequence[int], k: int) -> Draft:
         """Greedy draft in the draft's own tokens, handed over as target tokens (no q: see token_bridge)."""
