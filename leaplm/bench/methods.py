@@ -344,18 +344,19 @@ def rasd(target: Target, prompt_ids: list[int], params, corpus: str = "", num_dr
 def draft(target: Target, prompt_ids: list[int], params, num_draft: int = 6, confidence: float = 0.4,
           adaptive: bool = True, quantization: str = "int8", lookup: bool = False,
           draft_vocab: int | None = None, tree_top_k: int = 0, tree_extra: int = 6,
-          tree_min_prob: float = 0.05, tree_width: int = 1, node_cost: float | None = None) -> Generation:
+          tree_min_prob: float = 0.05, tree_width: int = 1, node_cost: float | None = None,
+          staged: bool | str = True) -> Generation:
     from ..spec.drafters import DraftModel
 
     if target.draft_model_path is None:
         raise BenchError("method 'draft' needs --draft-model")
     key = (target.contestant, "draft", num_draft, confidence, adaptive, quantization, lookup, draft_vocab, tree_top_k,
-           tree_extra, tree_min_prob, tree_width, node_cost)
+           tree_extra, tree_min_prob, tree_width, node_cost, staged)
     if key not in target.cache:
         drafter = DraftModel(target.draft_model_path, num_draft=num_draft, confidence=confidence, adaptive=adaptive,
                              quantization=None if quantization == "none" else quantization, lookup=lookup, draft_vocab=draft_vocab,
                              tree_top_k=tree_top_k, tree_extra=tree_extra, tree_min_prob=tree_min_prob,
-                             tree_width=tree_width, node_cost=node_cost, download=False)
+                             tree_width=tree_width, node_cost=node_cost, staged=staged, download=False)
         drafter.bind(target.model, target.tokenizer)
         target.cache[key] = drafter
     return _run_engine(target, prompt_ids, params, target.cache[key])

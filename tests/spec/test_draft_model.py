@@ -28,9 +28,13 @@ def _bound(draft_model, target, **knobs):
 
 @pytest.mark.parametrize("target_name,draft_name", [("llama-mha-tied", "llama-gqa-untied"), ("gemma3", "gemma3"),
                                                     ("qwen2-bias", "qwen3-qknorm")])
-@pytest.mark.parametrize("tree", [{}, {"tree_top_k": 3, "tree_extra": 5, "tree_min_prob": 0.0, "node_cost": 0.0},
+@pytest.mark.parametrize("tree", [{}, {"staged": False}, {"staged": "prompt_lookup"},
+                                  {"tree_top_k": 3, "tree_extra": 5, "tree_min_prob": 0.0, "node_cost": 0.0},
+                                  {"tree_top_k": 3, "tree_extra": 5, "tree_min_prob": 0.0, "node_cost": 0.0,
+                                   "staged": False},
                                   {"tree_top_k": 2, "tree_extra": 5, "tree_min_prob": 0.0, "tree_width": 3}],
-                         ids=["chain", "tree", "dynamic-tree"])
+                         ids=["chain", "chain-unstaged", "chain-staged-lookup", "tree", "tree-unstaged",
+                              "dynamic-tree"])
 def test_greedy_draft_model_equals_vanilla_on_ragged_batches(target_name, draft_name, tree, tiny_model_dir):
     target = build_model(tiny_model_dir(target_name)[0])
     draft = build_model(tiny_model_dir(draft_name)[0], quantization="int8")
@@ -40,7 +44,7 @@ def test_greedy_draft_model_equals_vanilla_on_ragged_batches(target_name, draft_
     params = [SamplingParams(temperature=0, max_tokens=n) for n in (30, 12, 25)]
     vanilla = _run(engine, prompts, params)
     drafter = _bound(draft, target, num_draft=4, confidence=0.0, **tree)
-    assert drafter.num_draft == (9 if tree else 4)    # a tree adds tree_extra nodes to the chain's 4
+    assert drafter.num_draft == (9 if "tree_top_k" in tree else 4)   # a tree adds tree_extra nodes to the chain's 4
     spec = _run(engine, prompts, params, drafter)
     assert [r.output_ids for r in spec] == [r.output_ids for r in vanilla]
     assert [r.finish_reason for r in spec] == [r.finish_reason for r in vanilla]
@@ -134,13 +138,14 @@ def _exact_triples(model, prompt, params) -> torch.Tensor:
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True),
                                     SamplingParams(temperature=0.8, top_k=3, max_tokens=4, ignore_eos=True)])
-def test_sampled_drafts_keep_the_target_distribution(params, tmp_path):
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "unstaged"])
+def test_sampled_drafts_keep_the_target_distribution(params, staged, tmp_path):
     """Tokens 2 and 3 are drafted by a different model and verified (tokens 1..3 counted jointly)."""
     from .test_verify import CRITICAL, _chi_square
 
     target, draft = _small_vocab_model(tmp_path, "t"), _small_vocab_model(tmp_path, "d")
     engine = Engine(target)
-    drafter = _bound(draft, target, num_draft=2, adaptive=False, confidence=0.0, quantization=None)
+    drafter = _bound(draft, target, num_draft=2, adaptive=False, confidence=0.0, quantization=None, staged=staged)
     prompt, rows, n = [0, 2, 3], 64, 64 * 60
     counts = torch.zeros(V, V, V)
     drafted = accepted = 0
@@ -300,6 +305,13 @@ def test_leaves_are_cut_to_what_pays_for_the_wider_pass(tiny_model_dir):
         drafter.start(0, SamplingParams(temperature=0))
         sizes[cost] = len(drafter.propose(0, [5, 6, 7, 8], 7).tokens)
     assert sizes[0.0] == 7 and sizes[10.0] == 3 and 3 <= sizes[0.05] <= 7
+    # leaves the target never took (their probabilities promised 1000 taken) are discounted until none pays
+    drafter = _bound(build_model(folder), target, num_draft=3, adaptive=False, confidence=0.0, quantization=None,
+                     tree_top_k=2, tree_extra=4, tree_min_prob=0.0, node_cost=0.001)
+    drafter.start(0, SamplingParams(temperature=0))
+    assert len(drafter.propose(0, [5, 6, 7, 8], 7).tokens) > 3
+    drafter._leaf_expected = 1000.0
+    assert len(drafter.propose(0, [5, 6, 7, 8], 7).tokens) == 3
     measured = _bound(build_model(folder), target, num_draft=3, tree_top_k=2, tree_extra=4, quantization=None)
     assert isinstance(measured._pass_cost, PassCost) and len(measured._pass_cost.at(100)) == 8
     assert measured._pass_cost.short != [1.0 + 0.05 * n for n in range(8)]     # timed, not the default line
@@ -316,3 +328,53 @@ def test_tree_knobs_are_refused():
         DraftModel("x", tree_top_k=-1)
     with pytest.raises(InvalidParamsError, match="tree_min_prob"):
         DraftModel("x", tree_top_k=2, tree_min_prob=1.5)
+
+
+# ---------------------------------------------------------------- staged drafting
+def _count_passes(model) -> list[int]:
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-int8"])
+def test_staged_drafting_drafts_the_same_chains_in_fewer_draft_passes(compiled, tiny_model_dir):
+    """The inner drafter only saves draft passes: proposal for proposal the staged chains equal the
+    one-token-per-pass chains (same draft weights), the output equals vanilla, and over a repetitive
+    generation (a tiny random model loops, which Token Recycling learns) the staged draft runs fewer
+    passes than it drafts tokens — where the unstaged one runs one per drafted token."""
+    folder, _ = tiny_model_dir("llama-gqa-untied")
+    target_folder, _ = tiny_model_dir("llama-mha-tied")
+    quant = "int8" if compiled else None
+    target = build_model(target_folder, quantization=quant)
+    if compiled:
+        target.compile()
+    engine = Engine(target)
+    prompts = [[5, 6, 7, 8, 9], [40, 41, 42, 43, 44, 45, 46]]
+    params = [SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)] * 2
+    vanilla = _run(engine, prompts, params)
+    runs = {}
+    for staged in (False, True):
+        model = build_model(folder, quantization=quant)
+        drafter = _bound(model, target, num_draft=6, adaptive=False, confidence=0.0, quantization=quant, staged=staged)
+        passes = _count_passes(drafter.model)
+        proposals = []
+        propose = drafter.propose
+        drafter.propose = lambda *a: proposals.append((d := propose(*a)).tokens) or d
+        rows = _run(engine, prompts, params, drafter)
+        assert [r.output_ids for r in rows] == [r.output_ids for r in vanilla]
+        runs[staged] = (proposals, passes[0], sum(len(p) for p in proposals))
+    (plain, plain_passes, drafted), (staged, staged_passes, _) = runs[False], runs[True]
+    assert staged == plain
+    assert plain_passes >= drafted - len(plain)          # one pass per drafted token but each chain's last
+    assert staged_passes < 0.75 * plain_passes, (staged_passes, plain_passes)
+
+
+def test_staged_knob_is_checked():
+    assert DraftModel("x").inner is not None and DraftModel("x").inner.name == "recycling"   # the default
+    assert DraftModel("x", staged=False).inner is None
+    assert DraftModel("x", staged="pld").inner.name == "prompt_lookup"
+    assert DraftModel("x", staged={"method": "recycling", "num_draft": 8}).inner.num_draft == 8
+    for bad in ("aded", "copyspec", "telepathy", "draft_model"):
+        with pytest.raises(InvalidParamsError, match="staged"):
+            DraftModel("x", staged=bad)

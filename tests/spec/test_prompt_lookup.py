@@ -22,6 +22,23 @@ def test_lookup_proposes_the_latest_earlier_continuation():
     assert d.propose(1, [4], 2).tokens == []
 
 
+def test_a_rolled_back_context_is_indexed_as_if_fresh():
+    """A caller that rolls the context back (draft_model's staged chains do between rounds) gets the index
+    a fresh drafter would build for the new context: rejected tokens leave no n-grams behind."""
+    import random
+
+    rng = random.Random(3)
+    rolled, fresh = PromptLookup(num_draft=4), PromptLookup(num_draft=4)
+    context = [rng.randrange(6) for _ in range(30)]
+    for _ in range(40):
+        keep = rng.randrange(len(context) + 1)
+        context = context[:keep] + [rng.randrange(6) for _ in range(rng.randrange(1, 6))]
+        fresh.reset(0)
+        assert rolled.propose(0, context, 4).tokens == fresh.propose(0, context, 4).tokens
+        assert rolled._index[0] == fresh._index[0]
+    assert rolled.propose(0, [1, 2, 3, 1, 2], 3).tokens == [3, 1, 2]   # an unrelated context: a new index
+
+
 def test_bad_knobs_are_refused():
     with pytest.raises(InvalidParamsError, match="num_draft"):
         PromptLookup(num_draft=0)

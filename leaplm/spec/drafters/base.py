@@ -65,6 +65,10 @@ class Drafter:
     def reset(self, row: int) -> None:
         """Forget what was learnt about ``row`` (called when a new request takes the row)."""
 
+    def unverified(self, row: int) -> None:
+        """The last proposal for ``row`` will not be verified (a caller that drafts with this drafter, such as
+        ``draft_model``'s staged chain, moved on): learn nothing from how the next context differs from it."""
+
 
 def int_knob(drafter: str, name: str, value, low: int, extra: str = "") -> int:
     """Validate an integer knob of a drafter: ``value`` as an ``int`` (numpy integers too, not bools)

@@ -16,6 +16,13 @@ token (FR-Spec's frequency-ranked drafting; BPE and sentencepiece ids are roughl
 frequency): on Qwen2.5 (152k tokens) the head is a quarter of the 0.5B draft's weight bytes. The
 draft then never proposes a rare token; the target still produces any token.
 
+Staged drafting (``staged``, on by default: ``staged.StagedChain``): the draft's own chain is speculated by
+Token Recycling over the draft's candidates (``staged="prompt_lookup"`` for prompt lookup, ``False`` for one
+token per draft pass). One draft pass feeds the chain's newest token (after a round, the tokens the target
+accepted) and the inner tree after it; the chain follows the draft's own argmax (or sample) down the tree as
+long as the tree holds it. The chain is the one the draft drafts alone; it takes fewer draft passes (Qwen
+pair on HumanEval: ~1.8 draft passes per round against ~6, docs/benchmarks.md). Not in dynamic tree mode.
+
 ``lookup=True`` first tries prompt lookup (``PromptLookup``: the continuation of the context's last
 2-3 tokens seen earlier); when it finds ``min_lookup`` tokens or more they are the draft (free, and
 long where text is copied — code edits, quotes, summaries), else the model drafts. Lookup drafts
@@ -29,8 +36,8 @@ draft's distribution is already computed), paid for in target verification width
 pay for the wider verification pass: the count that maximises expected tokens per unit of pass time,
 with the draft's path probabilities standing in for acceptance and the target's pass cost by nodes
 measured at bind (``spec.cost.pass_cost``; ``node_cost`` gives a linear cost instead, 0 keeps every
-leaf). If the target rejects the chain token at some depth but takes an alternative, that depth still
-gains a token. Tree drafts are deterministic (no q), so lossless under sampling too.
+leaf; the leaves' probabilities are calibrated by how often verified leaves were taken). If the target
+rejects the chain token at some depth but takes an alternative, that depth still gains a token. Tree drafts are deterministic (no q), so lossless under sampling too.
 Dynamic tree mode (``tree_width = W > 1``, EAGLE-2 / DySpec style): the tree grows where the draft's
 path probability is highest instead of along the greedy chain only. At each depth the W likeliest nodes
 of the newest depth get children (their ``tree_top_k + 1`` likeliest next tokens; below the first only
@@ -68,7 +75,7 @@ from ...errors import InvalidParamsError
 from ...sampling import SamplingParams, make_generator, processed_logits
 from ..adaptive import DraftLength, accepted_prefix
 from ..cost import best_prefix, drafter_cost, pass_cost
-from ..tree import ancestor_matrix, depths
+from ..tree import ancestor_matrix, compaction, depths
 from .base import Draft, Drafter
 
 # widest feed that takes a compiled draft's compiled step (which computes every fed position's logits, so
@@ -86,6 +93,7 @@ class _Row:
     last_draft: list[int] = field(default_factory=list)
     last_base: int = 0                             # len(context) when last_draft was proposed
     last_by_model: bool = True                     # last_draft came from the model (not lookup)
+    last_leaves: list[tuple[float, int, int]] = field(default_factory=list)   # tree mode: the leaves verified
 
 
 @dataclass
@@ -128,7 +136,8 @@ class DraftModel(Drafter):
                  confidence: float = 0.4, quantization: str | None = "int8", min_draft: int = 1,
                  lookup: bool = False, min_lookup: int = 2, draft_vocab: int | None = None,
                  tokenizer=None, download: bool = True, tree_top_k: int = 0, tree_extra: int = 6,
-                 tree_min_prob: float = 0.05, tree_width: int = 1, node_cost: float | None = None) -> None:
+                 tree_min_prob: float = 0.05, tree_width: int = 1, node_cost: float | None = None,
+                 staged=True) -> None:
         if not isinstance(num_draft, int) or num_draft < 1:
             raise InvalidParamsError(f"draft_model num_draft must be an integer >= 1, got {num_draft!r}")
         if not 1 <= min_draft <= num_draft:
@@ -170,11 +179,16 @@ class DraftModel(Drafter):
 
         self.lookup = PromptLookup(num_draft) if lookup else None
         self.min_lookup = min_lookup
+        from .staged import make_inner
+
+        self.inner = make_inner(staged)    # the drafter of the draft's own chain (staged drafting), or None
         self.model = model if isinstance(model, torch.nn.Module) else None
         self.model_spec = None if self.model is not None else str(model)
         self.model_path: Path | None = None
         self.target_vocab: int | None = None
         self._rows: dict[int, _Row] = {}
+        # tree mode: verified leaves the target took, and what their draft path probabilities promised
+        self._leaf_hits, self._leaf_expected = 0, 0.0
 
     # ------------------------------------------------------------------ set-up
     def bind(self, target_model, target_tokenizer=None) -> None:
@@ -220,6 +234,8 @@ class DraftModel(Drafter):
             self._pass_cost = pass_cost(target_model, self.num_draft)
         if getattr(target_model, "compiled", None) is not None and getattr(self.model, "compiled", 1) is None:
             self.model.compile()   # a compiled target gets a compiled draft (its decode steps: _feed)
+        if self.inner is not None:
+            self.inner.bind(self.model)   # its pass costs are the draft's (measured on the compiled draft)
 
     def start(self, row: int, params: SamplingParams) -> None:
         if self.model is None:
@@ -232,6 +248,8 @@ class DraftModel(Drafter):
         self._rows.pop(row, None)
         if self.lookup is not None:
             self.lookup.reset(row)
+        if self.inner is not None:
+            self.inner.reset(row)
 
     # ------------------------------------------------------------------ drafting
     def propose(self, row: int, context: Sequence[int], k: int) -> Draft:
@@ -246,14 +264,16 @@ class DraftModel(Drafter):
                 return self._dynamic_tree(row, context, k)
             found = self.tree_candidates(row, context, k)
             found.alternatives = found.alternatives[: self._leaves_that_pay(found, len(context))]
+            st.last_leaves = found.alternatives
             return found.draft()
         st.last_by_model = True
         k = min(k, st.length.k, self.chain_draft)
         if self.bridge is not None:
-            return self._propose_through_text(st, context, k)
+            return self._propose_through_text(st, row, context, k)
         if not self._room(st, len(context), k):
             return Draft([])
-        logits = self._sync(st, context)
+        steps = self._steps(st, row)
+        logits = self._sync(st, context) if steps is None else steps.start(context, k)
         tokens, qs = [], []
         for i in range(k):
             logits = self._full_vocab(logits)
@@ -270,7 +290,8 @@ class DraftModel(Drafter):
                 qs.append(q)
             tokens.append(token)
             if i + 1 < k:
-                logits = self._feed(st, [token])
+                logits = self._next(st, steps, token, k - i - 1)
+        self._finish(steps)
         st.last_draft, st.last_base = tokens, len(context)
         return Draft(tokens, torch.stack(qs) if qs else None)  # q rows are already [V_target] (_full_vocab)
 
@@ -282,8 +303,14 @@ class DraftModel(Drafter):
             self.start(row, SamplingParams(temperature=0.0))
             st = self._rows[row]
         if st.last_draft and st.last_by_model:
-            st.length.update(len(st.last_draft), accepted_prefix(st.last_draft, context[st.last_base:]))
-        st.last_draft = []   # learnt from; every proposal sets it again
+            grown = context[st.last_base:]
+            accepted = accepted_prefix(st.last_draft, grown)
+            st.length.update(len(st.last_draft), accepted)
+            if st.last_leaves and len(grown) > accepted:   # did the target take one of tree mode's leaves?
+                taken = grown[accepted]
+                self._leaf_hits += any(d == accepted and t == taken for _, d, t in st.last_leaves)
+                self._leaf_expected += sum(p for p, _, _ in st.last_leaves)
+        st.last_draft, st.last_leaves = [], []   # learnt from; every proposal sets them again
         return st
 
     def tree_candidates(self, row: int, context: Sequence[int], k: int) -> TreeCandidates:
@@ -301,7 +328,8 @@ class DraftModel(Drafter):
         budget, k = k, min(k, st.length.k, self.chain_draft)
         if not self._room(st, len(context), k):
             return TreeCandidates([], [], None)
-        logits = self._sync(st, context)
+        steps = self._steps(st, row)
+        logits = self._sync(st, context) if steps is None else steps.start(context, k)
         chain: list[int] = []
         alternatives: list[tuple[float, int, int]] = []   # (path probability, depth index, token)
         root: torch.Tensor | None = None
@@ -320,7 +348,8 @@ class DraftModel(Drafter):
             reach *= values[0]
             chain_reach.append(reach)
             if i + 1 < k:
-                logits = self._feed(st, [ids[0]])
+                logits = self._next(st, steps, ids[0], k - i - 1)
+        self._finish(steps)
         st.last_draft, st.last_base = chain, len(context)
         return TreeCandidates(chain, sorted(alternatives, reverse=True)[: max(0, budget - len(chain))], root,
                               chain_reach)
@@ -386,45 +415,98 @@ class DraftModel(Drafter):
         """One draft pass over a subtree hanging off the last fed token (``parents[i]``: index into ``tokens``,
         -1 = that token, which is fed again as the root at its own slot); the logits after each node of
         ``want`` (indices into ``tokens``). Leaves the cache committed below the root."""
-        device = self.model.device
         base = len(st.fed) - 1
         st.cache.commit(0, base)
+        logits = self._tree_pass(st, st.fed[-1], tokens, parents, base=base, want=want)
+        if getattr(self.model, "compiled", None) is not None:   # every node's logits: pick the wanted ones
+            logits = logits[[1 + w for w in want]]
+        return list(logits)
+
+    def _tree_pass(self, st: _Row, root: int, tokens: list[int], parents: list[int], base: int | None = None,
+                   want: list[int] | None = None) -> torch.Tensor:
+        """One draft pass feeding ``root`` at slot ``base`` (default ``len(st.fed)``) and the tree ``tokens``
+        (``parents``: tree.py's convention) in the scratch slots after it, with tree attention; ``st.fed`` is
+        left as it was (``_keep_path`` commits). Returns the logits after the root and every node
+        ``[1 + n, V_draft]`` — or, eager and given ``want``, after those nodes only ``[len(want), V_draft]``."""
+        device = self.model.device
+        base = len(st.fed) if base is None else base
         n = len(tokens)
-        feed = torch.tensor([[st.fed[-1]] + tokens], device=device)
+        feed = torch.tensor([[root] + tokens], device=device)
+        compiled = getattr(self.model, "compiled", None) is not None
+        if n == 0:
+            positions = torch.tensor([[base]], device=device)
+            if compiled and base > 0:
+                return self.model(feed, positions, st.cache, kv_len=base + 1, contiguous_start=base)[0]
+            return self.model(feed, positions, st.cache, kv_len=base + 1, contiguous_start=base,
+                              logit_index=torch.tensor([[0]], device=device))[0]
         positions = torch.tensor([[base] + [base + d for d in depths(parents)]], device=device)
         tree = ([base], ancestor_matrix(parents)[None].to(device))
-        if getattr(self.model, "compiled", None) is not None:
+        if compiled:
             # the compiled step computes every fed node's logits, still ~3x cheaper than an eager pass
             # that computes only the wanted ones (0.5B int8 draft, 4-13 nodes, measured on a 2-core CPU)
-            logits = self.model(feed, positions, st.cache, kv_len=base + 1 + n, tree=tree)[0]
-            return [logits[1 + w] for w in want]
-        index = torch.tensor([[1 + w for w in want]], device=device)
-        logits = self.model(feed, positions, st.cache, kv_len=base + 1 + n, tree=tree, logit_index=index)[0]
-        return list(logits)
+            return self.model(feed, positions, st.cache, kv_len=base + 1 + n, tree=tree)[0]
+        index = list(range(1 + n)) if want is None else [1 + w for w in want]
+        return self.model(feed, positions, st.cache, kv_len=base + 1 + n, tree=tree,
+                          logit_index=torch.tensor([index], device=device))[0]
+
+    def _keep_path(self, st: _Row, root: int, tokens: list[int], path: list[int]) -> None:
+        """After ``_tree_pass`` at ``len(st.fed)``: commit the root and the tree nodes of ``path`` (root to leaf)
+        to the draft cache, compacting their slots."""
+        base = len(st.fed)
+        st.cache.move(0, [(base + src, base + dst) for src, dst in compaction(path)])
+        st.fed += [root] + [tokens[i] for i in path]
+        st.cache.commit(0, len(st.fed))
+
+    def _target_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Draft head rows -> token ids (the identity unless ``draft_vocab`` shrank the head)."""
+        return ids if self.vocab_map is None else self.vocab_map[ids]
+
+    def _steps(self, st: _Row, row: int):
+        """A staged chain for this proposal (``staged.StagedChain``), or None: plain one-token steps."""
+        if self.inner is None:
+            return None
+        from .staged import StagedChain
+
+        return StagedChain(self, st, row)
+
+    def _next(self, st: _Row, steps, token: int, remaining: int) -> torch.Tensor:
+        """The draft's logits after the chain's new ``token`` (``remaining``: chain tokens still wanted)."""
+        return self._feed(st, [token]) if steps is None else steps.next_logits(token, remaining)
+
+    @staticmethod
+    def _finish(steps) -> None:
+        if steps is not None:
+            steps.finish()
 
     def _leaves_that_pay(self, found: TreeCandidates, context_len: int) -> int:
         """How many of tree mode's alternative leaves (likeliest first) to verify beside the whole chain: the
         number that maximises expected tokens per unit of pass time (``best_prefix`` over the chain's then the
         leaves' path probabilities, standing in for acceptance; ``cost`` the target's pass cost, ``node_cost``:
-        measured at bind when None, 0 keeps every leaf)."""
+        measured at bind when None, 0 keeps every leaf). The leaves' probabilities are calibrated by how often
+        verified leaves were taken against how often their probabilities said they would be (prior: one
+        expected, one taken), since the draft's confidence in its runner-up tokens need not match the
+        target's."""
         cost = self._pass_cost.at(context_len)
         n = len(found.chain)
-        accepts = found.chain_reach + [p for p, _, _ in found.alternatives]
+        calibration = (self._leaf_hits + 1.0) / (self._leaf_expected + 1.0)
+        accepts = found.chain_reach + [p * calibration for p, _, _ in found.alternatives]
         return max(0, best_prefix(accepts[: len(cost) - 1], cost, keep=n) - n)
 
-    def _propose_through_text(self, st: _Row, context: Sequence[int], k: int) -> Draft:
+    def _propose_through_text(self, st: _Row, row: int, context: Sequence[int], k: int) -> Draft:
         """Greedy draft in the draft's own tokens, handed over as target tokens (no q: see token_bridge)."""
         ids = self.bridge.to_draft(context)
         if not self._room(st, len(ids), k):
             return Draft([])
-        logits = self._sync(st, ids)
+        steps = self._steps(st, row)
+        logits = self._sync(st, ids) if steps is None else steps.start(ids, k)
         new: list[int] = []
         for i in range(k):
             if self.confidence > 0 and i > 0 and float(logits.softmax(-1).max()) < self.confidence:
                 break
             new.append(int(logits.argmax()))
             if i + 1 < k:
-                logits = self._feed(st, [new[-1]])
+                logits = self._next(st, steps, new[-1], k - i - 1)
+        self._finish(steps)
         tokens = self.bridge.to_target(ids, new, k)
         st.last_draft, st.last_base = tokens, len(context)
         return Draft(tokens)

@@ -393,6 +393,9 @@ class TokenRecycling(Drafter):
         b = chooser.best_n
         return _LastTree(tokens[:b], parents[:b], ranks[:b], len(context), sources[:b])
 
+    def unverified(self, row: int) -> None:
+        self._last.pop(row, None)
+
     def reset(self, row: int) -> None:
         self._last.pop(row, None)
         self._tail.pop(row, None)

@@ -1,0 +1,145 @@
+"""Staged drafting: the draft model's own chain is drafted by a training-free drafter and checked in one
+draft pass (staged speculative decoding, Spector & Ré 2023; the "vertical cascade" of Cascade Speculative
+Drafting, Chen et al. 2024).
+
+A draft model drafts its chain one token per pass, and on a CPU that is most of a speculative step's time
+(the Qwen2.5-Coder 0.5B draft costs ~0.4 of the 1.5B target's step; docs/benchmarks.md). Each of those
+passes reads all of the draft's weights to produce one token, while a pass over a few more tokens costs
+little more. So the chain is speculated too: an inner drafter (Token Recycling by default, learning the
+*draft model's* top-k candidates from these same passes) proposes a tree after the chain's newest token,
+one draft pass scores the token and the tree (tree attention), and the chain follows the draft's own
+argmax down the tree for as long as the tree holds it. Where the tree has no child for the next chain
+token, that token is the root of the next inner draft.
+
+The chain is the one the draft model drafts alone (the inner drafter only changes how many draft passes
+it takes: each next token is still the draft's own choice from its own logits, so acceptance by the target
+and the output are unchanged; the numbers differ only by the rounding of a wider pass). Sampled chains
+work the same way: a sampled token that the tree holds reuses that node's logits.
+
+Shapes: ``next_logits`` returns the draft's logits after a token ``[V_draft]``; a draft pass feeds
+``1 + n`` tokens (the chain token, then the inner tree's ``n`` nodes) and returns ``[1 + n, V_draft]``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import Tensor
+
+from ...errors import InvalidParamsError
+from ...sampling import top_ids
+from ..adaptive import accepted_prefix
+from ..tree import chain_parents
+from .base import Drafter
+
+if TYPE_CHECKING:   # pragma: no cover
+    from .draft_model import DraftModel, _Row
+
+# inner drafters that follow a context that rolls back between rounds (ADED and CopySpec would re-count /
+# re-store the whole context at each rollback)
+INNER_DRAFTERS = ("recycling", "prompt_lookup")
+
+
+def make_inner(spec) -> Drafter | None:
+    """The inner drafter for ``draft_model``'s ``staged`` knob: False/None/"false" = off, True/"true" =
+    Token Recycling, a name from ``INNER_DRAFTERS``, a ``{"method": name, **knobs}`` dict, or a Drafter."""
+    from . import ALIASES, make_drafter
+
+    if spec in (None, False, "false", "none", "off"):
+        return None
+    if spec in (True, "true", "on"):
+        spec = "recycling"
+    if isinstance(spec, Drafter):
+        return spec
+    name = spec.get("method") if isinstance(spec, dict) else spec
+    if ALIASES.get(name, name) not in INNER_DRAFTERS:
+        raise InvalidParamsError(f"draft_model staged must be false, true or a training-free drafter that needs no "
+                                 f"model ({', '.join(INNER_DRAFTERS)}); got {name!r}")
+    return make_drafter(spec)
+
+
+class StagedChain:
+    """One chain's worth of draft steps for one row (``DraftModel`` makes one per proposal).
+
+    ``next_logits(token)``: the draft's logits after ``token`` appended to the chain, from the current inner
+    tree when it holds ``token`` below the last chain token, else from a new draft pass (inner draft first).
+    ``finish()``: keep the chain's fed tokens in the draft cache (the accepted tree path compacted) and tell
+    the inner drafter its last tree was not verified to the end.
+    """
+
+    def __init__(self, owner: "DraftModel", st: "_Row", row: int) -> None:
+        self.owner, self.st, self.row, self.inner = owner, st, row, owner.inner
+        self.budget = max(1, self.inner.num_draft)   # inner tree nodes per pass at most
+        self.tokens: list[int] = []     # the current inner tree (node tokens), fed after ``root``
+        self.parents: list[int] = []
+        self.root = -1                  # the chain token the current tree hangs off (-1: no tree)
+        self.rows: Tensor | None = None  # [1 + n, V_draft] logits of the current pass
+        self.kids: dict[tuple[int, int], int] = {}   # (parent node, token) -> node
+        self.path: list[int] = []       # tree nodes the chain has followed so far
+        self.passes = 0
+
+    def start(self, ids: Sequence[int], k: int) -> Tensor:
+        """``DraftModel._sync`` with the first inner tree in the same pass: roll the draft cache back to its
+        longest prefix shared with ``ids``, feed the rest (as a chain ending in the tree's root), and return
+        the logits after ``ids``. A long catch-up (a prompt) is fed as ``_sync`` does, without a tree."""
+        from .draft_model import COMPILED_FEED_MAX
+
+        owner, st = self.owner, self.st
+        common = min(accepted_prefix(st.fed, ids), len(ids) - 1)
+        catch = list(ids[common:])
+        if len(catch) > COMPILED_FEED_MAX:
+            return owner._sync(st, ids)
+        st.fed = st.fed[:common]
+        st.cache.commit(0, common)
+        self._pass(list(ids), catch, k - 1)
+        self.path = list(range(len(catch) - 1))     # the catch-up after the root: a chain, already kept
+        return self.rows[len(catch) - 1]
+
+    def next_logits(self, token: int, remaining: int) -> Tensor:
+        """Logits after ``token`` (just appended to the chain); ``remaining``: chain tokens still wanted after
+        it (bounds the inner tree: deeper nodes could not be used)."""
+        if self.rows is not None:
+            node = self.kids.get((self.path[-1] if self.path else -1, token))
+            if node is not None:
+                self.path.append(node)
+                return self.rows[1 + node]
+            self._keep()
+        self._pass(self.st.fed + [token], [token], remaining - 1)
+        return self.rows[0]
+
+    def _pass(self, context: list[int], fed: list[int], wanted: int) -> None:
+        """One draft pass: ``fed`` (the context's last tokens, not in the draft cache yet; a chain) and the
+        inner drafter's tree after ``context`` (at most ``wanted`` nodes: deeper ones could not be used)."""
+        owner, st = self.owner, self.st
+        room = st.cache.capacity - len(st.fed) - len(fed)
+        draft = self.inner.propose(self.row, context, max(0, min(self.budget, wanted, room)))
+        tokens = list(draft.tokens[: max(0, room)])
+        parents = list(draft.parents[: len(tokens)]) if draft.is_tree else chain_parents(len(tokens))
+        m = len(fed) - 1                  # catch-up nodes after the root; the tree hangs off the last fed token
+        nodes = fed[1:] + tokens
+        links = chain_parents(m) + [m - 1 if p < 0 else m + p for p in parents]
+        rows = owner._tree_pass(st, fed[0], nodes, links)
+        self.passes += 1
+        if self.inner.observe_topk:
+            self.inner.observe(self.row, fed + tokens, self._top(rows))
+        self.root, self.tokens, self.parents, self.rows, self.path = fed[0], nodes, links, rows, []
+        self.kids = {(p, t): i for i, (p, t) in enumerate(zip(links, nodes))}
+
+    def _top(self, rows: Tensor) -> Tensor:
+        """The inner drafter's ``observe`` input: each row's top ``observe_topk`` token ids ``[1 + n, top_k]``
+        (-1 past a vocabulary smaller than top_k)."""
+        k = self.inner.observe_topk
+        ids = self.owner._target_ids(top_ids(rows, min(k, rows.shape[-1])))
+        if ids.shape[-1] < k:
+            ids = torch.cat([ids, ids.new_full((ids.shape[0], k - ids.shape[-1]), -1)], dim=-1)
+        return ids
+
+    def _keep(self) -> None:
+        if self.rows is not None:
+            self.owner._keep_path(self.st, self.root, self.tokens, self.path)
+            self.rows = None
+
+    def finish(self) -> None:
+        self._keep()
+        self.inner.unverified(self.row)
+
