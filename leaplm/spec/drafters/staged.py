@@ -9,15 +9,19 @@ little more. So the chain is speculated too: an inner drafter (Token Recycling b
 *draft model's* top-k candidates from these same passes) proposes a tree after the chain's newest token,
 one draft pass scores the token and the tree (tree attention), and the chain follows the draft's own
 argmax down the tree for as long as the tree holds it. Where the tree has no child for the next chain
-token, that token is the root of the next inner draft.
+token, that token is the root of the next inner draft. A round's first draft pass (``start``) also feeds the
+tokens the target accepted since the last round, as a chain in front of the tree's root, so the catch-up
+pass that plain drafting needs anyway carries a tree too. Measured on the Qwen pair (HumanEval, 2-core CPU,
+docs/benchmarks.md session 14): ~1.8 draft passes per round instead of ~6, 1.16-1.22x the unstaged speed.
 
 The chain is the one the draft model drafts alone (the inner drafter only changes how many draft passes
 it takes: each next token is still the draft's own choice from its own logits, so acceptance by the target
 and the output are unchanged; the numbers differ only by the rounding of a wider pass). Sampled chains
 work the same way: a sampled token that the tree holds reuses that node's logits.
 
-Shapes: ``next_logits`` returns the draft's logits after a token ``[V_draft]``; a draft pass feeds
-``1 + n`` tokens (the chain token, then the inner tree's ``n`` nodes) and returns ``[1 + n, V_draft]``.
+Shapes: ``start`` and ``next_logits`` return the draft's logits after the context / the new chain token
+``[V_draft]``; a draft pass feeds ``m + n`` tokens (``m`` >= 1 catch-up or chain tokens, then the inner
+tree's ``n`` nodes) and keeps their logits ``[m + n, V_draft]``.
 """
 from __future__ import annotations
 
@@ -61,8 +65,10 @@ def make_inner(spec) -> Drafter | None:
 class StagedChain:
     """One chain's worth of draft steps for one row (``DraftModel`` makes one per proposal).
 
-    ``next_logits(token)``: the draft's logits after ``token`` appended to the chain, from the current inner
-    tree when it holds ``token`` below the last chain token, else from a new draft pass (inner draft first).
+    ``start(ids, k)``: sync the draft cache to ``ids`` (in place of ``DraftModel._sync``) with the first inner
+    tree in the same pass. ``next_logits(token, remaining)``: the draft's logits after ``token`` appended to
+    the chain, from the current inner tree when it holds ``token`` below the last chain token, else from a
+    new draft pass (inner draft first).
     ``finish()``: keep the chain's fed tokens in the draft cache (the accepted tree path compacted) and tell
     the inner drafter its last tree was not verified to the end.
     """
