@@ -273,7 +273,7 @@ class DraftModel(Drafter):
         if not self._room(st, len(context), k):
             return Draft([])
         steps = self._steps(st, row)
-        logits = self._sync(st, context) if steps is None else steps.start(context, k)
+        logits = steps.start(context, k)
         tokens, qs = [], []
         for i in range(k):
             logits = self._full_vocab(logits)
@@ -290,8 +290,8 @@ class DraftModel(Drafter):
                 qs.append(q)
             tokens.append(token)
             if i + 1 < k:
-                logits = self._next(st, steps, token, k - i - 1)
-        self._finish(steps)
+                logits = steps.next_logits(token, k - i - 1)
+        steps.finish()
         st.last_draft, st.last_base = tokens, len(context)
         return Draft(tokens, torch.stack(qs) if qs else None)  # q rows are already [V_target] (_full_vocab)
 
@@ -329,7 +329,7 @@ class DraftModel(Drafter):
         if not self._room(st, len(context), k):
             return TreeCandidates([], [], None)
         steps = self._steps(st, row)
-        logits = self._sync(st, context) if steps is None else steps.start(context, k)
+        logits = steps.start(context, k)
         chain: list[int] = []
         alternatives: list[tuple[float, int, int]] = []   # (path probability, depth index, token)
         root: torch.Tensor | None = None
@@ -348,8 +348,8 @@ class DraftModel(Drafter):
             reach *= values[0]
             chain_reach.append(reach)
             if i + 1 < k:
-                logits = self._next(st, steps, ids[0], k - i - 1)
-        self._finish(steps)
+                logits = steps.next_logits(ids[0], k - i - 1)
+        steps.finish()
         st.last_draft, st.last_base = chain, len(context)
         return TreeCandidates(chain, sorted(alternatives, reverse=True)[: max(0, budget - len(chain))], root,
                               chain_reach)
@@ -428,17 +428,13 @@ class DraftModel(Drafter):
         (``parents``: tree.py's convention) in the scratch slots after it, with tree attention; ``st.fed`` is
         left as it was (``_keep_path`` commits). Returns the logits after the root and every node
         ``[1 + n, V_draft]`` — or, eager and given ``want``, after those nodes only ``[len(want), V_draft]``."""
-        device = self.model.device
         base = len(st.fed) if base is None else base
+        if not tokens:
+            return self._contiguous_pass(st, [root], base)
+        device = self.model.device
         n = len(tokens)
         feed = torch.tensor([[root] + tokens], device=device)
         compiled = getattr(self.model, "compiled", None) is not None
-        if n == 0:
-            positions = torch.tensor([[base]], device=device)
-            if compiled and base > 0:
-                return self.model(feed, positions, st.cache, kv_len=base + 1, contiguous_start=base)[0]
-            return self.model(feed, positions, st.cache, kv_len=base + 1, contiguous_start=base,
-                              logit_index=torch.tensor([[0]], device=device))[0]
         positions = torch.tensor([[base] + [base + d for d in depths(parents)]], device=device)
         tree = ([base], ancestor_matrix(parents)[None].to(device))
         if compiled:
@@ -462,21 +458,14 @@ class DraftModel(Drafter):
         return ids if self.vocab_map is None else self.vocab_map[ids]
 
     def _steps(self, st: _Row, row: int):
-        """A staged chain for this proposal (``staged.StagedChain``), or None: plain one-token steps."""
+        """How this proposal's chain gets its logits: a staged chain (``staged.StagedChain``), or one draft
+        pass per token (``_PlainSteps``); both ``start(ids, k)``, ``next_logits(token, remaining)``,
+        ``finish()``."""
         if self.inner is None:
-            return None
+            return _PlainSteps(self, st)
         from .staged import StagedChain
 
         return StagedChain(self, st, row)
-
-    def _next(self, st: _Row, steps, token: int, remaining: int) -> torch.Tensor:
-        """The draft's logits after the chain's new ``token`` (``remaining``: chain tokens still wanted)."""
-        return self._feed(st, [token]) if steps is None else steps.next_logits(token, remaining)
-
-    @staticmethod
-    def _finish(steps) -> None:
-        if steps is not None:
-            steps.finish()
 
     def _leaves_that_pay(self, found: TreeCandidates, context_len: int) -> int:
         """How many of tree mode's alternative leaves (likeliest first) to verify beside the whole chain: the
@@ -498,15 +487,15 @@ class DraftModel(Drafter):
         if not self._room(st, len(ids), k):
             return Draft([])
         steps = self._steps(st, row)
-        logits = self._sync(st, ids) if steps is None else steps.start(ids, k)
+        logits = steps.start(ids, k)
         new: list[int] = []
         for i in range(k):
             if self.confidence > 0 and i > 0 and float(logits.softmax(-1).max()) < self.confidence:
                 break
             new.append(int(logits.argmax()))
             if i + 1 < k:
-                logits = self._next(st, steps, new[-1], k - i - 1)
-        self._finish(steps)
+                logits = steps.next_logits(new[-1], k - i - 1)
+        steps.finish()
         tokens = self.bridge.to_target(ids, new, k)
         st.last_draft, st.last_base = tokens, len(context)
         return Draft(tokens)
@@ -527,10 +516,16 @@ class DraftModel(Drafter):
     def _sync(self, st: _Row, ids: Sequence[int]) -> torch.Tensor:
         """Roll the draft cache back to its longest prefix shared with ``ids`` and feed the rest; returns
         the logits after ``ids`` (the last id is always re-fed to get them)."""
+        return self._feed(st, self._rollback(st, ids))
+
+    @staticmethod
+    def _rollback(st: _Row, ids: Sequence[int]) -> list[int]:
+        """Roll the draft cache back to its longest prefix shared with ``ids``, short of the last id; returns
+        the ids to feed next (at least the last one)."""
         common = min(accepted_prefix(st.fed, ids), len(ids) - 1)
         st.fed = st.fed[:common]
         st.cache.commit(0, common)
-        return self._feed(st, list(ids[common:]))
+        return list(ids[common:])
 
     def _full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft logits over the target's vocabulary ``[V_target]`` (-inf where the draft has no row)."""
@@ -546,19 +541,38 @@ class DraftModel(Drafter):
 
     def _feed(self, st: _Row, tokens: list[int]) -> torch.Tensor:
         """Run ``tokens`` after ``st.fed``; returns the logits after the last one ``[V_draft]``."""
+        logits = self._contiguous_pass(st, tokens, len(st.fed))[-1]
+        st.fed.extend(tokens)
+        st.cache.commit(0, len(st.fed))
+        return logits
+
+    def _contiguous_pass(self, st: _Row, tokens: list[int], start: int) -> torch.Tensor:
+        """Run ``tokens`` at slots ``start ..`` (``st.fed`` untouched); logits whose last row follows the last
+        token: every position's ``[len(tokens), V_draft]`` from the compiled step, else the last one's only."""
         device = self.model.device
-        start = len(st.fed)
         ids = torch.tensor([tokens], device=device)
         positions = torch.arange(start, start + len(tokens), device=device)[None]
         if getattr(self.model, "compiled", None) is not None and start > 0 and len(tokens) <= COMPILED_FEED_MAX:
             # the compiled step computes every fed position's logits (it takes no logit_index)
-            logits = self.model(ids, positions, st.cache, kv_len=start + len(tokens), contiguous_start=start)[0, -1]
-        else:
-            logits = self.model(ids, positions, st.cache, kv_len=start + len(tokens), contiguous_start=start,
-                                logit_index=torch.tensor([[len(tokens) - 1]], device=device))[0, 0]
-        st.fed.extend(tokens)
-        st.cache.commit(0, len(st.fed))
-        return logits
+            return self.model(ids, positions, st.cache, kv_len=start + len(tokens), contiguous_start=start)[0]
+        return self.model(ids, positions, st.cache, kv_len=start + len(tokens), contiguous_start=start,
+                          logit_index=torch.tensor([[len(tokens) - 1]], device=device))[0]
+
+
+class _PlainSteps:
+    """A chain drafted one draft pass per token (``staged=False``), behind ``staged.StagedChain``'s interface."""
+
+    def __init__(self, owner: DraftModel, st: _Row) -> None:
+        self.owner, self.st = owner, st
+
+    def start(self, ids: Sequence[int], k: int) -> torch.Tensor:
+        return self.owner._sync(self.st, ids)
+
+    def next_logits(self, token: int, remaining: int) -> torch.Tensor:
+        return self.owner._feed(self.st, [token])
+
+    def finish(self) -> None:
+        pass
 
 
 def _shrink_head(model, keep_ids: torch.Tensor) -> None:

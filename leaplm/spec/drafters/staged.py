@@ -32,7 +32,6 @@ from torch import Tensor
 
 from ...errors import InvalidParamsError
 from ...sampling import top_ids
-from ..adaptive import accepted_prefix
 from ..tree import chain_parents
 from .base import Drafter
 
@@ -76,13 +75,11 @@ class StagedChain:
     def __init__(self, owner: "DraftModel", st: "_Row", row: int) -> None:
         self.owner, self.st, self.row, self.inner = owner, st, row, owner.inner
         self.budget = max(1, self.inner.num_draft)   # inner tree nodes per pass at most
-        self.tokens: list[int] = []     # the current inner tree (node tokens), fed after ``root``
-        self.parents: list[int] = []
-        self.root = -1                  # the chain token the current tree hangs off (-1: no tree)
-        self.rows: Tensor | None = None  # [1 + n, V_draft] logits of the current pass
+        self.root = -1                  # the current pass's first fed token
+        self.tokens: list[int] = []     # the nodes fed after it (catch-up chain, then the inner tree)
+        self.rows: Tensor | None = None  # [1 + n, V_draft] logits of the current pass (None: no pass to follow)
         self.kids: dict[tuple[int, int], int] = {}   # (parent node, token) -> node
-        self.path: list[int] = []       # tree nodes the chain has followed so far
-        self.passes = 0
+        self.path: list[int] = []       # nodes the chain has followed so far
 
     def start(self, ids: Sequence[int], k: int) -> Tensor:
         """``DraftModel._sync`` with the first inner tree in the same pass: roll the draft cache back to its
@@ -90,14 +87,10 @@ class StagedChain:
         the logits after ``ids``. A long catch-up (a prompt) is fed as ``_sync`` does, without a tree."""
         from .draft_model import COMPILED_FEED_MAX
 
-        owner, st = self.owner, self.st
-        common = min(accepted_prefix(st.fed, ids), len(ids) - 1)
-        catch = list(ids[common:])
+        catch = self.owner._rollback(self.st, ids)
         if len(catch) > COMPILED_FEED_MAX:
-            return owner._sync(st, ids)
-        st.fed = st.fed[:common]
-        st.cache.commit(0, common)
-        self._pass(list(ids), catch, k - 1)
+            return self.owner._feed(self.st, catch)
+        self._pass(ids, catch, k - 1)
         self.path = list(range(len(catch) - 1))     # the catch-up after the root: a chain, already kept
         return self.rows[len(catch) - 1]
 
@@ -113,22 +106,21 @@ class StagedChain:
         self._pass(self.st.fed + [token], [token], remaining - 1)
         return self.rows[0]
 
-    def _pass(self, context: list[int], fed: list[int], wanted: int) -> None:
+    def _pass(self, context: Sequence[int], fed: list[int], wanted: int) -> None:
         """One draft pass: ``fed`` (the context's last tokens, not in the draft cache yet; a chain) and the
         inner drafter's tree after ``context`` (at most ``wanted`` nodes: deeper ones could not be used)."""
         owner, st = self.owner, self.st
         room = st.cache.capacity - len(st.fed) - len(fed)
         draft = self.inner.propose(self.row, context, max(0, min(self.budget, wanted, room)))
-        tokens = list(draft.tokens[: max(0, room)])
-        parents = list(draft.parents[: len(tokens)]) if draft.is_tree else chain_parents(len(tokens))
+        tokens = draft.tokens
+        parents = draft.parents if draft.is_tree else chain_parents(len(tokens))
         m = len(fed) - 1                  # catch-up nodes after the root; the tree hangs off the last fed token
         nodes = fed[1:] + tokens
         links = chain_parents(m) + [m - 1 if p < 0 else m + p for p in parents]
         rows = owner._tree_pass(st, fed[0], nodes, links)
-        self.passes += 1
         if self.inner.observe_topk:
             self.inner.observe(self.row, fed + tokens, self._top(rows))
-        self.root, self.tokens, self.parents, self.rows, self.path = fed[0], nodes, links, rows, []
+        self.root, self.tokens, self.rows, self.path = fed[0], nodes, rows, []
         self.kids = {(p, t): i for i, (p, t) in enumerate(zip(links, nodes))}
 
     def _top(self, rows: Tensor) -> Tensor:
