@@ -353,10 +353,19 @@ def draft(target: Target, prompt_ids: list[int], params, num_draft: int = 6, con
     key = (target.contestant, "draft", num_draft, confidence, adaptive, quantization, lookup, draft_vocab, tree_top_k,
            tree_extra, tree_min_prob, tree_width, node_cost, staged)
     if key not in target.cache:
-        drafter = DraftModel(target.draft_model_path, num_draft=num_draft, confidence=confidence, adaptive=adaptive,
-                             quantization=None if quantization == "none" else quantization, lookup=lookup, draft_vocab=draft_vocab,
-                             tree_top_k=tree_top_k, tree_extra=tree_extra, tree_min_prob=tree_min_prob,
-                             tree_width=tree_width, node_cost=node_cost, staged=staged, download=False)
+        quant = None if quantization == "none" else quantization
+        # Entries whose draft keeps its whole LM head share one loaded draft model (its weights; each drafter
+        # keeps its own caches and learnt state): four draft:* entries used to load four copies of the 0.5B.
+        weights_key = ("draft weights", quant)
+        shared = target.cache.get(weights_key) if draft_vocab is None else None
+        drafter = DraftModel(shared[0] if shared else target.draft_model_path, num_draft=num_draft,
+                             confidence=confidence, adaptive=adaptive, quantization=quant, lookup=lookup,
+                             draft_vocab=draft_vocab, tree_top_k=tree_top_k, tree_extra=tree_extra,
+                             tree_min_prob=tree_min_prob, tree_width=tree_width, node_cost=node_cost, staged=staged,
+                             tokenizer=shared[1] if shared else None, download=False)
         drafter.bind(target.model, target.tokenizer)
+        if draft_vocab is None and not shared:
+            target.cache[weights_key] = (drafter.model, drafter.tokenizer)
         target.cache[key] = drafter
     return _run_engine(target, prompt_ids, params, target.cache[key])
+

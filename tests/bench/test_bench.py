@@ -214,3 +214,23 @@ def test_each_methods_entry_learns_on_its_own_drafter(tiny):
     drafters = [v for k, v in target.cache.items() if "recycling" in k]
     assert len(drafters) == 2 and drafters[0] is not drafters[1]
     assert {k[0] for k in target.cache} == {"recycling", "recycling:lookup=first"}
+
+
+def test_draft_entries_share_one_loaded_draft_model(tiny):
+    """``draft`` entries whose draft keeps its whole LM head share the loaded draft weights (one copy in memory
+    however many ``draft:*`` entries a run has); each still has its own drafter; a shrunk head loads its own."""
+    from leaplm.bench.methods import load_target, vanilla
+    from leaplm.sampling import SamplingParams
+
+    folder, _ = tiny
+    target = load_target(folder, need_tokenizer=False, draft_model_path=folder)
+    params = SamplingParams(temperature=0, max_tokens=10)
+    want = vanilla(target, PROMPTS[2][0], params).token_ids
+    runs = parse_methods("draft,draft:staged=false,draft:draft_vocab=64")[1:]
+    for run in runs:
+        assert run(target, PROMPTS[2][0], params).token_ids == want
+    drafters = [v for k, v in target.cache.items() if "draft" in k[1:]]
+    assert len(drafters) == 3 and len({id(d) for d in drafters}) == 3
+    whole, unstaged, shrunk = drafters
+    assert whole.model is unstaged.model and shrunk.model is not whole.model
+    assert whole.model is not target.model and shrunk.vocab_map is not None and whole.vocab_map is None

@@ -207,7 +207,7 @@ class DraftModel(Drafter):
         self.bridge = None
         draft_tokenizer = self.tokenizer
         if draft_tokenizer is None and self.model_path is not None and target_tokenizer is not None:
-            draft_tokenizer = Tokenizer.from_path(self.model_path)
+            draft_tokenizer = self.tokenizer = Tokenizer.from_path(self.model_path)
         if draft_tokenizer is not None and target_tokenizer is not None:
             if not same_tokenizer(target_tokenizer, draft_tokenizer):
                 from .token_bridge import TokenBridge
