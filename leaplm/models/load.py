@@ -1,7 +1,10 @@
 """Checkpoint loading: a Hugging Face folder (config.json + safetensors) or one GGUF file.
 
 ``load_checkpoint(path) -> (ModelConfig, tensors, rope_freq_factors)`` where ``tensors`` maps
-Hugging Face names to float tensors. ``build_model(path, dtype, device) -> Transformer``.
+Hugging Face names to float tensors, each read from its file when asked for (``LazyTensors``).
+``build_model(path, dtype, device) -> Transformer``: the model takes (pops) each tensor as it assigns it
+and, when quantizing, quantizes each block as soon as it is loaded, so loading a GGUF file into int8 holds
+one block in float32 at a time, not the whole model.
 
 Only safetensors and GGUF are read — never pickle (``*.bin``/``*.pt`` checkpoints are refused).
 GGUF specifics undone here so every source reaches the model in one convention:
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +50,7 @@ def _has_magic(path: Path) -> bool:
 # ---------------------------------------------------------------------- Hugging Face folders
 def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Tensor], None]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
@@ -73,17 +77,25 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Tensor], None]:
         if missing:
             raise CorruptModelError(f"{str(folder)!r} lacks shards listed in its index: {', '.join(missing)}")
         files = [folder / n for n in shard_names]
-    tensors: dict[str, Tensor] = {}
+    sources: dict[str, tuple] = {}
     for f in files:
         try:
-            tensors.update(load_file(str(f)))
+            handle = safe_open(str(f), framework="pt")
+            # some checkpoints name the language model differently (e.g. gemma3 multimodal wrappers)
+            sources.update({_strip_prefix(k): (handle, k, f) for k in handle.keys()})
         except (SafetensorError, OSError, ValueError) as e:
             raise CorruptModelError(f"cannot read {f}: {e}") from None
-    # some checkpoints name the language model differently (e.g. gemma3 multimodal wrappers)
-    tensors = {_strip_prefix(k): v for k, v in tensors.items()}
     if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    return config, tensors, None
+        sources.pop("lm_head.weight", None)
+    return config, LazyTensors(sources, _read_safetensor), None
+
+
+def _read_safetensor(source: tuple) -> Tensor:
+    handle, key, f = source
+    try:
+        return handle.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptModelError(f"cannot read tensor {key!r} of {f}: {e}") from None
 
 
 def _strip_prefix(name: str) -> str:
@@ -137,6 +149,9 @@ def open_gguf(path: Path):
         ) from None
 
 
+_DEQUANT_ROWS = 8192   # dequantize's chunk for large matrices (an LM head: 150k rows)
+
+
 def dequantize(tensor) -> np.ndarray:
     """A GGUF tensor as float32 numpy, shape in PyTorch order (rows first)."""
     import gguf
@@ -145,8 +160,14 @@ def dequantize(tensor) -> np.ndarray:
     if qtype == gguf.GGMLQuantizationType.F32:
         data = np.asarray(tensor.data, dtype=np.float32)
     else:
+        raw = tensor.data
         try:
-            data = gguf.quants.dequantize(tensor.data, qtype)
+            if raw.ndim == 2 and raw.shape[0] > _DEQUANT_ROWS:   # in row chunks: gguf's numpy temporaries
+                data = np.empty((raw.shape[0], int(tensor.shape[0])), dtype=np.float32)   # of a chunk only
+                for r in range(0, raw.shape[0], _DEQUANT_ROWS):
+                    data[r: r + _DEQUANT_ROWS] = gguf.quants.dequantize(raw[r: r + _DEQUANT_ROWS], qtype)
+            else:
+                data = gguf.quants.dequantize(raw, qtype)
         except NotImplementedError:
             raise UnsupportedModelError(
                 f"GGUF tensor {tensor.name!r} has block type {qtype.name}, which leaplm cannot dequantize"
@@ -180,19 +201,52 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Tensor | None
     arch = meta["general.architecture"]
     permuted = arch in ("llama", "mistral")
     gemma = config.norm_offset != 0.0
-    tensors: dict[str, Tensor] = {}
     freq_factors = None
-    for name, t in by_name.items():
-        try:
-            w = dequantize(t)
-        except (ValueError, IndexError) as e:
-            raise CorruptModelError(f"GGUF tensor {name!r} in {str(path)!r} is corrupt: {e}") from None
-        if name == "rope_freqs.weight":
-            freq_factors = torch.from_numpy(w.copy())
-            continue
-        hf = _hf_name(name, config)
-        if hf is None:
-            continue
+    if "rope_freqs.weight" in by_name:
+        freq_factors = torch.from_numpy(_dequantize_named(by_name["rope_freqs.weight"], path).copy())
+    sources = {hf: t for hf, t in ((_hf_name(name, config), t) for name, t in by_name.items()) if hf is not None}
+    return config, LazyTensors(sources, _gguf_reader(path, permuted, gemma, config)), freq_factors
+
+
+def _dequantize_named(t, path: Path) -> np.ndarray:
+    try:
+        return dequantize(t)
+    except (ValueError, IndexError) as e:
+        raise CorruptModelError(f"GGUF tensor {t.name!r} in {str(path)!r} is corrupt: {e}") from None
+
+
+class LazyTensors(Mapping):
+    """A checkpoint's tensors by Hugging Face name, each read from its (memory-mapped) file only when asked
+    for: a loader that ``pop``s each tensor as it uses it holds one float tensor at a time instead of the
+    whole model (a 1.5B model: ~6 GB in float32). Names and count are known up front; values are built per
+    access (reading one twice reads it twice)."""
+
+    def __init__(self, sources: dict, read) -> None:
+        self._sources = dict(sources)   # Hugging Face name -> what ``read`` turns into the tensor
+        self._read = read
+
+    def __getitem__(self, hf: str) -> Tensor:
+        return self._read(self._sources[hf])
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def pop(self, hf: str, *default):
+        if hf not in self._sources and default:
+            return default[0]
+        return self._read(self._sources.pop(hf))
+
+
+def _gguf_reader(path: Path, permuted: bool, gemma: bool, config: ModelConfig):
+    """A GGUF tensor -> float32 in Hugging Face convention (dequantized; llama's Q/K rows un-permuted;
+    gemma's norm offset taken off)."""
+
+    def read(t) -> Tensor:
+        w = _dequantize_named(t, path)
+        name = t.name
         if permuted and name.endswith(("attn_q.weight", "attn_q.bias")):
             w = _unpermute(w, config.num_heads)
         elif permuted and name.endswith(("attn_k.weight", "attn_k.bias")):
@@ -200,8 +254,9 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Tensor | None
         if gemma and name.endswith("norm.weight"):
             w = w - 1.0
         w = np.ascontiguousarray(w, dtype=np.float32)
-        tensors[hf] = torch.from_numpy(w if w.flags.writeable else w.copy())
-    return config, tensors, freq_factors
+        return torch.from_numpy(w if w.flags.writeable else w.copy())
+
+    return read
 
 
 def _hf_name(name: str, config: ModelConfig) -> str | None:
@@ -244,7 +299,10 @@ def build_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
     with torch.device("meta"):  # no memory, no random init: weights are assigned next
         model = Transformer(config)
     model.reset_rotary(freq_factors)
-    model.load_weights(tensors, dtype, device)
+    # each block quantized once loaded (its float weights freed), the LM head and the rest after
+    model.load_weights(tensors, dtype, device,
+                       loaded_block=(lambda block: quantize_model(block, quantization, whole=False))
+                       if quantization else None)
     del tensors
     quantize_model(model, quantization)
     model.eval()

@@ -18,7 +18,7 @@ Weights use fused projections: ``qkv`` ``[(H + 2*KV) * D, hidden]`` and ``gate_u
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -336,26 +336,29 @@ class Transformer(nn.Module):
         return logits.float()
 
     # ------------------------------------------------------------------ weights
-    def load_weights(self, tensors: Mapping[str, Tensor], dtype: torch.dtype, device) -> None:
+    def load_weights(self, tensors: Mapping[str, Tensor], dtype: torch.dtype, device,
+                     loaded_block: Callable[[nn.Module], None] | None = None) -> None:
         """Load Hugging Face-named tensors (``model.layers.0.self_attn.q_proj.weight`` ...).
 
         Every source arrives in Hugging Face convention (the GGUF loader undoes llama.cpp's
         changes); ``config.norm_offset`` is added to norm weights here (gemma's ``1 + w``).
+        A mapping with ``pop`` (a dict, ``load.GGUFTensors``) is consumed: each tensor is popped as it is
+        assigned, so the caller's copy is freed as loading goes. ``loaded_block(block)`` runs after each
+        block is loaded (``build_model`` quantizes it there, before the next block is read).
         """
         cfg = self.config
-        used: set[str] = set()
+        consume = hasattr(tensors, "pop")
 
-        def take(name: str) -> Tensor:
+        def get(name: str) -> Tensor:
             if name not in tensors:
                 raise CorruptModelError(f"checkpoint lacks tensor {name!r}")
-            used.add(name)
-            return tensors[name].to(device=device, dtype=dtype)
+            return tensors.pop(name) if consume else tensors[name]
+
+        def take(name: str) -> Tensor:
+            return get(name).to(device=device, dtype=dtype)
 
         def norm(module: RMSNorm, name: str) -> None:
-            w = tensors.get(name)
-            if w is None:
-                raise CorruptModelError(f"checkpoint lacks tensor {name!r}")
-            used.add(name)
+            w = get(name)
             module.weight = nn.Parameter((w.float() + cfg.norm_offset).to(device=device, dtype=dtype),
                                          requires_grad=False)
 
@@ -383,6 +386,8 @@ class Transformer(nn.Module):
                 norm(block.post_mlp_norm, p + "post_feedforward_layernorm.weight")
             else:
                 norm(block.mlp_norm, p + "post_attention_layernorm.weight")
+            if loaded_block is not None:
+                loaded_block(block)
         norm(self.norm, "model.norm.weight")
         if self.lm_head is not None:
             self.lm_head.weight = param(take("lm_head.weight"))

@@ -64,25 +64,32 @@ def resolve_quantization(mode: str | None, path, device: torch.device | str, dty
     return "int8" if gguf_is_low_bit(p) else None
 
 
-def quantize_model(model: nn.Module, mode: str | None) -> nn.Module:
-    """Replace the projections of a loaded ``Transformer`` by quantized ones (in place)."""
-    mode = check_quantization(mode, model.device)
+def quantize_model(model: nn.Module, mode: str | None, whole: bool = True) -> nn.Module:
+    """Replace the projections of a loaded ``Transformer`` by quantized ones (in place). Projections already
+    quantized are left alone, so ``whole=False`` on each block as it loads (``models.load.build_model``:
+    a block's float weights are freed before the next is read), then once on the model, give the same model.
+    ``whole=False``: ``model`` is one block; its projections only."""
+    device = next(iter(model.parameters())).device if not whole else model.device
+    mode = check_quantization(mode, device)
     if mode is None:
         return model
     from ..models.layers import Linear
     from .int4 import Int4Linear
     from .int8 import Int8Linear
 
-    if model.dtype != torch.float32:
-        raise InvalidParamsError(f"quantization {mode!r} needs the model loaded in float32, not {model.dtype}")
+    dtype = next(iter(model.parameters())).dtype if not whole else model.dtype
+    if dtype != torch.float32:
+        raise InvalidParamsError(f"quantization {mode!r} needs the model loaded in float32, not {dtype}")
     # int4: the blocks' projections at 4 bits; the LM head at int8 (llama.cpp's files keep the output
     # matrix at 6-8 bits too: 4-bit logits cost more quality than they save time)
     projection = Int4Linear if mode == "int4" else Int8Linear
     for module in list(model.modules()):  # every projection of the blocks
         for name, child in list(module.named_children()):
             if isinstance(child, Linear):
-                cls = Int8Linear if module is model else projection   # model.lm_head: int8
+                cls = Int8Linear if whole and module is model else projection   # model.lm_head: int8
                 setattr(module, name, cls.from_weight(child.weight, child.bias))
+    if not whole:
+        return model
     if model.lm_head is None:  # tied: the embedding table stays float for the lookup
         model.lm_head = Int8Linear.from_weight(model.embed, None)
     model.quantization = mode

@@ -72,10 +72,18 @@ _lib.impl("int8_linear", _int8_linear, "CPU")
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     """``weight [out, in]`` float -> (int8 ``[out, in]``, float32 scales ``[out]``), symmetric per row."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    w = weight.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for r in range(0, w.shape[0], _ROWS):   # in row chunks: float temporaries of a chunk, not of a whole LM head
+        rows = w[r: r + _ROWS].float()
+        s = (rows.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+        q[r: r + _ROWS] = torch.round(rows / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[r: r + _ROWS] = s
     return q, scale
+
+
+_ROWS = 4096   # quantize_weight's chunk
 
 
 def pack_int8(q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -85,7 +93,7 @@ def pack_int8(q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     q = F.pad(q, (0, -in_f % 64, 0, -out_f % BLOCK))   # inputs to whole AMX tiles (64), outputs to blocks
     B, K4 = q.shape[0] // BLOCK, q.shape[1] // 4
     qweight = q.view(B, BLOCK, K4, 4).permute(0, 2, 1, 3).reshape(B, K4, BLOCK * 4).contiguous()
-    comp = (128 * q.to(torch.int32).sum(1)).to(torch.int32)
+    comp = 128 * q.sum(1, dtype=torch.int32)
     return qweight, F.pad(scale.float(), (0, -out_f % BLOCK)).contiguous(), comp
 
 

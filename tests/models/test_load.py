@@ -90,3 +90,62 @@ def test_other_real_gguf_logits_equal_transformers(name, smollm_gguf):
     if not path.exists():
         pytest.skip(f"{path} not present")
     _assert_logits_equal_transformers(path, 600)  # longer than gemma's 512-token sliding window
+
+
+def test_gguf_tensors_are_dequantized_when_read_and_freed_when_popped(smollm_gguf):
+    from leaplm.models.load import LazyTensors
+
+    _, tensors, _ = load_checkpoint(smollm_gguf)
+    assert isinstance(tensors, LazyTensors)
+    n, name = len(tensors), "model.layers.0.self_attn.q_proj.weight"
+    read = tensors[name]
+    assert read.dtype == torch.float32 and read.shape == (576, 576)
+    assert torch.equal(tensors.pop(name), read)   # the same values, built again from the mapped file
+    assert len(tensors) == n - 1 and name not in tensors and tensors.pop(name, None) is None
+    with pytest.raises(KeyError):
+        tensors.pop(name)
+
+
+def test_loading_consumes_the_tensors_and_quantizes_block_by_block(tiny_model_dir, monkeypatch):
+    """``build_model(quantization=...)`` quantizes each block as soon as it is loaded (its float weights are
+    gone before the next block is read) and gives the model quantizing the loaded float model gives."""
+    from leaplm import quant
+    from leaplm.models import load as load_module
+
+    folder, _ = tiny_model_dir("llama-gqa-untied")
+    seen = []   # the blocks quantized one by one, and whether the blocks after each were still unread
+    original = quant.quantize_model
+
+    def spy(model, mode, whole=True):
+        if not whole:
+            blocks = list(model_being_loaded[0].blocks)
+            later = blocks[blocks.index(model) + 1:]
+            seen.append((model, all(b.attn.qkv.weight.device.type == "meta" for b in later)))
+        return original(model, mode, whole)
+
+    from leaplm.models import transformer
+
+    model_being_loaded = []
+    init = transformer.Transformer.__init__
+
+    def remember(self, *a, **k):
+        init(self, *a, **k)
+        model_being_loaded[:] = [self]
+
+    monkeypatch.setattr(transformer.Transformer, "__init__", remember)
+    monkeypatch.setattr(quant, "quantize_model", spy)
+    by_block = build_model(folder, quantization="int8")
+    assert [m for m, _ in seen] == list(by_block.blocks) and all(unread for _, unread in seen)
+    reference = original(build_model(folder), "int8")
+    ids = torch.tensor([[1, 5, 9, 33, 70, 12]])
+    logits = [m(ids, torch.arange(6)[None], KVCache.for_model(m.config, 1, 6, torch.float32, "cpu"))
+              for m in (by_block, reference)]
+    assert torch.equal(*logits)
+
+    _, tensors, _ = load_checkpoint(folder)
+    with torch.device("meta"):
+        from leaplm.models.transformer import Transformer
+
+        model = Transformer(by_block.config)
+    model.load_weights(tensors, torch.float32, "cpu")
+    assert not tensors   # every tensor was taken (popped) as it was assigned
