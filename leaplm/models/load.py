@@ -29,7 +29,7 @@ from ..errors import CorruptModelError, ModelNotFoundError, UnsupportedModelErro
 GGUF_MAGIC = b"GGUF"
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor], Tensor | None]:
+def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, Mapping[str, Tensor], Tensor | None]:
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"model path {str(path)!r} does not exist")
@@ -48,9 +48,8 @@ def _has_magic(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------- Hugging Face folders
-def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, Tensor], None]:
-    from safetensors import SafetensorError
-    from safetensors import safe_open
+def load_hf_folder(folder: Path) -> tuple[ModelConfig, Mapping[str, Tensor], None]:
+    from safetensors import SafetensorError, safe_open
 
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
@@ -182,7 +181,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Tensor | None]:
+def load_gguf(path: Path) -> tuple[ModelConfig, Mapping[str, Tensor], Tensor | None]:
     reader = open_gguf(path)
     meta = gguf_metadata(reader)
     by_name = {t.name: t for t in reader.tensors}
