@@ -368,4 +368,3 @@ def draft(target: Target, prompt_ids: list[int], params, num_draft: int = 6, con
             target.cache[weights_key] = (drafter.model, drafter.tokenizer)
         target.cache[key] = drafter
     return _run_engine(target, prompt_ids, params, target.cache[key])
-

@@ -342,7 +342,7 @@ class Transformer(nn.Module):
 
         Every source arrives in Hugging Face convention (the GGUF loader undoes llama.cpp's
         changes); ``config.norm_offset`` is added to norm weights here (gemma's ``1 + w``).
-        A mapping with ``pop`` (a dict, ``load.GGUFTensors``) is consumed: each tensor is popped as it is
+        A mapping with ``pop`` (a dict, ``load.LazyTensors``) is consumed: each tensor is popped as it is
         assigned, so the caller's copy is freed as loading goes. ``loaded_block(block)`` runs after each
         block is loaded (``build_model`` quantizes it there, before the next block is read).
         """

@@ -69,17 +69,16 @@ def quantize_model(model: nn.Module, mode: str | None, whole: bool = True) -> nn
     quantized are left alone, so ``whole=False`` on each block as it loads (``models.load.build_model``:
     a block's float weights are freed before the next is read), then once on the model, give the same model.
     ``whole=False``: ``model`` is one block; its projections only."""
-    device = next(iter(model.parameters())).device if not whole else model.device
-    mode = check_quantization(mode, device)
+    probe = model if whole else next(model.parameters())   # a Transformer or a block's first parameter
+    mode = check_quantization(mode, probe.device)
     if mode is None:
         return model
     from ..models.layers import Linear
     from .int4 import Int4Linear
     from .int8 import Int8Linear
 
-    dtype = next(iter(model.parameters())).dtype if not whole else model.dtype
-    if dtype != torch.float32:
-        raise InvalidParamsError(f"quantization {mode!r} needs the model loaded in float32, not {dtype}")
+    if probe.dtype != torch.float32:
+        raise InvalidParamsError(f"quantization {mode!r} needs the model loaded in float32, not {probe.dtype}")
     # int4: the blocks' projections at 4 bits; the LM head at int8 (llama.cpp's files keep the output
     # matrix at 6-8 bits too: 4-bit logits cost more quality than they save time)
     projection = Int4Linear if mode == "int4" else Int8Linear

@@ -110,7 +110,7 @@ def test_loading_consumes_the_tensors_and_quantizes_block_by_block(tiny_model_di
     """``build_model(quantization=...)`` quantizes each block as soon as it is loaded (its float weights are
     gone before the next block is read) and gives the model quantizing the loaded float model gives."""
     from leaplm import quant
-    from leaplm.models import load as load_module
+    from leaplm.models import transformer
 
     folder, _ = tiny_model_dir("llama-gqa-untied")
     seen = []   # the blocks quantized one by one, and whether the blocks after each were still unread
@@ -122,8 +122,6 @@ def test_loading_consumes_the_tensors_and_quantizes_block_by_block(tiny_model_di
             later = blocks[blocks.index(model) + 1:]
             seen.append((model, all(b.attn.qkv.weight.device.type == "meta" for b in later)))
         return original(model, mode, whole)
-
-    from leaplm.models import transformer
 
     model_being_loaded = []
     init = transformer.Transformer.__init__
@@ -144,8 +142,6 @@ def test_loading_consumes_the_tensors_and_quantizes_block_by_block(tiny_model_di
 
     _, tensors, _ = load_checkpoint(folder)
     with torch.device("meta"):
-        from leaplm.models.transformer import Transformer
-
-        model = Transformer(by_block.config)
+        model = transformer.Transformer(by_block.config)
     model.load_weights(tensors, torch.float32, "cpu")
     assert not tensors   # every tensor was taken (popped) as it was assigned
