@@ -204,6 +204,17 @@ class Batch:
             state.finish_reason = reason
             state.finished_at = time.perf_counter()
 
+    def truncate(self, row: int, n: int, reason: str = "stop") -> None:
+        """Keep the first ``n`` output tokens of ``row`` and finish it with ``reason`` (a stop string found
+        in its text after token ``n``: a speculative step may have accepted tokens past it). The row's
+        cache, pending tokens and drafter state no longer matter once it is finished."""
+        state = self.rows[row]
+        if not 0 <= n <= len(state.output_ids):
+            raise ValueError(f"cannot keep {n} of row {row}'s {len(state.output_ids)} output tokens")
+        del state.output_ids[n:]
+        self.finish(row)
+        state.finish_reason = reason
+
     def run(self) -> list[RowState]:
         """Step until every row is finished; returns the rows (``output_ids``, stats)."""
         while not self.done:
@@ -234,29 +245,28 @@ class Batch:
 
     # ------------------------------------------------------------------ passes
     def _prefill(self) -> torch.Tensor:
-        """Prompts (+ jump-forward tokens), chunked along time; logits of each row's last fed token ``[B, V]``."""
+        """Each row's prompt (+ jump-forward tokens) in its own pass, chunked along time; logits of each
+        row's last fed token ``[B, V]``.
+
+        Rows are prefilled one at a time, never padded to the longest: a row's prefill is then the very
+        pass it gets when run alone (same shapes, same chunks), so batching cannot change its keys,
+        values or first token. (A padded ``[B, longest]`` pass attends over another kernel tiling and
+        changed greedy output on the real int8 SmolLM2.)"""
         device = self.model.device
-        seqs = [r.prompt_ids + self.pending[b] for b, r in enumerate(self.rows)]
-        lengths = [len(x) for x in seqs]
-        longest = max(lengths)
-        tokens = torch.zeros(len(self.rows), longest, dtype=torch.long)
-        for b, x in enumerate(seqs):
-            tokens[b, : lengths[b]] = torch.tensor(x)
-        tokens = tokens.to(device)
-        last = torch.tensor([n - 1 for n in lengths], device=device)
         out = torch.empty(len(self.rows), self.model.config.vocab_size, device=device)
         chunk = self.engine.prefill_chunk
-        for start in range(0, longest, chunk):
-            end = min(start + chunk, longest)
-            positions = torch.arange(start, end, device=device)[None].expand(len(self.rows), -1)
-            idx = (last - start).clamp(0, end - start - 1)
-            logits = self.model(tokens[:, start:end], positions, self.cache, logit_index=idx[:, None],
-                                 kv_len=end, contiguous_start=start)[:, 0]
-            here = (last >= start) & (last < end)
-            out[here] = logits[here]
-        for b, n in enumerate(lengths):
-            self.cache.commit(b, n)
-            self.rows[b].target_passes += 1
+        for b, r in enumerate(self.rows):
+            seq = r.prompt_ids + self.pending[b]
+            tokens = torch.tensor([seq], dtype=torch.long, device=device)
+            cache = self.cache.row(b)
+            for start in range(0, len(seq), chunk):
+                end = min(start + chunk, len(seq))
+                positions = torch.arange(start, end, device=device)[None]
+                logits = self.model(tokens[:, start:end], positions, cache, logit_index=positions[:, -1:] - start,
+                                    kv_len=end, contiguous_start=start)
+            out[b] = logits[0, 0]
+            self.cache.commit(b, len(seq))
+            r.target_passes += 1
         return out
 
     def _propose(self) -> list[Draft]:

@@ -56,6 +56,7 @@ def _is_token_id(x) -> bool:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU; bfloat16 on a CUDA GPU that supports it, else float16."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -66,13 +67,48 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The float dtype the weights and activations use: None/"auto" -> ``default_dtype(device)``, else a name
+    of ``_DTYPES`` or one of those torch dtypes; anything else raises ``InvalidParamsError`` naming the choices."""
     if dtype is None or dtype == "auto":
         return default_dtype(device)
     if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise InvalidParamsError(f"dtype {dtype} is not a float type leaplm runs; use torch.float32, "
+                                     "torch.bfloat16 or torch.float16")
         return dtype
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise InvalidParamsError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(sorted(_DTYPES))}")
     return _DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """The device a model runs on: None -> ``cuda`` when torch sees a GPU, else ``cpu``; otherwise ``"cpu"``,
+    ``"cuda"`` or ``"cuda:N"`` (or such a ``torch.device``). Raises ``InvalidParamsError`` for a name torch does
+    not know (``"tpu"``), a device type leaplm does not run on (``"mps"``, ``"meta"``), CUDA on a torch build
+    without it or with no GPU visible, and a GPU index the machine does not have — without touching a model."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise InvalidParamsError(f"device must be a string such as 'cpu', 'cuda' or 'cuda:0', not "
+                                 f"{type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InvalidParamsError(f"unknown device {device!r}; leaplm runs on: cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidParamsError(f"device {str(device)!r} is not supported; leaplm runs on: cpu, cuda, cuda:N")
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise InvalidParamsError(f"device {str(device)!r}: this torch build ({torch.__version__}) has no CUDA "
+                                     "support; install a CUDA build of torch or use device='cpu'")
+        if not torch.cuda.is_available():
+            raise InvalidParamsError(f"device {str(device)!r}: torch sees no CUDA GPU (no driver, or "
+                                     "CUDA_VISIBLE_DEVICES hides them); use device='cpu'")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise InvalidParamsError(f"device {str(device)!r} does not exist: this machine has {count} CUDA "
+                                     f"GPU{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
+    return dev
 
 
 class LLM:
@@ -81,9 +117,9 @@ class LLM:
     Args:
         model: a known short name (``leaplm models``), a ``.gguf`` file, a Hugging Face folder, or
             a hub id (downloaded when online). None: the embedded default, SmolLM2-135M-Instruct.
-        dtype: None/"auto" = float32 on CPU, bfloat16 (or float16) on CUDA.
-        device: None = CUDA when available, else CPU.
-        max_model_len: cap on prompt + generated tokens (default: the model's context window).
+        dtype: None/"auto" = float32 on CPU, bfloat16 (or float16) on CUDA (``parse_dtype``).
+        device: None = CUDA when available, else CPU; "cpu", "cuda" or "cuda:N" (``parse_device``).
+        max_model_len: cap on prompt + generated tokens, >= 1 (default: the model's context window).
         max_batch_size: prompts run together in one batch by ``generate``.
         speculative: a drafter for lossless speculative decoding, e.g. ``"prompt_lookup"``,
             ``{"method": "prompt_lookup", "num_draft": 8, "max_ngram": 3}`` or
@@ -113,26 +149,31 @@ class LLM:
                  device: str | None = None, max_model_len: int | None = None, max_batch_size: int = 8,
                  download: bool = True, speculative: str | dict | None = None,
                  quantization: str | None = "auto", compile: bool = False) -> None:
-        from .models.load import build_model
-        from .quant import resolve_quantization
+        from .models.load import build_model, check_checkpoint
+        from .quant import check_quantization, resolve_quantization
 
         self.download = download
         self._drafters: dict[str, object] = {}
-        drafter = self._make_drafter(speculative)  # validate before the slow load
+        drafter = self._make_drafter(speculative)  # validate before the slow load (and before a download)
+        self.device = parse_device(device)
+        self.dtype = parse_dtype(dtype, self.device)
+        if max_model_len is not None and (not _is_token_id(max_model_len) or max_model_len < 1):
+            raise InvalidParamsError(f"max_model_len must be None (the model's context window) or an integer "
+                                     f">= 1, got {max_model_len!r}")
+        if not _is_token_id(max_batch_size) or max_batch_size < 1:
+            raise InvalidParamsError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        self.max_batch_size = max_batch_size
+        check_quantization(quantization, self.device)
 
         self.model_path = hub.resolve(str(model) if model is not None else hub.DEFAULT_MODEL, download=download)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = parse_dtype(dtype, self.device)
-        self.tokenizer = Tokenizer.from_path(self.model_path)   # names a corrupt file before anything reads it
+        check_checkpoint(self.model_path)   # a truncated file or bad config.json, named before the tokenizer reads it
+        self.tokenizer = Tokenizer.from_path(self.model_path)
         self.quantization = resolve_quantization(quantization, self.model_path, self.device, self.dtype)
         self.model = build_model(self.model_path, dtype=self.dtype, device=self.device, quantization=self.quantization)
         self.compile_s = self.model.compile() if compile else None
         self.drafter = self._bind(drafter)
         self.engine = Engine(self.model, self.tokenizer.eos_token_ids, max_model_len=max_model_len,
                              constrainer=self._new_constraint)
-        if max_batch_size < 1:
-            raise InvalidParamsError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.max_batch_size = max_batch_size
 
     @property
     def config(self):
@@ -274,9 +315,10 @@ class LLM:
             tracker = texts[out.row]
             tracker.add(out.new_token_ids, finished=out.finish_reason is not None)
             if tracker.stopped:
-                # a stop string completed by the row's last allowed token still counts as "stop"
-                batch.finish(out.row, "stop")
-                batch.rows[out.row].finish_reason = "stop"
+                # the ids end where the text ends: at the token that completed the stop string, as in plain
+                # decoding (a speculative step may have accepted tokens past it); a stop string completed
+                # by the row's last allowed token still counts as "stop"
+                batch.truncate(out.row, tracker.kept_tokens, "stop")
 
     def _output(self, batch: Batch, b: int, tracker: "_TextTracker") -> RequestOutput:
         r = batch.rows[b]
@@ -299,7 +341,13 @@ class LLM:
 
 
 class _TextTracker:
-    """Incremental text of one row plus stop-string handling (text is cut before the stop string)."""
+    """Incremental text of one row plus stop-string handling (text is cut before the stop string).
+
+    Tokens are detokenized and checked one at a time, whatever a step delivered at once, so a step that
+    accepted several tokens stops exactly where one-token-a-step decoding stops: at the first token after
+    which some stop string occurs in the text (the earliest occurrence in that text wins). ``kept_tokens``
+    is then the number of output tokens up to and including that token; the ids past it are dropped.
+    """
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
         # the prompt's last tokens give the first generated word its leading space (sentencepiece)
@@ -310,22 +358,32 @@ class _TextTracker:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        self.kept_tokens = 0      # output tokens taken in (all of them until a stop string is found)
 
     def add(self, token_ids: list[int], finished: bool) -> None:
         if self.stopped:
             return
-        before = len(self.text)
-        self.text += self.detok.add(token_ids)
-        if finished:
-            self.text += self.detok.flush()
-        if self.stops:
+        if not self.stops:   # nothing to find: detokenize the step's tokens at once
+            self.kept_tokens += len(token_ids)
+            self.text += self.detok.add(token_ids)
+            if finished:
+                self.text += self.detok.flush()
+            return
+        for i, token in enumerate(token_ids):
+            before = len(self.text)
+            self.kept_tokens += 1
+            self.text += self.detok.add([token])
+            if finished and i == len(token_ids) - 1:
+                self.text += self.detok.flush()
+            # a stop string may start in the text before this token (up to ``hold`` characters back)
             search_from = max(0, before - self.hold)
             hits = [(self.text.find(s, search_from), s) for s in self.stops]
-            hits = [(i, s) for i, s in hits if i >= 0]
+            hits = [(at, s) for at, s in hits if at >= 0]
             if hits:
                 index, stop = min(hits)
                 self.text = self.text[: index + (len(stop) if self.include_stop else 0)]
                 self.stopped = True
+                return
 
     def take_visible(self, final: bool) -> str:
         """New text safe to show: holds back a tail that could still become a stop string."""

@@ -16,6 +16,7 @@ tokens (penalties and warpers keep -inf at -inf).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -24,12 +25,16 @@ from torch import Tensor
 
 from .errors import InvalidParamsError
 
+MIN_TEMPERATURE = 1e-5      # the smallest temperature > 0 accepted (SamplingParams.validate)
+MAX_SEED = 2 ** 64 - 1      # torch.Generator.manual_seed's range (negative seeds alias it modulo 2**64)
+
 
 @dataclass
 class SamplingParams:
     """Per-request decoding options (names as vLLM's ``SamplingParams``).
 
-    ``max_tokens`` defaults to 256 (vLLM: 16) so a plain call gives a useful answer.
+    ``max_tokens`` defaults to 256 (vLLM: 16) so a plain call gives a useful answer. Every field is checked
+    when the object is made (``validate``: ``InvalidParamsError`` naming the field and its rule).
 
     Structured output (at most one of these; see docs/structured-output.md):
 
@@ -67,22 +72,47 @@ class SamplingParams:
     jump_forward: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = [s for s in (self.stop or []) if s]
-        self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
 
     def validate(self) -> None:
+        """Check every field, raising ``InvalidParamsError`` naming the first bad one; normalizes ``stop`` to a
+        list of non-empty strings (a lone string becomes ``[s]``, ``""`` entries are dropped) and integer
+        fields given as numpy integers to ``int``. Rules beyond the table in docs/usage.md:
+
+        * integer fields (``top_k``, ``max_tokens``, ``seed``, ``stop_token_ids``) refuse ``bool``;
+        * ``seed`` is None or in ``[0, 2**64 - 1]``: the range of a torch generator's seed (torch also takes
+          negative seeds, as aliases modulo 2**64; leaplm refuses them so one stream has one seed);
+        * ``temperature`` is 0 (greedy) or at least ``MIN_TEMPERATURE`` (1e-5): a smaller one draws the argmax
+          but for near-ties, and below ~1e-37 ``logits / temperature`` overflows float32 into NaN probabilities
+          (``torch.multinomial`` then raises) — it is refused, never silently turned into greedy decoding.
+        """
         def bad(name: str, value, rule: str) -> InvalidParamsError:
             return InvalidParamsError(f"invalid sampling parameter {name}={value!r}: {rule}")
 
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is None:
+            self.stop = []
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+            raise bad("stop", self.stop, "must be a string or a list of strings")
+        self.stop = [s for s in self.stop if s]
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if (not isinstance(self.stop_token_ids, (list, tuple))
+                or any(not _is_int(t) or t < 0 for t in self.stop_token_ids)):
+            raise bad("stop_token_ids", self.stop_token_ids, "must be a list of non-negative integers")
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         if not _finite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", self.temperature, "must be >= 0 (0 = greedy)")
+            raise bad("temperature", self.temperature, "must be a number >= 0 (0 = greedy)")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise bad("temperature", self.temperature,
+                      f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}; a smaller one is greedy in effect (the "
+                      "argmax but for near-ties) and overflows float32 near 1e-37: use temperature=0 for greedy")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", self.top_p, "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not _is_int(self.top_k) or self.top_k < -1:
             raise bad("top_k", self.top_k, "must be an integer >= 1, or 0 / -1 for no limit")
+        self.top_k = int(self.top_k)
         if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", self.min_p, "must be in [0, 1]")
         if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
@@ -91,12 +121,13 @@ class SamplingParams:
             value = getattr(self, name)
             if not _finite(value) or not -2 <= value <= 2:
                 raise bad(name, value, "must be in [-2, 2]")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise bad("max_tokens", self.max_tokens, "must be an integer >= 1")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", self.seed, "must be an integer or None")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", self.stop_token_ids, "must be non-negative integers")
+        self.max_tokens = int(self.max_tokens)
+        if self.seed is not None:
+            if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+                raise bad("seed", self.seed, "must be None or an integer in [0, 2**64 - 1]")
+            self.seed = int(self.seed)
         given = [k for k in CONSTRAINT_KINDS if getattr(self, k) not in (None, False) or
                  (k == "json_schema" and self.json_schema is False)]
         if len(given) > 1:
@@ -108,7 +139,7 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise bad(name, type(value).__name__, "must be a string")
-        for name in ("json_object", "jump_forward"):
+        for name in ("json_object", "jump_forward", "ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, getattr(self, name), "must be True or False")
 
@@ -136,7 +167,11 @@ CONSTRAINT_KINDS = ("json_schema", "regex", "grammar", "json_object")
 
 
 def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 class TokenHistory:
@@ -239,10 +274,13 @@ def top_ids(logits: Tensor, k: int) -> Tensor:
 
 
 def make_generator(seed: int | None, device) -> torch.Generator:
-    """A per-request generator: seeded for reproducibility, else from fresh OS entropy."""
+    """A per-request generator: seeded for reproducibility, else from fresh OS entropy.
+
+    ``seed`` is taken modulo 2**64 (torch's seed range), so a seed derived from a request's seed (the draft
+    model's ``seed + 1``) never overflows: ``2**64 - 1`` + 1 seeds like 0."""
     gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()
     else:
-        gen.manual_seed(seed)
+        gen.manual_seed(int(seed) % (MAX_SEED + 1))
     return gen

@@ -19,17 +19,16 @@ is written to a temp dir and renamed into place: a killed process leaves no half
 * ``detokenizer(prompt_ids)`` -> ``IncrementalDetokenizer`` (streaming text; see its docstring).
 
 Errors: ``ModelNotFoundError`` (nothing there / no tokenizer files), ``CorruptModelError`` (unreadable
-GGUF or tokenizer files), ``UnsupportedModelError`` (no chat template, GGUF tokenizer transformers cannot
-convert), ``InvalidParamsError`` (a chat template rejected the messages).
+tokenizer files; a GGUF file that is truncated or malformed — its header and tensor extents are checked
+before the conversion, ``leaplm.models.gguf_file``), ``UnsupportedModelError`` (no chat template, GGUF
+tokenizer transformers cannot convert), ``InvalidParamsError`` (a chat template rejected the messages).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import shutil
-import struct
 import tempfile
 import time
 from functools import cached_property
@@ -291,52 +290,10 @@ def _write_cache(tok: Tokenizer, root: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-_SCALAR = {t: struct.Struct("<" + c) for t, c in zip((0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12), "BbHhIif?Qqd")}
-
-
 def gguf_tokenizer_metadata(path: str | Path) -> dict:
-    """The scalar GGUF key/values (arrays skipped) — a fast header walk, unlike ``gguf.GGUFReader``."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as b:
-            return _parse_kv(b)
-    except Exception as e:  # noqa: BLE001 - struct.error/ValueError/... all mean "not a readable GGUF"
-        raise CorruptModelError(f"cannot read GGUF file {str(path)!r}: {type(e).__name__}: {e}. "
-                                "The file is truncated or corrupt; download it again.") from None
+    """The GGUF metadata (scalars, strings, short arrays; not the vocabulary arrays) — the fast header walk of
+    ``leaplm.models.gguf_file``, which also checks the whole file: a truncated or malformed GGUF raises
+    ``CorruptModelError`` saying so, before transformers' tokenizer conversion would fail on it less clearly."""
+    from leaplm.models.gguf_file import read_header
 
-
-def _parse_kv(b: Any) -> dict:
-    if b[:4] != b"GGUF":
-        raise ValueError(f"bad magic {bytes(b[:4])!r}, not a GGUF file")
-    version, _n_tensors, n_kv = struct.unpack_from("<IQQ", b, 4)
-    if version not in (2, 3):
-        raise ValueError(f"unsupported GGUF version {version}")
-
-    def string(pos: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", b, pos)
-        if pos + 8 + n > len(b):
-            raise ValueError("truncated string")
-        return b[pos + 8:pos + 8 + n].decode("utf-8", "replace"), pos + 8 + n
-
-    def value(t: int, pos: int) -> tuple[Any, int]:
-        if t in _SCALAR:
-            return _SCALAR[t].unpack_from(b, pos)[0], pos + _SCALAR[t].size
-        if t == 8:
-            return string(pos)
-        if t != 9:
-            raise ValueError(f"unknown GGUF value type {t}")
-        et, n = struct.unpack_from("<IQ", b, pos)
-        pos += 12
-        for _ in range(0 if et in _SCALAR else n):  # skipped: only scalar metadata is needed
-            pos = pos + 8 + struct.unpack_from("<Q", b, pos)[0] if et == 8 else value(et, pos)[1]
-        pos += n * _SCALAR[et].size if et in _SCALAR else 0
-        if pos > len(b):
-            raise ValueError("truncated array")
-        return None, pos
-
-    meta, pos = {}, 24
-    for _ in range(n_kv):
-        key, pos = string(pos)
-        (t,) = struct.unpack_from("<I", b, pos)
-        meta[key], pos = value(t, pos + 4)
-    return meta
+    return dict(read_header(path).metadata)

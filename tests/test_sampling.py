@@ -89,10 +89,59 @@ def test_seeded_sampling_is_reproducible_and_matches_distribution():
     (dict(max_tokens=0), "max_tokens"), (dict(top_k=-2), "top_k"), (dict(min_p=2.0), "min_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(presence_penalty=3.0), "presence_penalty"),
     (dict(temperature=math.nan), "temperature"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    # values Python lets through as numbers (bool is an int) or that failed later with a traceback
+    (dict(seed=True), r"seed=True: must be None or an integer in \[0, 2\*\*64 - 1\]"),
+    (dict(seed=2 ** 64), r"seed=18446744073709551616: .*\[0, 2\*\*64 - 1\]"),
+    (dict(seed=-1), r"seed=-1: .*\[0, 2\*\*64 - 1\]"), (dict(seed=1.5), "seed=1.5"),
+    (dict(stop=[1]), r"stop=\[1\]: must be a string or a list of strings"),
+    (dict(stop=["a", b"b"]), "stop=.*list of strings"), (dict(stop=5), "stop=5"),
+    (dict(stop_token_ids=[True]), r"stop_token_ids=\[True\]: must be a list of non-negative integers"),
+    (dict(stop_token_ids=7), "stop_token_ids=7"), (dict(stop_token_ids=[2.0]), "stop_token_ids"),
+    (dict(temperature=1e-45), r"temperature=1e-45: must be 0 \(greedy\) or at least 1e-05.*temperature=0"),
+    (dict(temperature=9.9e-6), "temperature=9.9e-06: must be 0"), (dict(temperature=True), "temperature=True"),
+    (dict(max_tokens=True), "max_tokens=True: must be an integer >= 1"), (dict(max_tokens=2.0), "max_tokens"),
+    (dict(top_k=True), "top_k=True: must be an integer"), (dict(top_p=True), "top_p=True"),
+    (dict(ignore_eos="no"), "ignore_eos='no': must be True or False"),
+    (dict(skip_special_tokens=None), "skip_special_tokens"), (dict(include_stop_str_in_output=1), "include_stop"),
 ])
 def test_bad_values_are_refused_with_the_field_named(kw, field):
     with pytest.raises(InvalidParamsError, match=field):
         SamplingParams(**kw)
+
+
+def test_edge_values_are_accepted_and_normalized():
+    import numpy as np
+
+    assert SamplingParams(seed=0).seed == 0 and SamplingParams(seed=2 ** 64 - 1).seed == 2 ** 64 - 1
+    p = SamplingParams(seed=np.int64(7), top_k=np.int32(5), max_tokens=np.uint16(9), stop_token_ids=(np.int64(3),))
+    assert (p.seed, p.top_k, p.max_tokens, p.stop_token_ids) == (7, 5, 9, [3])
+    assert all(type(v) is int for v in (p.seed, p.top_k, p.max_tokens, *p.stop_token_ids))
+    assert SamplingParams(stop="").stop == [] and SamplingParams(stop=("", "\n\n")).stop == ["\n\n"]
+    assert SamplingParams(stop=None, stop_token_ids=None).stop_token_ids == []
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5 and SamplingParams(temperature=0).greedy
+
+
+def test_the_smallest_temperature_gives_a_finite_distribution_on_large_logits():
+    """At ``MIN_TEMPERATURE`` logits of magnitude 1e4 (far beyond a real model's) still give finite
+    probabilities, and the draw is the argmax; 1e-45 (now refused) gave NaN probabilities and a traceback."""
+    from leaplm.sampling import MIN_TEMPERATURE
+
+    logits = _logits() * 3000
+    params = SamplingParams(temperature=MIN_TEMPERATURE, top_p=0.9, min_p=0.1)
+    probs = probabilities(logits, params, None)
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(3))
+    assert torch.equal(sample(logits, params, None, make_generator(0, "cpu")), logits.argmax(-1))
+    assert torch.isnan((logits / 1e-45).softmax(-1)).any()   # what the refused value would have produced
+
+
+def test_generator_seeds_cover_64_bits_and_wrap_derived_seeds():
+    """Seeds in [0, 2**64 - 1] each give their own stream; a derived seed past the range (the draft model
+    draws with ``seed + 1``) wraps modulo 2**64 instead of overflowing torch's ``manual_seed``."""
+    def draws(seed):
+        return torch.rand(4, generator=make_generator(seed, "cpu"))
+
+    assert torch.equal(draws(2 ** 64), draws(0)) and torch.equal(draws(2 ** 64 + 5), draws(5))
+    assert not torch.equal(draws(2 ** 64 - 1), draws(0)) and not torch.equal(draws(1), draws(0))
 
 
 def test_top_ids_is_argmax_and_a_stable_topk_with_or_without_the_native_kernel(monkeypatch):

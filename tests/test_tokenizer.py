@@ -101,8 +101,22 @@ def test_truncated_gguf_header_is_corrupt(tmp_path):
     cut = tmp_path / "cut.gguf"
     with open(SMOL, "rb") as f:
         cut.write_bytes(f.read(4096))  # ends inside the token list
-    with pytest.raises(CorruptModelError, match="cut.gguf"):
+    with pytest.raises(CorruptModelError, match=r"cut\.gguf is truncated or not a GGUF file: its header runs past"):
         Tokenizer.from_path(cut)
+
+
+@pytest.mark.real
+def test_gguf_cut_in_its_tensor_data_is_reported_truncated_not_as_a_tokenizer_failure(tmp_path, shared_cache):
+    """A partial download keeps the whole header (the vocabulary converts fine): the tokenizer checks the
+    tensor extents first and names the truncation, and caches nothing for the broken file."""
+    _need(SMOL)
+    cut = tmp_path / "partial.gguf"
+    with open(SMOL, "rb") as f:
+        cut.write_bytes(f.read(SMOL.stat().st_size - 1000))
+    with pytest.raises(CorruptModelError, match=r"partial\.gguf is truncated or not a GGUF file: tensor '[\w.]+' "
+                                                rf"ends at byte {SMOL.stat().st_size} but the file has"):
+        Tokenizer.from_path(cut)
+    assert not any(str(cut) in p.read_text() for p in (shared_cache / "tokenizers").glob("*/leaplm_tokenizer.json"))
 
 
 # ---------------------------------------------------------------------- SmolLM2 (byte-level BPE)

@@ -41,6 +41,16 @@ class KVCache:
     def for_model(cls, config, batch: int, capacity: int, dtype: torch.dtype, device) -> "KVCache":
         return cls(config.num_layers, batch, config.num_kv_heads, config.head_dim, capacity, dtype, device)
 
+    def row(self, b: int) -> "KVCache":
+        """A one-row cache whose keys and values are views of row ``b``'s storage (``[1, kv_heads,
+        capacity, D]`` per layer): the model writes through it into this cache. Its ``lengths`` is a
+        copy (the engine commits on the whole cache)."""
+        one = KVCache.__new__(KVCache)
+        one.k = [t[b: b + 1] for t in self.k]
+        one.v = [t[b: b + 1] for t in self.v]
+        one.capacity, one.batch, one.lengths = self.capacity, 1, [self.lengths[b]]
+        return one
+
     def write(self, layer: int, k: Tensor, v: Tensor, positions: Tensor, contiguous_start: int | None) -> None:
         """Store ``k, v [B, T, kv_heads, D]`` at ``positions [B, T]``.
 

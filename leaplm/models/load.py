@@ -6,8 +6,12 @@ Hugging Face names to float tensors, each read from its file when asked for (``L
 and, when quantizing, quantizes each block as soon as it is loaded, so loading a GGUF file into int8 holds
 one block in float32 at a time, not the whole model.
 
+``check_checkpoint(path)``: the cheap file-level checks (GGUF header and tensor extents, ``config.json``, the
+shard index) that ``LLM`` runs before its tokenizer reads anything, so errors name the real cause.
+
 Only safetensors and GGUF are read — never pickle (``*.bin``/``*.pt`` checkpoints are refused).
-GGUF specifics undone here so every source reaches the model in one convention:
+A GGUF header is parsed once per file version by ``gguf_file.read_header`` (fast, cached; its tensors are
+views of a read-only memory map). GGUF specifics undone here so every source reaches the model in one convention:
 - tensors are dequantized with the ``gguf`` package (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K..Q6_K/F16/BF16),
 - llama.cpp permutes the Q/K rows of llama-arch models for its interleaved RoPE: un-permuted,
 - gemma norm weights are stored as ``1 + w``: the 1 is taken off (the model adds it back).
@@ -18,6 +22,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +30,7 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
+from .gguf_file import read_header
 
 GGUF_MAGIC = b"GGUF"
 
@@ -48,18 +54,68 @@ def _has_magic(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------- Hugging Face folders
-def load_hf_folder(folder: Path) -> tuple[ModelConfig, Mapping[str, Tensor], None]:
-    from safetensors import SafetensorError, safe_open
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Cheap file-level checks of a checkpoint, before anything else reads it (``LLM`` calls this before
+    loading the tokenizer, whose errors would otherwise hide the real cause): a GGUF file's header and tensor
+    extents (``gguf_file.read_header``, cached for the load that follows); a Hugging Face folder's
+    ``config.json`` (present, valid JSON, a supported model) and shard index. Raises what ``load_checkpoint``
+    would (``ModelNotFoundError``, ``CorruptModelError``, ``UnsupportedModelError``); weights are not read."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"model path {str(path)!r} does not exist")
+    if path.is_file():
+        if path.suffix == ".gguf" or _has_magic(path):
+            read_header(path)
+            return
+        raise UnsupportedModelError(
+            f"{str(path)!r} is not a GGUF file; give a .gguf file or a Hugging Face folder with safetensors")
+    _hf_config(path)
+    _hf_weight_files(path)
 
+
+def _hf_config(folder: Path) -> ModelConfig:
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         ggufs = sorted(folder.glob("*.gguf"))
         hint = f" (it holds {ggufs[0].name}: pass that file)" if ggufs else ""
         raise ModelNotFoundError(f"{str(folder)!r} has no config.json{hint}")
     try:
-        config = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
-    except json.JSONDecodeError as e:
+        raw = json.loads(cfg_file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptModelError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise CorruptModelError(f"{cfg_file} holds a JSON {type(raw).__name__}, not an object of model settings")
+    try:
+        return ModelConfig.from_hf(raw)
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:   # "hidden_size": "big", heads 0 ...
+        raise CorruptModelError(f"{cfg_file} has an invalid value: {type(e).__name__}: {e}") from None
+
+
+def _hf_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files to read: the shards named by ``model.safetensors.index.json`` when there is one
+    (checked: JSON, a ``weight_map`` of tensor -> shard file name, every shard present), else every
+    ``*.safetensors`` file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptModelError(f"{index} is not valid JSON: {e}") from None
+        except (KeyError, TypeError):
+            raise CorruptModelError(f"{index} has no \"weight_map\" (tensor name -> shard file)") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CorruptModelError(f"{index}: \"weight_map\" must be a non-empty object of tensor name -> shard "
+                                    f"file, not {json.dumps(weight_map)[:80]}")
+        bad = sorted({repr(n) for n in weight_map.values() if not isinstance(n, str) or Path(n).name != n or
+                      not n.endswith(".safetensors")})
+        if bad:
+            raise CorruptModelError(f"{index} names shards that are not .safetensors file names in its folder: "
+                                    f"{', '.join(bad)}")
+        shard_names = sorted(set(weight_map.values()))
+        missing = [n for n in shard_names if not (folder / n).is_file()]
+        if missing:
+            raise CorruptModelError(f"{index} lists shards that are not in {str(folder)!r}: {', '.join(missing)}")
+        return [folder / n for n in shard_names]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
@@ -69,13 +125,14 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, Mapping[str, Tensor], Non
                 "or GGUF only, because unpickling can run arbitrary code. Convert the checkpoint to safetensors."
             )
         raise ModelNotFoundError(f"{str(folder)!r} has no *.safetensors weights")
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in shard_names if not (folder / n).is_file()]
-        if missing:
-            raise CorruptModelError(f"{str(folder)!r} lacks shards listed in its index: {', '.join(missing)}")
-        files = [folder / n for n in shard_names]
+    return files
+
+
+def load_hf_folder(folder: Path) -> tuple[ModelConfig, Mapping[str, Tensor], None]:
+    from safetensors import SafetensorError, safe_open
+
+    config = _hf_config(folder)
+    files = _hf_weight_files(folder)
     sources: dict[str, tuple] = {}
     for f in files:
         try:
@@ -122,30 +179,49 @@ _GGUF_NAMES = {
 }
 
 
-def gguf_metadata(reader) -> dict:
-    """GGUF key -> python value (token lists and other large arrays skipped)."""
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key.rsplit(".", 1)[-1] in ("tokens", "scores", "token_type", "merges"):
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:  # noqa: BLE001 - exotic field types we do not need
-            continue
-    return meta
+class GGUFTensor(NamedTuple):
+    """One tensor of an open GGUF file, as ``gguf.GGUFReader``'s: ``shape`` in ggml order (row length first);
+    ``data`` a view of the read-only file mapping (numpy dtype for float/int tensors, uint8 bytes
+    ``[rows, bytes per row]`` for block types), read from disk only when used."""
+
+    name: str
+    tensor_type: Any
+    shape: tuple[int, ...]
+    n_bytes: int
+    data: np.ndarray
 
 
-def open_gguf(path: Path):
-    import gguf
+class GGUFFile:
+    """An open GGUF file: ``header`` (``gguf_file.GGUFHeader``: metadata, tensor table), ``metadata`` and
+    ``tensors`` (``GGUFTensor`` views of one ``np.memmap`` of the file: mapping costs no memory until read)."""
 
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - gguf raises ValueError/IndexError/struct.error on bad files
-        size = path.stat().st_size
-        raise CorruptModelError(
-            f"cannot read GGUF file {str(path)!r} ({size} bytes): {type(e).__name__}: {e}. "
-            "The file is truncated or corrupt; download it again (leaplm models fetch NAME)."
-        ) from None
+    def __init__(self, path: Path) -> None:
+        import gguf
+
+        self.header = read_header(path)   # integrity checked: every tensor lies inside the file
+        self.metadata = self.header.metadata
+        mapped = np.memmap(path, mode="r")
+        if mapped.size != self.header.file_size:
+            raise CorruptModelError(f"GGUF file {str(path)!r} changed while it was being read "
+                                    f"({self.header.file_size} bytes, now {mapped.size})")
+        self.tensors = []
+        for t in self.header.tensors:
+            dims = tuple(reversed(t.shape))
+            dtype = _PLAIN_TYPES.get(t.tensor_type.name)
+            if dtype is None:   # block types: raw bytes, one row of blocks per row
+                dtype, dims = np.uint8, gguf.quants.quant_shape_to_byte_shape(dims, t.tensor_type)
+            data = mapped[t.offset: t.offset + t.n_bytes].view(dtype).reshape(dims)
+            self.tensors.append(GGUFTensor(t.name, t.tensor_type, t.shape, t.n_bytes, data))
+
+
+_PLAIN_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                "I32": np.int32, "I64": np.int64}
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    """The GGUF file at ``path``, its header parsed (once per file version: ``gguf_file.read_header`` caches it)
+    and checked: ``CorruptModelError`` names a truncated or malformed file."""
+    return GGUFFile(Path(path))
 
 
 _DEQUANT_ROWS = 8192   # dequantize's chunk for large matrices (an LM head: 150k rows)
@@ -183,7 +259,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def load_gguf(path: Path) -> tuple[ModelConfig, Mapping[str, Tensor], Tensor | None]:
     reader = open_gguf(path)
-    meta = gguf_metadata(reader)
+    meta = reader.metadata
     by_name = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in by_name:
         raise CorruptModelError(f"GGUF file {str(path)!r} has no token_embd.weight tensor")

@@ -2,7 +2,8 @@
 compiled) and the compiled decode step's attention.
 
 ``load()`` compiles ``decode_ops.cpp`` and ``recycling_ops.cpp`` with ``torch.utils.cpp_extension`` (gcc, ninja; ~1 minute once,
-then cached under ``~/.cache/torch_extensions``) and returns whether the ops are usable. On failure
+then cached under ``~/.cache/torch_extensions``, or ``$TORCH_EXTENSIONS_DIR``) and returns whether the ops are usable;
+when it compiles it says so on stderr first (``needs_build()`` tells beforehand, cheaply). On failure
 (no compiler, ``LEAPLM_NATIVE=0``) it warns once and returns False; the compiled step then attends
 through the Python custom op (``leaplm::attend``), int8 weights run on fbgemm (``leaplm::int8_linear``
 when compiled; another activation grid, so other last bits) and int4 weights on a float fallback.
@@ -28,6 +29,9 @@ Ops (``torch.ops.leaplm_native``; see the C++ file for contracts):
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -37,6 +41,13 @@ from torch import Tensor
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
+_NAME = "leaplm_native_ops"
+_SOURCES = ("decode_ops.cpp", "recycling_ops.cpp")
+# -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers (serial without it); the loader resolves
+# libgomp.so.1 to the copy torch already loaded, so there is one thread pool
+_CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
+BUILD_MESSAGE = "[leaplm] compiling native CPU ops (first run only, about a minute)"
 
 
 def available() -> bool:
@@ -44,8 +55,75 @@ def available() -> bool:
     return _state.get("ok", False)
 
 
+def needs_build() -> bool:
+    """Whether ``load()`` would compile the ops (about a minute) rather than load a cached build: False once
+    this process has loaded (or given up on) them, or with ``LEAPLM_NATIVE=0``; else True unless the build
+    folder (``build_directory()``) holds the library, built from these sources' paths with these flags, and
+    ninja (dry run, ~ms) has nothing to redo — in doubt (no ninja, another checkout's build) True. Reads only."""
+    if "ok" in _state or os.environ.get("LEAPLM_NATIVE", "1") == "0":
+        return False
+    return not _build_is_current(build_directory())
+
+
+def build_directory() -> Path:
+    """Where ``torch.utils.cpp_extension.load`` builds and caches the ops: ``$TORCH_EXTENSIONS_DIR/<name>``, else
+    ``<torch's default build root>/py<version>_<cpu|cuXY|rocmXY>/<name>`` (torch's own rule; nothing is created)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        if torch.version.hip is not None:
+            accelerator = "rocm" + torch.version.hip.replace(".", "")
+        elif torch.version.cuda is not None:
+            accelerator = "cu" + torch.version.cuda.replace(".", "")
+        else:
+            accelerator = "cpu"
+        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(cpp_extension.get_default_build_root(), f"{python}_{accelerator}")
+    return Path(root) / _NAME
+
+
+def _build_is_current(folder: Path) -> bool:
+    library, ninja_file = folder / f"{_NAME}.so", folder / "build.ninja"
+    try:
+        text = ninja_file.read_text(errors="replace") if library.is_file() else ""
+    except OSError:   # absent or unreadable: a build is due
+        return False
+    # torch rewrites build.ninja with this checkout's source paths, this torch's headers and these flags:
+    # other ones mean a rebuild
+    import torch
+
+    expected = [*_source_paths(), str(Path(torch.__file__).parent / "include"), *_CFLAGS]
+    if not text or not all(part in text for part in expected):
+        return False
+    ninja = shutil.which("ninja", path=_ninja_path())
+    if ninja is None:
+        return False
+    try:
+        dry = subprocess.run([ninja, "-n", "-C", str(folder)], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return dry.returncode == 0 and "no work to do" in dry.stdout
+
+
+def _source_paths() -> list[str]:
+    return [str(Path(__file__).with_name(name)) for name in _SOURCES]
+
+
+def _ninja_path() -> str:
+    """PATH with pip's ninja (its binary sits beside the package, which need not be on PATH) in front."""
+    try:
+        import ninja
+
+        return ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        return os.environ.get("PATH", "")
+
+
 def load(verbose: bool = False) -> bool:
-    """Build (once per source version, cached on disk) and load the native ops; False if impossible."""
+    """Build (once per source version, cached on disk) and load the native ops; False if impossible. When it
+    compiles (``needs_build()``), it first prints ``BUILD_MESSAGE`` to stderr."""
     with _lock:
         if "ok" in _state:
             return _state["ok"]
@@ -53,6 +131,8 @@ def load(verbose: bool = False) -> bool:
             _state["ok"] = False
             return False
         try:
+            if needs_build():
+                print(BUILD_MESSAGE, file=sys.stderr, flush=True)
             _build(verbose)
             _register_fakes()
             _state["ok"] = True
@@ -66,20 +146,9 @@ def load(verbose: bool = False) -> bool:
 def _build(verbose: bool) -> None:
     from torch.utils import cpp_extension
 
-    try:  # pip's ninja puts its binary beside the package, which need not be on PATH
-        import ninja
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    except ImportError:
-        pass
-    sources = [str(Path(__file__).with_name(name)) for name in ("decode_ops.cpp", "recycling_ops.cpp")]
-    if verbose:
-        print("building leaplm's native CPU ops (once; about a minute) ...", flush=True)
-    # -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers (serial without it); the
-    # loader resolves libgomp.so.1 to the copy torch already loaded, so there is one thread pool
-    cpp_extension.load(name="leaplm_native_ops", sources=sources, is_python_module=False,
-                       extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
-                       extra_ldflags=["-fopenmp"], verbose=False)
+    os.environ["PATH"] = _ninja_path()
+    cpp_extension.load(name=_NAME, sources=_source_paths(), is_python_module=False, extra_cflags=list(_CFLAGS),
+                       extra_ldflags=list(_LDFLAGS), verbose=verbose)
 
 
 def _register_fakes() -> None:

@@ -145,3 +145,59 @@ def test_loading_consumes_the_tensors_and_quantizes_block_by_block(tiny_model_di
         model = transformer.Transformer(by_block.config)
     model.load_weights(tensors, torch.float32, "cpu")
     assert not tensors   # every tensor was taken (popped) as it was assigned
+
+
+# ---------------------------------------------------------------------- config.json and the shard index
+def _sharded_copy(tmp_path, tiny_model_dir):
+    _, ref = tiny_model_dir("qwen2-bias")
+    ref.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
+    return tmp_path / "model.safetensors.index.json"
+
+
+@pytest.mark.parametrize("index_text, message", [
+    ("{not json", r"model\.safetensors\.index\.json is not valid JSON: Expecting property name"),
+    ('{"metadata": {}}', r'model\.safetensors\.index\.json has no "weight_map" \(tensor name -> shard file\)'),
+    ("[1, 2]", r'model\.safetensors\.index\.json has no "weight_map"'),
+    ('{"weight_map": []}', r'"weight_map" must be a non-empty object of tensor name -> shard file, not \[\]'),
+    ('{"weight_map": {}}', r'"weight_map" must be a non-empty object'),
+    ('{"weight_map": {"a": "model-9.safetensors"}}',
+     r"index\.json lists shards that are not in .*: model-9\.safetensors"),
+    ('{"weight_map": {"a": "../x.safetensors", "b": 3, "c": "model.bin"}}',
+     r"names shards that are not \.safetensors file names in its folder: '\.\./x\.safetensors', 'model\.bin', 3"),
+])
+def test_malformed_shard_index_is_corrupt_and_named(tmp_path, tiny_model_dir, index_text, message):
+    from leaplm.models.load import check_checkpoint
+
+    index = _sharded_copy(tmp_path, tiny_model_dir)
+    index.write_text(index_text)
+    for load in (check_checkpoint, load_checkpoint):
+        with pytest.raises(CorruptModelError, match=message):
+            load(tmp_path)
+
+
+def test_missing_shard_is_named_with_its_index(tmp_path, tiny_model_dir):
+    index = _sharded_copy(tmp_path, tiny_model_dir)
+    shard = sorted(set(json.loads(index.read_text())["weight_map"].values()))[-1]
+    (tmp_path / shard).unlink()
+    with pytest.raises(CorruptModelError, match=rf"index\.json lists shards that are not in .*: {shard}$"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("config_text, error, message", [
+    ("{not json", CorruptModelError, r"config\.json is not valid JSON: Expecting property name"),
+    (b"\xff\xfe{}", CorruptModelError, r"config\.json is not valid JSON"),
+    ('["llama"]', CorruptModelError, r"config\.json holds a JSON list, not an object of model settings"),
+    (None, CorruptModelError, r"config\.json has an invalid value: ValueError: invalid literal for int\(\)"),
+    ('{"model_type": "llama"}', UnsupportedModelError, r"config\.json lacks the field 'hidden_size'"),
+])
+def test_bad_config_json_is_named(tmp_path, tiny_model_dir, config_text, error, message):
+    from leaplm.models.load import check_checkpoint
+
+    folder, _ = tiny_model_dir("llama-gqa-untied")
+    shutil.copy(folder / "model.safetensors", tmp_path / "model.safetensors")
+    if config_text is None:   # a field of the wrong type
+        config_text = json.dumps({**json.loads((folder / "config.json").read_text()), "hidden_size": "big"})
+    (tmp_path / "config.json").write_bytes(config_text if isinstance(config_text, bytes) else config_text.encode())
+    for load in (check_checkpoint, load_checkpoint):
+        with pytest.raises(error, match=message):
+            load(tmp_path)
