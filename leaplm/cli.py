@@ -1,25 +1,163 @@
 """The ``leaplm`` command: generate | chat | models | profile | bench | eval.
 
-Errors a user can cause (bad path, corrupt file, bad sampling values, prompt too long) print one
-``error: ...`` line and exit with status 2 — no traceback. ``LEAPLM_DEBUG=1`` shows tracebacks.
+Errors a user can cause (bad path, corrupt file, bad flag values, prompt too long) print one
+``error: ...`` line and exit with status 2 — no traceback — and every check that does not need the
+model runs before it is loaded (a load takes tens of seconds): flag values, ``--device``, the prompt,
+the structured-output constraint, ``--draft-model`` / ``--corpus`` paths, output folders.
+``LEAPLM_DEBUG=1`` shows tracebacks.
+
+``generate`` exits with status 1, after printing the text, when a structured-output request
+(``--json-schema``, ``--regex``, ``--grammar``, ``--json-object``) was cut at the token limit before
+its grammar could end: the text is a prefix that does not parse. A warning on stderr says so.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import string
 import sys
 import time
 from pathlib import Path
 
-from .errors import LeapLMError
+from .errors import InvalidParamsError, LeapLMError
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+_HEX_DIGITS = {"x": 2, "u": 4, "U": 8}
+ESCAPES_HELP = r'Backslash escapes \n \t \r \\ \" \' \xNN \uNNNN \UNNNNNNNN are interpreted (any other backslash is kept)'
+
+
+def unescape(text: str, flag: str = "--stop") -> str:
+    r"""``text`` with the backslash escapes of ``ESCAPES_HELP`` replaced by the characters they stand for,
+    as a user types them in a shell (``--stop "\n\n"`` is two newlines). A backslash before any other
+    character, or at the end, is kept; every other character — non-ASCII text included — is unchanged.
+    Raises ``InvalidParamsError`` naming ``flag`` for ``\x`` / ``\u`` / ``\U`` without their 2 / 4 / 8 hex
+    digits, or a code point that is a surrogate or past U+10FFFF."""
+    out, i = [], 0
+    while i < len(text):
+        c, nxt = text[i], text[i + 1: i + 2]
+        if c == "\\" and nxt in _ESCAPES:
+            out.append(_ESCAPES[nxt])
+            i += 2
+        elif c == "\\" and nxt in _HEX_DIGITS:
+            n = _HEX_DIGITS[nxt]
+            digits = text[i + 2: i + 2 + n]
+            if len(digits) != n or any(d not in string.hexdigits for d in digits):
+                raise InvalidParamsError(f"{flag} {text}: \\{nxt} needs {n} hex digits, got {digits!r}")
+            code = int(digits, 16)
+            if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+                raise InvalidParamsError(f"{flag} {text}: \\{nxt}{digits} is not a Unicode character")
+            out.append(chr(code))
+            i += 2 + n
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def version() -> str:
+    """leaplm's installed version (package metadata), else ``leaplm.__version__``."""
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version("leaplm")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def check_device(value: str | None, flag: str = "--device") -> None:
+    """Raise ``InvalidParamsError`` naming ``flag`` unless ``value`` is None or a device leaplm can run on here
+    (``leaplm.llm.parse_device``: cpu, or a CUDA device this torch sees)."""
+    from .llm import parse_device
+
+    if value is None:
+        return
+    try:
+        parse_device(value)
+    except InvalidParamsError as e:
+        raise InvalidParamsError(f"{flag}: {e}") from None
+
+
+def prepare_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Create the output folder ``path`` (with its parents) and check that a file can be written in it, so a
+    bad ``--out`` fails before the work instead of after; raises ``InvalidParamsError`` naming ``flag``."""
+    import tempfile
+
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise InvalidParamsError(f"{flag} {str(path)!r}: cannot create the folder or write in it: {e.strerror or e}") from None
+    return out
+
+
+def _check_model_name(flag: str, value: str) -> None:
+    """A model argument that cannot resolve — not a path, not a known name, not shaped like a hub id —
+    fails here, before anything is loaded (a known name or hub id is fetched later, when the load needs it)."""
+    from . import hub
+    from .errors import ModelNotFoundError
+
+    if Path(value).expanduser().exists() or value in hub.KNOWN_MODELS:
+        return
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value) and not value.endswith((".gguf", ".json")):
+        return  # a hub id (hub.resolve's rule): only the download can tell
+    raise ModelNotFoundError(f"{flag}: model path {value!r} does not exist, and it is not a known model name "
+                             f"({', '.join(hub.KNOWN_MODELS)})")
+
+
+def _at_least(flag: str, value, low: int) -> None:
+    if value is not None and value < low:
+        raise InvalidParamsError(f"{flag} must be >= {low}, got {value}")
+
+
+def _check_model_args(args, quantization: bool = True) -> None:
+    """Everything ``_add_model_args`` takes that can be checked without loading the model (``--quantization``
+    too unless ``quantization=False``, for a command that takes a list of modes there)."""
+    from .quant import check_quantization
+
+    _speculative(args)   # flag combinations first
+    check_device(args.device)
+    if quantization:
+        check_quantization(args.quantization)
+    _at_least("--max-model-len", args.max_model_len, 2)   # a prompt token and a generated one
+    _at_least("--num-draft", getattr(args, "num_draft", None), 1)
+    _at_least("--tree", getattr(args, "tree", None), 1)
+    if args.model is not None:
+        _check_model_name("--model", args.model)
+    if getattr(args, "draft_model", None):
+        _check_model_name("--draft-model", args.draft_model)
+    corpus = getattr(args, "corpus", None)
+    if corpus and not Path(corpus).expanduser().exists():
+        raise InvalidParamsError(f"--corpus: {corpus!r} does not exist (give a text file or a folder of text files)")
+
+
+def _threads_from_env() -> None:
+    """``LEAPLM_THREADS=N``: torch threads; anything but an integer >= 1 is an error."""
+    value = os.environ.get("LEAPLM_THREADS", "").strip()
+    if not value:
+        return
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise InvalidParamsError(f"LEAPLM_THREADS must be an integer >= 1, got {value!r}")
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="known name (see `leaplm models`), .gguf file, HF folder or hub id; default: smollm2-135m-instruct")
     p.add_argument("--dtype", default=None, help="auto (default: float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + generated tokens")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="cap on prompt + generated tokens, >= 2 (default: the model's context window)")
     p.add_argument("--quantization", "-q", default="auto",
                    help="auto (default: int8 for a low-bit GGUF file on CPU, else float) | none (float weights, "
                         "the exact checkpoint) | int8: per-channel int8 weights (leaplm's VNNI kernel or fbgemm, CPU), several times faster, lossy | "
@@ -35,25 +173,35 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree", type=int, default=None, metavar="TOP_K",
                    help="for --spec draft or rasd: draft a token tree branching into the draft's TOP_K best tokens")
     p.add_argument("--num-draft", type=int, default=None,
-                   help="most draft tokens (tree nodes) per step (default: the method's, 8 prompt_lookup / "
+                   help="most draft tokens (tree nodes) per step, >= 1 (default: the method's, 8 prompt_lookup / "
                         "10 copyspec / 24 recycling, aded, retrieval / 16 lookahead / 6 draft)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--temperature", "-t", type=float, default=0.0,
+                   help="0 = greedy (default); otherwise at least 1e-5: sample at this temperature")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the likeliest tokens up to this total probability, in (0, 1] (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the K likeliest tokens (default 0 = off)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than MIN_P times the likeliest one, in [0, 1] (default 0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the prompt or output (default 1 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="in [-2, 2]: subtracted from the logit of every token already generated (default 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="in [-2, 2]: subtracted once per earlier occurrence of a token in the output (default 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="makes sampling reproducible: the same seed gives the same tokens; 0 .. 2**64 - 1")
+    p.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help=f"stop before this string (repeatable). {ESCAPES_HELP}: --stop '\\n\\n' stops at a blank line")
 
 
 def _add_structured_args(p: argparse.ArgumentParser) -> None:
-    s = p.add_argument_group("structured output (at most one; see docs/structured-output.md)")
+    s = p.add_argument_group("structured output (at most one; see docs/structured-output.md)",
+                             "Give enough --max-tokens: output cut at the limit does not parse (a warning says so, "
+                             "and generate exits with status 1).")
     s.add_argument("--json-schema", metavar="FILE", default=None,
                    help="the output is one JSON instance of the JSON Schema in FILE")
     s.add_argument("--regex", metavar="R", default=None, help="the whole output matches regular expression R")
@@ -63,8 +211,6 @@ def _add_structured_args(p: argparse.ArgumentParser) -> None:
 
 
 def _read_text(flag: str, path: str) -> str:
-    from .errors import InvalidParamsError
-
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -95,19 +241,26 @@ def _structured(args) -> dict:
 
 
 def _sampling(args):
+    """The flags' ``SamplingParams``, every check that needs no model done (the constraint's syntax included)."""
     from .sampling import SamplingParams
 
-    return SamplingParams(
+    stops = [unescape(s) for s in args.stop or []]
+    if "" in stops:
+        raise InvalidParamsError("--stop '': an empty stop string would stop nothing")
+    params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, max_tokens=args.max_tokens, stop=stops or None,
         **_structured(args),
     )
+    if params.constraint is not None:
+        from .constrain import check_constraint
+
+        check_constraint(**params.constraint)
+    return params
 
 
 def _speculative(args) -> dict | None:
-    from .errors import InvalidParamsError
-
     num_draft = getattr(args, "num_draft", None)
     method = getattr(args, "spec", None) or ("draft" if getattr(args, "draft_model", None) else None)
     if method is None:
@@ -134,9 +287,57 @@ def _speculative(args) -> dict | None:
     return spec
 
 
+def _prompt(args) -> str:
+    """The PROMPT argument, else stdin (with a hint on a terminal). Empty is an error; whitespace is a prompt."""
+    if args.prompt is not None:
+        prompt = args.prompt
+    else:
+        if sys.stdin.isatty():
+            _info("reading the prompt from stdin (end with Ctrl-D)")
+        prompt = sys.stdin.read()
+    if prompt == "":
+        raise InvalidParamsError("the prompt is empty: give it as an argument or on stdin")
+    return prompt
+
+
+def _uses_native_ops(args) -> bool:
+    """Whether loading this model builds leaplm's C++ ops: CPU with int8 / int4 weights (``auto`` on a low-bit
+    GGUF file included) or ``--compile``. False where that is not known yet (a model still to download)."""
+    import torch
+
+    from . import hub
+    from .llm import parse_dtype
+    from .quant import resolve_quantization
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cpu":
+        return False
+    if getattr(args, "compile", False):
+        return True
+    try:
+        path = hub.resolve(args.model or hub.DEFAULT_MODEL, download=False)
+        mode = resolve_quantization(getattr(args, "quantization", None), path, device, parse_dtype(args.dtype, device))
+    except LeapLMError:   # not downloaded yet, or unreadable: the load says what is wrong
+        return False
+    return mode in ("int8", "int4")
+
+
+def _build_native_ops(args) -> None:
+    """Build leaplm's C++ ops before the load, with a spinner, when this machine has not built them yet and the
+    load needs them (it would build them anyway, about a minute, once; ``leaplm.native.load`` prints a line
+    saying so)."""
+    from . import native
+
+    if not native.needs_build() or not _uses_native_ops(args):
+        return
+    with _status("compiling native ops (first run only, about a minute)"):
+        native.load()
+
+
 def _load(args):
     from .llm import LLM
 
+    _build_native_ops(args)
     started = time.perf_counter()
     compiling = " and compiling its decode step (up to a few minutes the first time)" if getattr(args, "compile", False) else ""
     with _status(f"loading {args.model or 'smollm2-135m-instruct'}{compiling}"):
@@ -150,13 +351,37 @@ def _load(args):
     return llm
 
 
+_INCOMPLETE = {"json_schema": "is not a complete JSON instance of the schema (it does not parse)",
+               "json_object": "is not a complete JSON object (it does not parse)",
+               "regex": "does not match the regex", "grammar": "does not complete the grammar"}
+
+
+def unfinished_constraint(llm, params, out) -> str | None:
+    """Why ``out`` does not satisfy ``params``' structured-output request — it was cut at the token limit
+    (finish reason ``length``) where its grammar cannot end — or None when it does, or when there is none."""
+    if params.constraint is None or out.finish_reason != "length":
+        return None
+    cursor = llm.compile_constraint(params).new()
+    cursor.advance(out.token_ids)
+    if cursor.can_stop():
+        return None
+    limit = (f"--max-tokens {params.max_tokens}" if len(out.token_ids) >= params.max_tokens
+             else "the end of the context window")
+    return (f"the output was cut at {limit} (finish reason length) and {_INCOMPLETE[next(iter(params.constraint))]}; "
+            "give a larger --max-tokens")
+
+
 def cmd_generate(args) -> int:
+    if args.system is not None and not args.chat:
+        raise InvalidParamsError("--system needs --chat (the system message goes into the chat template)")
     params = _sampling(args)  # validate before the (slow) load
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    _check_model_args(args)
+    prompt = _prompt(args)
     llm = _load(args)
     llm.compile_constraint(params)  # a schema the grammar engine cannot take fails here, before generating
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
+                   [{"role": "user", "content": prompt}]
         ids = llm.chat_prompt(messages)
     else:
         ids = llm.encode(prompt)
@@ -178,14 +403,20 @@ def cmd_generate(args) -> int:
         speed += f", {m['forced_tokens']} tokens forced by the grammar (jump-forward)"
     _info(f"{m['output_tokens']} tokens ({out.finish_reason}), prompt {m['prompt_tokens']} tokens, "
           f"ttft {m['ttft_s'] * 1000:.0f} ms{speed}")
+    unfinished = unfinished_constraint(llm, params, out)
+    if unfinished:
+        _info(f"warning: {unfinished}")
+        return 1
     return 0
 
 
 def cmd_chat(args) -> int:
     params = _sampling(args)
+    _check_model_args(args)
     llm = _load(args)
     llm.compile_constraint(params)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    first = [{"role": "system", "content": args.system}] if args.system is not None else []
+    messages = list(first)
     _info("chat: type a message; /reset clears the conversation, /exit (or Ctrl-D) quits")
     while True:
         try:
@@ -196,7 +427,7 @@ def cmd_chat(args) -> int:
         if user.strip() in ("/exit", "/quit"):
             return 0
         if user.strip() == "/reset":
-            messages = messages[:1] if args.system else []
+            messages = list(first)
             continue
         if not user.strip():
             continue
@@ -214,11 +445,16 @@ def cmd_chat(args) -> int:
             print(f"\nerror: {e} (use /reset to start over)", file=sys.stderr)
             messages.pop()
             continue
+        else:
+            unfinished = unfinished_constraint(llm, params, llm.last_output)
+            if unfinished:
+                _info(f"warning: {unfinished}")
         messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
 def cmd_models(args) -> int:
     from . import hub
+    from .errors import ModelNotFoundError
 
     if args.action == "fetch":
         names = args.names or [hub.DEFAULT_MODEL]
@@ -226,8 +462,13 @@ def cmd_models(args) -> int:
             path = hub.fetch(name, progress=True)
             print(f"ok   {name}: {path}")
         return 0
+    unknown = [n for n in args.names if n not in hub.KNOWN_MODELS]
+    if unknown:
+        raise ModelNotFoundError(f"unknown model name {unknown[0]!r}; known: {', '.join(hub.KNOWN_MODELS)}")
     print(f"known models (stored in {hub.models_dir()}):")
     for model, path in hub.list_models():
+        if args.names and model.name not in args.names:
+            continue
         where = str(path) if path else f"not downloaded (leaplm models fetch {model.name})"
         print(f"  {model.name:<30} {model.params:>5}  {model.description}\n  {'':<30} {'':>5}  {where}")
     return 0
@@ -236,6 +477,12 @@ def cmd_models(args) -> int:
 def cmd_profile(args) -> int:
     from .bench.roofline import format_roofline, roofline
 
+    if args.out is not None and not args.verify_curve:
+        raise InvalidParamsError("--out is only used with --verify-curve")
+    _at_least("--threads", args.threads, 1)
+    _at_least("--context", args.context, 1)
+    _check_model_args(args)
+    out = prepare_out_dir(args.out) if args.out is not None else None
     if args.threads:
         import torch
 
@@ -251,9 +498,7 @@ def cmd_profile(args) -> int:
         curve["model"] = llm.model_path.name
         curve["quantization"] = llm.model.quantization
         print(format_verify_curve(curve))
-        if args.out:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
+        if out is not None:
             (out / "verify_curve.json").write_text(json.dumps(curve, indent=2))
             plot_verify_curve(curve, out / "verify_curve.png", title=f"{llm.model_path.name}"
                               f"{' ' + llm.model.quantization if llm.model.quantization else ''}: verification cost vs nodes")
@@ -266,12 +511,16 @@ def cmd_profile(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leaplm", description="Fast and faithful LLM text generation.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="complete one prompt (or chat turn with --chat)")
-    g.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin)")
+    g = sub.add_parser("generate", help="complete one prompt (or chat turn with --chat)",
+                       description="Complete PROMPT; the text goes to stdout, load time and speed to stderr. "
+                                   "Exit status: 0 done, 1 structured output cut at the token limit, 2 bad input.")
+    g.add_argument("prompt", nargs="?", default=None,
+                   help="the prompt (default: read stdin); empty is an error, whitespace is a prompt")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--system", default=None, help="system message (needs --chat)")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     _add_model_args(g)
     _add_sampling_args(g)
@@ -285,9 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_structured_args(c)
     c.set_defaults(func=cmd_chat, temperature=0.0)
 
-    m = sub.add_parser("models", help="list known models, or `models fetch NAME` to download one")
+    m = sub.add_parser("models", help="list known models (all, or the NAMEs given), or `models fetch NAME` to download one")
     m.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
-    m.add_argument("names", nargs="*")
+    m.add_argument("names", nargs="*", metavar="NAME", help="known model names (list: only these; fetch: default smollm2-135m-instruct)")
     m.set_defaults(func=cmd_models)
 
     pr = sub.add_parser("profile", help="decode speed vs the memory-bandwidth ceiling, and where the time goes")
@@ -295,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--verify-curve", action="store_true",
                     help="instead: time one verification pass vs the number of draft tree nodes (0..64)")
     pr.add_argument("--context", type=int, default=512, help="context length for --verify-curve (default 512)")
-    pr.add_argument("--out", default=None, help="with --verify-curve: folder for verify_curve.json and .png")
+    pr.add_argument("--out", default=None,
+                    help="with --verify-curve: folder for verify_curve.json and .png (created and checked first)")
     _add_model_args(pr)
     pr.set_defaults(func=cmd_profile)
 
@@ -339,11 +589,8 @@ class _status:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if os.environ.get("LEAPLM_THREADS"):
-        import torch
-
-        torch.set_num_threads(int(os.environ["LEAPLM_THREADS"]))
     try:
+        _threads_from_env()
         return int(args.func(args) or 0)
     except LeapLMError as e:
         if os.environ.get("LEAPLM_DEBUG"):

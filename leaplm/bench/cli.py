@@ -85,9 +85,12 @@ def _command(args) -> list[str]:
 
 
 def main(args) -> int:
+    from ..cli import check_device, prepare_out_dir
     from .report import print_table, write_all
     from .runner import BenchConfig, run_bench
 
+    check_device(args.device)
+    prepare_out_dir(args.out)   # a folder that cannot be written fails now, not after the whole run
     cfg = BenchConfig(
         workload=args.workload, model=args.model, draft_model=args.draft_model, limit=args.limit,
         max_tokens=args.max_tokens, methods=args.methods, peers=args.peers, temperature=args.temperature,

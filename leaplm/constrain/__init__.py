@@ -35,8 +35,8 @@ from .base import (CompiledConstraint, Constraint, allocate_bitmask, apply_bitma
 
 # The backend (and with it the llguidance package) loads on first use, so the engine and plain
 # generation import without it — e.g. on a machine that has torch but not llguidance.
-_BACKEND = ("DEFAULT_TIMEOUT_S", "LLGuidanceConstraint", "LLGuidanceGrammar", "clear_cache", "compile_constraint",
-            "fill_bitmasks", "llguidance_tokenizer")
+_BACKEND = ("DEFAULT_TIMEOUT_S", "LLGuidanceConstraint", "LLGuidanceGrammar", "check_constraint", "clear_cache",
+            "compile_constraint", "fill_bitmasks", "llguidance_tokenizer")
 
 
 def __getattr__(name: str):

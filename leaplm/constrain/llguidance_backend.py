@@ -393,18 +393,13 @@ def _llg_grammar(kind: str, text: str, whitespace_flexible: bool) -> str:
     try:
         lark = any_to_lark(text)
     except Exception as ex:  # noqa: BLE001 - the GBNF converter raises plain exceptions
-        raise InvalidConstraintError(f"{_PREFIX[kind]}: not valid Lark, and not convertible from GBNF: {ex}") from None
+        raise ValueError(f"not valid Lark, and not convertible from GBNF: {ex}") from None   # callers add the prefix
     return LLMatcher.grammar_from_lark(lark)
 
 
-def compile_constraint(tokenizer: Any, json_schema: Any = None, regex: str | None = None, grammar: str | None = None,
-                       json_object: bool = False, *, vocab_size: int | None = None,
-                       whitespace_flexible: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> LLGuidanceGrammar:
-    """Compile exactly one of ``json_schema`` (dict, bool or JSON text), ``regex``, ``grammar`` (Lark or GBNF) or
-    ``json_object=True`` (any JSON object) for ``tokenizer`` and a model with ``vocab_size`` logits.
-
-    Raises ``InvalidConstraintError`` (bad or unsupported input, unsatisfiable, over the limits or ``timeout_s``),
-    ``UnsupportedModelError`` (a tokenizer llguidance cannot read)."""
+def _source(json_schema: Any, regex: str | None, grammar: str | None, json_object: bool) -> tuple[str, str]:
+    """The one constraint asked for -> (kind, its text); raises ``InvalidConstraintError`` for none or several,
+    a schema that is not JSON / not an object or boolean / ``false``, a regex or grammar that is not a string."""
     given = [k for k, v in (("json_schema", json_schema is not None), ("regex", regex is not None),
                             ("grammar", grammar is not None), ("json_object", bool(json_object))) if v]
     if len(given) != 1:
@@ -434,6 +429,38 @@ def compile_constraint(tokenizer: Any, json_schema: Any = None, regex: str | Non
         text = regex if kind == "regex" else grammar
         if not isinstance(text, str):
             raise InvalidConstraintError(f"{kind} must be a string, got {type(text).__name__}")
+    return kind, text
+
+
+def check_constraint(json_schema: Any = None, regex: str | None = None, grammar: str | None = None,
+                     json_object: bool = False, *, whitespace_flexible: bool = False) -> None:
+    """Raise ``InvalidConstraintError`` (the same message ``compile_constraint`` gives) for a constraint that is
+    wrong whatever the tokenizer: not exactly one kind, a schema that is not JSON or uses a keyword llguidance does
+    not implement, a regex or grammar that does not parse. Needs no tokenizer or model (milliseconds), so a caller
+    can check before a slow model load; passing does not promise that ``compile_constraint`` succeeds (resource
+    limits, the time limit and the tokenizer are checked only there)."""
+    kind, text = _source(json_schema, regex, grammar, json_object)
+    try:
+        llg = _llg_grammar(kind, text, whitespace_flexible)
+    except ValueError as ex:
+        raise InvalidConstraintError(f"{_PREFIX[kind]}: {ex}") from None
+    error = LLMatcher.validate_grammar(llg, None)
+    if error:
+        reason = _reason(error)
+        hint = (" (llguidance does not implement these JSON-schema keywords; remove them)"
+                if "Unimplemented keys" in reason else "")
+        raise InvalidConstraintError(f"{_PREFIX[kind]}: {reason}{hint}")
+
+
+def compile_constraint(tokenizer: Any, json_schema: Any = None, regex: str | None = None, grammar: str | None = None,
+                       json_object: bool = False, *, vocab_size: int | None = None,
+                       whitespace_flexible: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> LLGuidanceGrammar:
+    """Compile exactly one of ``json_schema`` (dict, bool or JSON text), ``regex``, ``grammar`` (Lark or GBNF) or
+    ``json_object=True`` (any JSON object) for ``tokenizer`` and a model with ``vocab_size`` logits.
+
+    Raises ``InvalidConstraintError`` (bad or unsupported input, unsatisfiable, over the limits or ``timeout_s``),
+    ``UnsupportedModelError`` (a tokenizer llguidance cannot read)."""
+    kind, text = _source(json_schema, regex, grammar, json_object)
     if not timeout_s > 0:
         raise InvalidConstraintError(f"timeout_s must be > 0, got {timeout_s!r}")
     v = int(vocab_size or tokenizer.vocab_size)

@@ -114,9 +114,11 @@ def _setup(args):
     import torch
 
     from .. import hub
+    from ..cli import check_device
     from ..errors import InvalidParamsError
     from ..llm import parse_dtype
 
+    check_device(args.device)
     if args.threads is not None:
         if args.threads < 1:
             raise InvalidParamsError(f"--threads must be >= 1, got {args.threads}")
@@ -175,6 +177,7 @@ def _info(msg: str) -> None:
 def main_perplexity(args) -> int:
     import torch
 
+    from ..cli import prepare_out_dir
     from ..errors import InvalidParamsError, ModelNotFoundError
     from ..models.load import build_model
     from ..tokenizer import Tokenizer
@@ -184,6 +187,8 @@ def main_perplexity(args) -> int:
     check_text_spec(args.text, args.limit)
     if args.max_len < 2 or (args.stride is not None and not 1 <= args.stride < args.max_len):
         raise InvalidParamsError(f"need --max-len >= 2 and 1 <= --stride < --max-len, got {args.max_len} / {args.stride}")
+    if args.out is not None:
+        prepare_out_dir(args.out)   # fail now, not after the whole evaluation
     path, device, dtype = _setup(args)
     modes = resolve_modes(modes, path, device, dtype)
     try:
@@ -243,7 +248,7 @@ def perplexity_rows(modes: dict) -> list[list[str]]:
 
 
 def main_humaneval(args) -> int:
-    from ..cli import _speculative
+    from ..cli import _check_model_args, _speculative, prepare_out_dir
     from ..errors import InvalidParamsError
     from ..llm import LLM
     from .humaneval import CHAT_INSTRUCTION, STOP_SEQUENCES, evaluate, load_problems
@@ -253,6 +258,9 @@ def main_humaneval(args) -> int:
         raise InvalidParamsError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.timeout <= 0:
         raise InvalidParamsError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    _check_model_args(args, quantization=False)   # --quantization is a list here: parse_modes
+    if args.out is not None:
+        prepare_out_dir(args.out)   # fail now, not after the whole evaluation
     problems = load_problems(args.problems, args.limit)
     spec = _speculative(args)
     path, device, dtype = _setup(args)
