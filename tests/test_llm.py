@@ -7,6 +7,8 @@ import torch
 from leaplm import LLM, SamplingParams
 from leaplm.errors import InvalidParamsError, ModelNotFoundError, PromptTooLongError
 
+from .engine_helpers import Oracle
+
 pytestmark = pytest.mark.real
 
 PROMPTS = [
@@ -22,11 +24,28 @@ def llm(smollm_gguf):
     return LLM(str(smollm_gguf), quantization=None)   # float weights: the checkpoint transformers runs
 
 
-def test_a_low_bit_gguf_loads_int8_by_default(smollm_gguf):
-    auto = LLM(str(smollm_gguf), max_model_len=64)
-    assert auto.quantization == "int8" and auto.model.quantization == "int8"
-    out = auto.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=6))[0]
-    assert len(out.token_ids) == 6
+@pytest.fixture(scope="module")
+def int8_llm(smollm_gguf):
+    return LLM(str(smollm_gguf), max_model_len=128)   # quantization "auto"
+
+
+def test_a_low_bit_gguf_loads_int8_by_default(int8_llm):
+    assert int8_llm.quantization == "int8" and int8_llm.model.quantization == "int8"
+    out = int8_llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=6))[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"
+
+
+def test_partly_wrong_drafts_give_exactly_int8_vanilla(int8_llm):
+    """KV rollback and tree compaction in a real generation: drafts that are the greedy answer with one
+    wrong token (accepting 0..k tokens, in turn), as chains and as trees behind a decoy branch."""
+    prompt = int8_llm.chat_prompt([{"role": "user", "content": "Write a short poem about the sea."}])
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    vanilla = int8_llm.generate([prompt], params, use_tqdm=False)[0].token_ids
+    for tree in (False, True):
+        oracle = Oracle([prompt + vanilla], tree=tree, vocab_size=int8_llm.config.vocab_size)
+        out = int8_llm.generate([prompt], params, use_tqdm=False, speculative=oracle)[0]
+        assert out.token_ids == vanilla, tree
+        assert 0 < out.metrics["accepted"] < out.metrics["drafted"], out.metrics
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +68,21 @@ def test_greedy_equals_transformers_on_several_prompts(llm, hf_model):
         assert out.text == llm.tokenizer.decode(out.token_ids)
 
 
-def test_chat_template_and_eos(llm):
-    out = llm.chat([{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0, max_tokens=64))[0]
-    assert out.finish_reason in ("stop", "length") and out.text.strip()
-    rendered = llm.tokenizer.render_chat([{"role": "user", "content": "Say hello."}])
-    assert rendered.rstrip().endswith("<|im_start|>assistant")
-    if out.finish_reason == "stop":
-        assert out.token_ids[-1] in llm.tokenizer.eos_token_ids
+def test_chat_prompts_with_the_template_and_stops_at_eos(llm):
+    """The prompt is the GGUF's chat template rendered by transformers with the assistant generation
+    prompt; SmolLM2's greedy answer to this one ends with <|im_end|> well before max_tokens."""
+    from leaplm.tokenizer import gguf_tokenizer_metadata
+
+    messages = [{"role": "system", "content": "You are a friendly assistant."}, {"role": "user", "content": "Say hello."}]
+    template = gguf_tokenizer_metadata(llm.model_path)["tokenizer.chat_template"]
+    expected = llm.tokenizer.hf.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                    tokenize=True)
+    out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0]
+    assert out.prompt_token_ids == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    header = llm.tokenizer.hf.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    assert out.prompt_token_ids[-len(header):] == header
+    assert out.finish_reason == "stop" and out.token_ids[-1] == llm.tokenizer.hf.convert_tokens_to_ids("<|im_end|>")
+    assert len(out.token_ids) < 64 and out.text.strip()
 
 
 def test_stream_concatenates_to_the_generated_text(llm):
@@ -124,8 +151,9 @@ def test_array_prompts_and_stop_string_on_the_last_token(llm):
     for prompt in (torch.tensor(ids), np.array(ids), [np.int64(t) for t in ids]):
         out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
         assert len(out) == 1 and out[0].token_ids == expected.token_ids
-    last_piece = llm.tokenizer.decode(expected.token_ids[-1:])
-    if last_piece.strip():
-        out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=6, stop=[last_piece.strip()]),
-                           use_tqdm=False)[0]
-        assert out.finish_reason == "stop"
+    # the last allowed token completes a stop string: "stop", not "length" (" Paris.\n\nThe answer")
+    stop = llm.tokenizer.decode(expected.token_ids[-1:]).strip()
+    assert stop and stop not in llm.tokenizer.decode(expected.token_ids[:-1]), expected.text
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=6, stop=[stop]), use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.token_ids == expected.token_ids
+    assert out.text == expected.text[: expected.text.index(stop)]

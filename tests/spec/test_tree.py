@@ -9,9 +9,10 @@ from leaplm.cache.kv import KVCache
 from leaplm.engine import Engine
 from leaplm.models.load import build_model
 from leaplm.quant import quantize_model
-from leaplm.sampling import SamplingParams
+from leaplm.sampling import SamplingParams, TokenHistory, probabilities
 from leaplm.spec.drafters import Draft, Drafter
 from leaplm.spec.tree import ancestor_matrix, chain_parents, check_tree, children, compaction, depths, path_to
+from leaplm.spec.verify import target_argmax, target_probabilities
 
 from .cases import greedy_equals_vanilla_on_ragged_batch, run
 
@@ -55,6 +56,38 @@ def test_compaction_moves_the_accepted_path_into_place():
     cache.k[0][0, 0, :, 0] = torch.arange(8.0)
     cache.move(0, [(2 + a, 2 + b) for a, b in compaction([1, 4])])
     assert cache.k[0][0, 0, :5, 0].tolist() == [0, 1, 2, 4, 7]   # root at slot 2, then feeds 2 and 5
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.7, top_p=0.9, presence_penalty=1.0, frequency_penalty=0.5, repetition_penalty=1.3),
+    SamplingParams(temperature=1.3, top_k=5, frequency_penalty=2.0),
+    SamplingParams(temperature=0, presence_penalty=2.0, repetition_penalty=1.5),
+], ids=["all-penalties-top-p", "frequency-top-k", "greedy"])
+def test_tree_penalties_count_each_node_s_root_to_node_path(params):
+    """Row 1 + i of a tree's target distributions is the chain distribution after the path to node i:
+    penalties count the output so far plus exactly that path - not the siblings or the other branches
+    that come earlier in feed order. The history itself is left as it was."""
+    vocab = 12
+    tokens = [3, 4, 5, 6, 7, 8]    # on PARENTS: node 4's path is [1, 4], its feed-order prefix also holds 0, 2, 3
+    logits = torch.randn(1 + len(tokens), vocab, generator=torch.Generator().manual_seed(0)) * 2
+    logits[:, 5] += 4      # token 5 (node 2) leads unless penalized: e.g. after node 3, whose feed prefix holds it
+    history = TokenHistory(vocab, [1, 5], "cpu")
+    history.add([3, 9, 9])
+    before = history.counts.clone()
+    probs = target_probabilities(logits, params, history, tokens, PARENTS)
+    choices = target_argmax(logits, params, history, tokens, PARENTS)
+    differs = 0
+    for f in range(1 + len(tokens)):
+        path = [tokens[i] for i in path_to(PARENTS, f - 1)] if f else []
+        on_path, in_feed_order = TokenHistory(vocab, [1, 5], "cpu"), TokenHistory(vocab, [1, 5], "cpu")
+        on_path.add([3, 9, 9] + path)
+        in_feed_order.add([3, 9, 9] + tokens[: f])
+        expected = probabilities(logits[f: f + 1], params, on_path)[0]
+        assert torch.allclose(probs[f], expected, atol=1e-6), f
+        assert choices[f] == int(expected.argmax()), f
+        differs += not torch.allclose(expected, probabilities(logits[f: f + 1], params, in_feed_order)[0], atol=1e-6)
+    assert differs > 0   # the case tells the path from the feed order apart
+    assert torch.equal(history.counts, before)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "mistral-sliding", "gemma3", "qwen3-qknorm"])
