@@ -588,7 +588,9 @@ class _status:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = ["leaplm"] + argv   # the command as given, for reports (bench, eval results.json)
     try:
         _threads_from_env()
         return int(args.func(args) or 0)
