@@ -1,9 +1,11 @@
 """int4 weights (quant/int4.py + leaplm_native::int4_linear): the packing round-trips a 4-bit grid, the
-kernel matches the dequantized weight within activation-quantization error, rows are bit-identical
+kernel matches the dequantized weight within activation-quantization error and computes its own quantized
+arithmetic exactly (up to float32 rounding) at every width from 1 to 16 rows, rows are bit-identical
 whatever the batch and thread count, and an int4 model decodes deterministically, close to float, with
 speculation equal to its own greedy output."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +53,74 @@ def test_kernel_matches_the_dequantized_weight(in_f):
     assert y.shape == (6, 40)
     # activations are int8 per group of 32: ~0.5% relative error per product, less on the sum
     assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def _kernel_reference(module: Int4Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``int4_linear`` computes (native/decode_ops.cpp), exactly, in float64: each row's activations are
+    quantized per group of 32 as the kernel does in float32 (``xs = max|x| / 127``, ``xq = round(x * (127 /
+    max|x|))`` to nearest even, clamped to +-127), then ``y[o] = sum_g xs_g * (scale[o, g] * (q[o, g] . xq_g) +
+    minv[o, g] * sum(xq_g))`` (+ bias). Returns (y, the sum of the magnitudes of those 2G products and of the
+    bias: the kernel's float32 roundings are relative to it; a group's two products often nearly cancel)."""
+    in_p = module.qweight.shape[1] * 32
+    xp = torch.nn.functional.pad(x.float(), (0, in_p - x.shape[1])).view(x.shape[0], -1, 32)     # [M, G, 32]
+    amax = xp.abs().amax(-1, keepdim=True)
+    xs = amax / 127.0                                                      # float32, as the kernel
+    with np.errstate(divide="ignore"):   # float32 division as C++ rounds it (torch's 127 / t is 127 * (1 / t))
+        inv = torch.from_numpy(np.where(amax.numpy() > 0, np.float32(127) / amax.numpy(), np.float32(0)))
+    xq = torch.round(xp * inv).clamp(-127, 127).double()                    # exact small integers
+    q = unpack_int4(module.qweight, module.out_features).double()           # [N, G, 32]
+    G = q.shape[1]
+
+    def per_output(t: torch.Tensor) -> torch.Tensor:                        # [B, G, 16] -> [N, G]
+        return t.transpose(1, 2).reshape(-1, G)[: module.out_features].double()
+
+    scale, minv = per_output(module.scale), per_output(module.minv)
+    dots = torch.einsum("ngk,mgk->mng", q, xq)                              # integer dot products [M, N, G]
+    xs = xs.double().view(x.shape[0], 1, G)
+    weighted, shifted = xs * scale * dots, xs * minv * xq.sum(-1)[:, None, :]   # the kernel's two products
+    y, size = (weighted + shifted).sum(-1), (weighted.abs() + shifted.abs()).sum(-1)
+    if module.bias is not None:
+        y, size = y + module.bias.double(), size + module.bias.double().abs()
+    return y, size
+
+
+def _rows(m: int, in_f: int, seed: int) -> torch.Tensor:
+    """``m`` rows of very different scales, one with an outlier and one with an all-zero group of 32."""
+    x = torch.randn(m, in_f, generator=torch.Generator().manual_seed(seed)) * torch.logspace(-2, 1, m)[:, None]
+    x[0, 3] *= 40
+    x[-1, 32:64] = 0.0
+    return x
+
+
+@pytest.fixture(scope="module")
+def int4_module():
+    """40 outputs (the last block of 16 padded), 100 inputs (padded to 128 with zero columns), with bias."""
+    gen = torch.Generator().manual_seed(11)
+    return Int4Linear.from_weight(torch.randn(40, 100, generator=gen) * 0.05, bias=torch.randn(40, generator=gen))
+
+
+@pytest.mark.parametrize("m", range(1, 17))   # 1: decoding; 2..16: verification passes of a chain or a tree
+def test_kernel_computes_the_exact_dequantized_arithmetic(m, int4_module):
+    """Every output equals the kernel's arithmetic done exactly (``_kernel_reference``) up to the float32
+    rounding of its steps: per group two products and two fused multiply-adds, then the bias, each within
+    2**-24 of the products' magnitudes (~7e-7 in all for 4 groups). A 1% error (an output or an activation
+    scale off by 1%) is over 1e3 times that."""
+    x = _rows(m, 100, seed=m)
+    y = int4_module(x)
+    ref, size = _kernel_reference(int4_module, x)
+    groups = int4_module.qweight.shape[1]
+    err = ((y.double() - ref).abs() / size).max().item()
+    assert err <= (2 * groups + 4) * 2.0 ** -24, (
+        f"int4 kernel off the exact arithmetic by {err:.3g} of its terms' magnitude ({m} rows)")
+
+
+@pytest.mark.parametrize("m", range(2, 17))
+def test_each_row_equals_its_single_row_call_bit_for_bit(m, int4_module):
+    """Batch invariance at every verification width: row i of an m-row call is the 1-row call on row i."""
+    x = _rows(m, 100, seed=100 + m)
+    full = int4_module(x)
+    for i in range(m):
+        assert torch.equal(int4_module(x[i: i + 1]), full[i: i + 1]), f"row {i} of {m} differs from its own call"
 
 
 def test_rows_are_bit_identical_whatever_the_batch_and_threads():

@@ -1,15 +1,18 @@
-"""Int8 projections: close to the float reference, bit-identical per row whatever the batch, and a
-quantized model stays exact under speculation (greedy) relative to itself."""
+"""Int8 projections: close to the float reference, the native kernel's quantized arithmetic exact (up to
+float32 rounding), bit-identical per row whatever the batch, and a quantized model stays exact under
+speculation (greedy) relative to itself."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from leaplm import native
 from leaplm.engine import Engine
 from leaplm.errors import InvalidParamsError
 from leaplm.models.load import build_model
 from leaplm.quant import check_quantization, quantize_model
-from leaplm.quant.int8 import Int8Linear, quantize_weight
+from leaplm.quant.int8 import Int8Linear, quantize_weight, unpack_int8
 from leaplm.sampling import SamplingParams
 from leaplm.spec.drafters import PromptLookup
 
@@ -45,6 +48,43 @@ def test_each_row_is_bit_identical_whatever_else_is_in_the_batch():
     for i in range(7):
         assert torch.equal(lin(x[i: i + 1]), full[i: i + 1])
     assert torch.equal(lin(x[2:5]), full[2:5])
+
+
+def _kernel_reference(lin: Int8Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``leaplm_native::int8_linear`` computes (native/decode_ops.cpp), exactly, in float64: each row's
+    activations quantized as the kernel does in float32 (``xs = max|x| / 127``, ``xq = round(x * (127 / max|x|))``
+    to nearest even, clamped to +-127), then ``y = (xq . q[o]) * xs * wscale[o]`` (+ bias). Returns (y, |y|
+    before the bias + |bias|: what the kernel's float32 roundings are relative to)."""
+    amax = x.abs().amax(-1, keepdim=True)
+    xs = amax / 127.0                                                  # float32, as the kernel
+    with np.errstate(divide="ignore"):   # float32 division as C++ rounds it (torch's 127 / t is 127 * (1 / t))
+        inv = torch.from_numpy(np.where(amax.numpy() > 0, np.float32(127) / amax.numpy(), np.float32(0)))
+    xq = torch.round(x * inv).clamp(-127, 127).double()
+    q = unpack_int8(lin.qweight, lin.out_features, lin.in_features).double()
+    y = (xq @ q.T) * xs.double() * lin.wscale[: lin.out_features].double()   # integer sums: exact in float64
+    size = y.abs()
+    if lin.bias is not None:
+        y, size = y + lin.bias.double(), size + lin.bias.double().abs()
+    return y, size
+
+
+@pytest.mark.skipif(not native.fast_int8(), reason="the exact arithmetic of leaplm's native int8 kernel")
+@pytest.mark.parametrize("m", [*range(1, 17), 17, 40])   # decoding, verification widths, the wide-pass tilings
+def test_native_kernel_computes_the_exact_quantized_arithmetic(m):
+    """Each output is the exact integer dot product scaled by ``xs * wscale`` (``_kernel_reference``) up to
+    three float32 roundings (the scales' product, the output, the bias: 3 * 2**-24 of its magnitude); a 1%
+    error is ~5e4 times that. And each row equals its own one-row call, bit for bit."""
+    gen = torch.Generator().manual_seed(20 + m)
+    lin = Int8Linear.from_weight(torch.randn(200, 96, generator=gen) * 0.05, torch.randn(200, generator=gen))
+    assert lin.native
+    x = torch.randn(m, 96, generator=gen) * torch.logspace(-2, 1, m)[:, None]
+    x[-1, 5] *= 30   # an outlier sets its row's scale
+    y = lin(x)
+    ref, size = _kernel_reference(lin, x)
+    err = ((y.double() - ref).abs() / size.clamp_min(1e-30)).max().item()
+    assert err <= 3 * 2.0 ** -24, f"int8 kernel off the exact arithmetic by {err:.3g} of the output ({m} rows)"
+    for i in range(m):
+        assert torch.equal(lin(x[i: i + 1]), y[i: i + 1]), f"row {i} of {m} differs from its own call"
 
 
 def test_bad_quantization_requests_are_refused():

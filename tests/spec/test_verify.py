@@ -7,7 +7,11 @@ import torch
 from leaplm.sampling import SamplingParams, TokenHistory, probabilities
 from leaplm.spec.verify import target_probabilities, verify_greedy, verify_sampling
 
+from .chi_square import ALPHA, rows_p
+
 V = 5
+
+pytestmark = pytest.mark.usefixtures("single_thread")   # loops of tiny ops (tests/spec/conftest.py)
 
 
 def test_greedy_accepts_the_matching_prefix_then_the_target_token():
@@ -123,6 +127,73 @@ def _chi_square_loose(counts, expected_probs, n):
     expected = expected_probs.flatten() * n
     keep = expected > 5
     return float(((counts.flatten()[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
+
+
+def _close_draft(context: tuple[int, ...]) -> torch.Tensor:
+    """A draft distribution that resembles the target's, as a real draft model's does: sharper than it (so
+    it over-proposes the target's likely tokens, where the acceptance ratio p / q < 1 matters), with noise."""
+    noise = torch.randn(V, generator=torch.Generator().manual_seed(99 + (context[-1] if context else V)))
+    return (2.0 * _toy_target(context) + 0.5 * noise).softmax(-1)
+
+
+def _one_position(params: SamplingParams, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per context (each last token, then none), the processed target ``p`` and the draft's ``q`` (one-hot at
+    q's argmax for a deterministic drafter), ``[V + 1, V]`` each."""
+    ps, qs = [], []
+    for ctx in [(c,) for c in range(V)] + [()]:
+        ps.append(target_probabilities(_toy_target(ctx)[None], params, TokenHistory(V, [], "cpu"), [])[0])
+        q = _close_draft(ctx)
+        qs.append(torch.nn.functional.one_hot(q.argmax(), V).float() if deterministic else q)
+    return torch.stack(ps), torch.stack(qs)
+
+
+def _inflated(p: torch.Tensor, q: torch.Tensor, factor: float) -> torch.Tensor:
+    """The exact output distribution of a one-token verdict that accepts with min(1, factor * p / q) and
+    otherwise draws from norm(max(0, p - q)) (from p when that is empty); factor 1 gives p."""
+    accept = torch.minimum(q, factor * p)
+    residual = (p - q).clamp_min(0)
+    residual = residual / residual.sum() if float(residual.sum()) > 0 else p
+    return accept + (1 - accept.sum()) * residual
+
+
+# One-token drafts, verdicts counted per context, each context's counts against its own p. Each p is sharp
+# (temperature < 1, or cut by top-k / top-p) and q over-proposes its likely tokens, so an acceptance rule
+# inflated by 11% moves ~0.11 p(x) of mass where p(x) is large: the chi-square noncentrality is ~0.1 per
+# verdict of every context together, ~80 for the 800 verdicts per context below, where p = 0.001 needs
+# ~45 (measured with that bug planted in verify_sampling / verify_tree_sampling: p-values 1e-10 and less,
+# here and in test_verify_tree). test_the_token_by_token_test_sees_an_11_percent_acceptance_inflation
+# checks the power against the exact inflated distribution.
+ONE_POSITION = [(SamplingParams(temperature=0.7, top_p=0.9), False), (SamplingParams(temperature=1.3, top_k=4), False),
+                (SamplingParams(temperature=0.7, top_p=0.9), True), (SamplingParams(temperature=1.0), True)]
+ONE_POSITION_IDS = ["T0.7-top_p-q", "T1.3-top_k-q", "T0.7-top_p-onehot", "T1-onehot"]
+VERDICTS = 800   # per context
+
+
+@pytest.mark.parametrize("params,deterministic", ONE_POSITION, ids=ONE_POSITION_IDS)
+def test_speculative_sampling_reproduces_the_target_distribution_token_by_token(params, deterministic):
+    """verify_sampling on one-token drafts drawn from q (or q's argmax), 800 verdicts per context: each
+    context's first output token is distributed as its processed target p (chi-square p-value > ALPHA)."""
+    p, q = _one_position(params, deterministic)
+    gen = torch.Generator().manual_seed(99)
+    counts = torch.zeros(V + 1, V)
+    for c in range(V + 1):
+        for x in torch.multinomial(q[c], VERDICTS, replacement=True, generator=gen).tolist():
+            verdict = verify_sampling([x], p[c: c + 1].expand(2, -1), None if deterministic else q[c: c + 1], gen)
+            counts[c, verdict.tokens[0]] += 1
+    pvalue = rows_p(counts, p)
+    assert pvalue > ALPHA, f"p-value {pvalue:.3g}: the first output token is not distributed as p"
+
+
+@pytest.mark.parametrize("params,deterministic", ONE_POSITION, ids=ONE_POSITION_IDS)
+def test_the_token_by_token_test_sees_an_11_percent_acceptance_inflation(params, deterministic):
+    """The test above has the power it claims: counts drawn from the exact output of a verifier that accepts
+    with min(1, 1.11 p / q) fail it by far."""
+    p, q = _one_position(params, deterministic)
+    assert torch.allclose(torch.stack([_inflated(p[c], q[c], 1.0) for c in range(V + 1)]), p, atol=1e-6)
+    gen = torch.Generator().manual_seed(5)
+    counts = torch.stack([torch.bincount(torch.multinomial(_inflated(p[c], q[c], 1.11), VERDICTS, replacement=True,
+                                                           generator=gen), minlength=V) for c in range(V + 1)])
+    assert rows_p(counts, p) < 1e-6
 
 
 def test_target_probabilities_extend_the_history_with_the_draft():

@@ -8,10 +8,13 @@ import torch
 from leaplm.sampling import SamplingParams, TokenHistory, probabilities
 from leaplm.spec.verify import target_probabilities, verify_tree_greedy, verify_tree_sampling
 
-from .test_verify import (CRITICAL, V, _chi_square, _chi_square_loose, _exact_pair_distribution, _toy_draft,
-                          _toy_target, first_two)
+from .chi_square import ALPHA, rows_p
+from .test_verify import (CRITICAL, ONE_POSITION, ONE_POSITION_IDS, V, VERDICTS, _chi_square, _chi_square_loose,
+                          _exact_pair_distribution, _one_position, _toy_draft, _toy_target, first_two)
 
 PARENTS = [-1, -1, 0, 0, 1, 2]   # root -> {0, 1}; 0 -> {2, 3}; 1 -> {4}; 2 -> {5}
+
+pytestmark = pytest.mark.usefixtures("single_thread")   # loops of tiny ops (tests/spec/conftest.py)
 
 
 def test_greedy_follows_the_matching_branch():
@@ -106,3 +109,23 @@ def _wrong_tree_verify(tokens, parents, p, qs, gen):
         left = (residual - q).clamp_min(0)
         residual = left / left.sum()
     return [int(torch.multinomial(residual, 1, generator=gen))]
+
+
+@pytest.mark.parametrize("params,deterministic,width", [(*case, w) for case, w in zip(ONE_POSITION, (2, 3, 3, 2))],
+                         ids=[f"{name}-{w}" for name, w in zip(ONE_POSITION_IDS, (2, 3, 3, 2))])
+def test_recursive_rejection_sampling_reproduces_the_target_distribution_token_by_token(params, deterministic, width):
+    """Siblings only (``width`` children of the root: q's likeliest tokens, or drawn from q without
+    replacement), 800 verdicts per context of test_verify's one-position cases: each context's first output
+    token is distributed as its processed target p (chi-square p-value > ALPHA). q resembles p and
+    over-proposes its likely tokens, so every sibling's acceptance matters (a rule inflated by 11% fails)."""
+    p, q = _one_position(params, False)
+    gen = torch.Generator().manual_seed(7 + width)
+    counts = torch.zeros(V + 1, V)
+    for c in range(V + 1):
+        for _ in range(VERDICTS):
+            siblings = q[c].topk(width).indices.tolist() if deterministic else _without_replacement(q[c], width, gen)
+            verdict = verify_tree_sampling(siblings, [-1] * width, p[c: c + 1].expand(width + 1, -1),
+                                           None if deterministic else q[c: c + 1].expand(width, -1), gen)
+            counts[c, verdict.tokens[0]] += 1
+    pvalue = rows_p(counts, p)
+    assert pvalue > ALPHA, f"p-value {pvalue:.3g}: the first output token is not distributed as p"
