@@ -234,6 +234,32 @@ def test_oracle_drafts_are_accepted_through_the_masks(engine, tok, tree):
     assert sum(r.target_passes for r in spec) < sum(r.target_passes for r in vanilla)
 
 
+def test_a_verdict_cut_for_jump_forward_feeds_only_output_tokens(engine, tok):
+    """Oracle drafts run into the points where the grammar forces tokens, so verdicts are cut after an
+    accepted draft token there. The cache must then hold exactly what vanilla's holds: the keys of the
+    prompt and the output tokens at their positions, nothing the cut verdict dropped (a token re-fed from
+    the cut verdict shifts every later slot, which a tiny model's greedy output can fail to show)."""
+    params = [SamplingParams(temperature=0, max_tokens=n, json_schema=SCHEMAS[s], jump_forward=True)
+              for n, s in ((50, "person"), (45, "consts"))]
+    prompts = PROMPTS[:2]
+    vanilla = engine.start(prompts, params)
+    vanilla.run()
+    outputs = {b: r.output_ids for b, r in enumerate(vanilla.rows)}
+    oracle = OracleDrafter(outputs, {b: len(p) for b, p in enumerate(prompts)}, num_draft=6)
+    spec = engine.start(prompts, params, oracle)
+    spec.run()
+    assert [r.output_ids for r in spec.rows] == [r.output_ids for r in vanilla.rows]
+    assert sum(r.forced_tokens for r in spec.rows) > 0 and sum(r.accepted for r in spec.rows) > 0
+    for b in range(len(prompts)):
+        n = min(vanilla.cache.lengths[b], spec.cache.lengths[b])
+        assert n >= len(prompts[b]) + len(outputs[b]) - 1
+        for layer in range(engine.config.num_layers):
+            k_v, v_v = vanilla.cache.view(layer, n)
+            k_s, v_s = spec.cache.view(layer, n)
+            torch.testing.assert_close(k_s[b], k_v[b], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(v_s[b], v_v[b], atol=1e-4, rtol=1e-4)
+
+
 def test_sampled_constrained_speculation_is_valid_and_seeded(engine, tok):
     params = [SamplingParams(temperature=1.0, top_k=50, seed=s, max_tokens=50, json_schema=SCHEMAS["person"],
                              repetition_penalty=1.1) for s in (1, 2, 3)]
