@@ -29,7 +29,7 @@ class _PieceDetok:
 
 
 class _PieceTokenizer:
-    PIECES = ["ab", "c", "d", "ef", "\n", "\n\n", "x"]
+    PIECES = ["ab", "c", "d", "ef", "\n", "\n\n", "x", "c-ef"]
 
     def detokenizer(self, prompt_ids=(), skip_special_tokens=True):
         return _PieceDetok(self.PIECES)
@@ -63,6 +63,13 @@ def test_first_completed_stop_wins_as_in_plain_decoding():
     plain = _track([[0], [1], [2], [3]], ["abcd", "c"])
     spec = _track([[0, 1, 2, 3]], ["abcd", "c"])
     assert (spec.text, spec.kept_tokens) == (plain.text, plain.kept_tokens) == ("ab", 2)
+
+
+def test_earliest_stop_in_the_text_wins_not_the_first_listed():
+    t = _track([[0, 7]], ["ef", "c"])            # "ab" + "c-ef": both stops arrive with one token
+    assert (t.text, t.kept_tokens) == ("ab", 2)
+    t = _track([[0, 7]], ["c", "ef"])
+    assert (t.text, t.kept_tokens) == ("ab", 2)
 
 
 def test_no_stop_keeps_every_token():
