@@ -11,7 +11,7 @@ one, the token just sampled; jump-forward adds the tokens a grammar forces). The
 from position ``lengths[b]``, then the draft, and commits them; the target's verification reads the
 logits from the last pending token on.
 
-Drafts are chains or token trees (``spec/tree.py``). A step in which some row drafted a tree feeds
+Drafts are chains or token trees (``speculative/tree.py``). A step in which some row drafted a tree feeds
 every row as a tree (chains are trees too) with tree attention; the accepted path is compacted
 into the committed slots.
 
@@ -50,10 +50,10 @@ from .cache.kv import KVCache
 from .constrain.base import Constraint, apply_bitmask_, bitmask_width
 from .errors import ConstraintError, InvalidParamsError, PromptTooLongError
 from .sampling import SamplingParams, TokenHistory, make_generator, top_ids
-from .spec.drafters.base import Draft, Drafter
+from .speculative.drafters.base import Draft, Drafter
 from .models.transformer import EXACT_MAX_T
-from .spec.tree import ancestor_matrix, chain_parents, check_tree, compaction, depths, path_to
-from .spec.verify import (target_argmax, target_probabilities, verify_greedy, verify_sampling,
+from .speculative.tree import ancestor_matrix, chain_parents, check_tree, compaction, depths, path_to
+from .speculative.verify import (target_argmax, target_probabilities, verify_greedy, verify_sampling,
                           verify_tree_greedy, verify_tree_sampling)
 
 JUMP_MAX = 32   # jump-forward tokens appended per row and step (the KV cache keeps this much slack)

@@ -181,7 +181,7 @@ class LLM:
 
     # ------------------------------------------------------------------ speculation
     def _make_drafter(self, spec):
-        from .spec.drafters import make_drafter
+        from .speculative.drafters import make_drafter
 
         if isinstance(spec, dict) and spec.get("method") in ("draft_model", "draft", "rasd"):
             spec = {"download": self.download, **spec}

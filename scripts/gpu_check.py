@@ -32,7 +32,7 @@ from leaplm.cache.kv import KVCache  # noqa: E402
 from leaplm.engine import Engine  # noqa: E402
 from leaplm.models.load import build_model  # noqa: E402
 from leaplm.sampling import SamplingParams  # noqa: E402
-from leaplm.spec.drafters import make_drafter  # noqa: E402
+from leaplm.speculative.drafters import make_drafter  # noqa: E402
 
 DRAFTERS = {
     "prompt_lookup": lambda: make_drafter("prompt_lookup"),

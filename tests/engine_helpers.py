@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from leaplm.spec.drafters import Draft, Drafter
+from leaplm.speculative.drafters import Draft, Drafter
 
 
 class Oracle(Drafter):

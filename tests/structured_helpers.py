@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
-from leaplm.spec.drafters import Draft, Drafter
+from leaplm.speculative.drafters import Draft, Drafter
 from leaplm.tokenizer import Tokenizer
 
 VOCAB = 320          # the tiny model's logits width: > the tokenizer's ~300 ids (ids past it are padding)

@@ -17,8 +17,8 @@ from leaplm.engine import Engine, constrain_draft, feed_parents
 from leaplm.errors import ConstraintError, InvalidConstraintError, InvalidParamsError
 from leaplm.models.load import build_model
 from leaplm.sampling import SamplingParams
-from leaplm.spec.drafters import CopySpec, Draft, PromptLookup, TokenRecycling
-from leaplm.spec.tree import depths
+from leaplm.speculative.drafters import CopySpec, Draft, PromptLookup, TokenRecycling
+from leaplm.speculative.tree import depths
 
 from .structured_helpers import (EOS, SCHEMAS, VOCAB, OracleDrafter, RandomDrafter, RandomLogitsModel,
                                  build_tiny_llm, tiny_tokenizer)
@@ -275,7 +275,7 @@ def test_sampled_constrained_speculation_is_valid_and_seeded(engine, tok):
 def test_draft_model_with_probabilities_under_constraints(engine, tok, tiny_dir, tmp_path, tree):
     """A draft model (its own q, chains or trees drawn without replacement) through the grammar's pruning:
     greedy equals vanilla; sampled outputs are valid and reproducible."""
-    from leaplm.spec.drafters import DraftModel
+    from leaplm.speculative.drafters import DraftModel
 
     other = build_model(build_tiny_llm(tmp_path / "draft", tok, seed="a draft"))
     knobs = dict(num_draft=4, confidence=0.0, adaptive=False, quantization=None)

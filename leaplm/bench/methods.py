@@ -232,7 +232,7 @@ def vanilla(target: Target, prompt_ids: list[int], params) -> Generation:
 @register_method("prompt_lookup", lossless=True, description="n-gram drafts from the prompt and output (PLD), 2..3-grams")
 def prompt_lookup(target: Target, prompt_ids: list[int], params, num_draft: int = 8, max_ngram: int = 3,
                   min_ngram: int = 2) -> Generation:
-    from ..spec.drafters import PromptLookup
+    from ..speculative.drafters import PromptLookup
 
     return _run_engine(target, prompt_ids, params, PromptLookup(num_draft, max_ngram, min_ngram))
 
@@ -241,7 +241,7 @@ def prompt_lookup(target: Target, prompt_ids: list[int], params, num_draft: int 
                  description="CopySpec: copy the continuation of the last 3-gram from the context or earlier requests")
 def copyspec(target: Target, prompt_ids: list[int], params, num_draft: int = 10, gamma: int = 3,
              max_store_tokens: int = 1_000_000) -> Generation:
-    from ..spec.drafters import CopySpec
+    from ..speculative.drafters import CopySpec
 
     key = (target.contestant, "copyspec", num_draft, gamma, max_store_tokens)  # one store across the run's requests
     if key not in target.cache:
@@ -268,7 +268,7 @@ def _bound_drafter(target: Target, key: tuple, make):
 def recycling(target: Target, prompt_ids: list[int], params, num_draft: int = 24, top_k: int = 8,
               max_depth: int = 8, node_cost: float | None = None, lookup: bool | str = "first", context: int = 4,
               prompt: bool | None = None) -> Generation:
-    from ..spec.drafters import TokenRecycling
+    from ..speculative.drafters import TokenRecycling
 
     key = ("recycling", num_draft, top_k, max_depth, node_cost, lookup, context, prompt)   # one matrix per run
     drafter = _bound_drafter(target, key, lambda: TokenRecycling(num_draft, top_k, max_depth, node_cost=node_cost,
@@ -280,7 +280,7 @@ def recycling(target: Target, prompt_ids: list[int], params, num_draft: int = 24
                  description="ADED: a token tree from tri-gram statistics of the outputs, adapting while decoding")
 def aded(target: Target, prompt_ids: list[int], params, num_draft: int = 24, max_depth: int = 8,
          exploration: float = 0.1, node_cost: float | None = None) -> Generation:
-    from ..spec.drafters import ADED
+    from ..speculative.drafters import ADED
 
     drafter = _bound_drafter(target, ("aded", num_draft, max_depth, exploration, node_cost),  # statistics per run
                              lambda: ADED(num_draft=num_draft, max_depth=max_depth, exploration=exploration,
@@ -293,7 +293,7 @@ def aded(target: Target, prompt_ids: list[int], params, num_draft: int = 24, max
 def lookahead(target: Target, prompt_ids: list[int], params, window: int = 4, ngram: int = 4,
               max_candidates: int = 3, num_draft: int = 16, pool_size: int = 65536,
               context_ngrams: bool = True, seed: int = 0) -> Generation:
-    from ..spec.drafters import Lookahead
+    from ..speculative.drafters import Lookahead
 
     key = ("lookahead", window, ngram, max_candidates, num_draft, pool_size, context_ngrams, seed)  # one pool per run
     drafter = _bound_drafter(target, key, lambda: Lookahead(window=window, ngram=ngram, max_candidates=max_candidates,
@@ -306,7 +306,7 @@ def lookahead(target: Target, prompt_ids: list[int], params, window: int = 4, ng
                  description="REST: a token tree of continuations found in a datastore (corpus=PATH) and the context")
 def retrieval(target: Target, prompt_ids: list[int], params, corpus: str = "", num_draft: int = 24,
               max_occurrences: int = 64, depth: int = 10, tree: bool = True) -> Generation:
-    from ..spec.drafters import Retrieval
+    from ..speculative.drafters import Retrieval
 
     if not corpus:
         raise BenchError("method 'retrieval' needs a datastore: retrieval:corpus=PATH (a text file or folder)")
@@ -323,7 +323,7 @@ def rasd(target: Target, prompt_ids: list[int], params, corpus: str = "", num_dr
          prune_min_prob: float = 0.0, draft_length: int = 6, confidence: float = 0.4, adaptive: bool = True,
          quantization: str = "int8", tree_top_k: int = 2, tree_min_prob: float = 0.05, max_occurrences: int = 64,
          depth: int = 10) -> Generation:
-    from ..spec.drafters import RASD
+    from ..speculative.drafters import RASD
 
     if target.draft_model_path is None:
         raise BenchError("method 'rasd' needs --draft-model")
@@ -346,7 +346,7 @@ def draft(target: Target, prompt_ids: list[int], params, num_draft: int = 6, con
           draft_vocab: int | None = None, tree_top_k: int = 0, tree_extra: int = 6,
           tree_min_prob: float = 0.05, tree_width: int = 1, node_cost: float | None = None,
           staged: bool | str = True) -> Generation:
-    from ..spec.drafters import DraftModel
+    from ..speculative.drafters import DraftModel
 
     if target.draft_model_path is None:
         raise BenchError("method 'draft' needs --draft-model")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..spec.cost import time_tree_pass
+from ..speculative.cost import time_tree_pass
 
 DEFAULT_NODES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 

@@ -8,7 +8,7 @@
   sliding-window layers), so ragged batches and rolled-back slots need no extra bookkeeping.
 - ``logit_index`` ``[B, K]`` picks the positions (indices into T) whose logits are computed; by
   default all T. Prefill asks for the last prompt token only, which saves a ``[T, vocab]`` matmul.
-- Token trees (``tree=(base, feed_mask)``, see ``spec/tree.py``): row b's T fed tokens are written
+- Token trees (``tree=(base, feed_mask)``, see ``speculative/tree.py``): row b's T fed tokens are written
   into slots ``base[b] .. base[b] + T - 1`` (not at their positions, which repeat across branches),
   and token t sees the committed slots ``< base[b]`` plus the fed tokens ``j`` with
   ``feed_mask[b, t, j]`` (its ancestors and itself).

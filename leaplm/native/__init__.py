@@ -22,7 +22,7 @@ Ops (``torch.ops.leaplm_native``; see the C++ file for contracts):
 
 - ``row_topk(x [N, V], k) -> [N, k]``: each row's k largest, ties in index order (``sampling.top_ids``).
 - ``recycle_observe`` / ``recycle_grow``: Token Recycling's table updates and best-first tree
-  (``spec/drafters/recycling.py``, which keeps the Python reference; contracts in ``recycling_ops.cpp``).
+  (``speculative/drafters/recycling.py``, which keeps the Python reference; contracts in ``recycling_ops.cpp``).
 
 ``step_spans(step, sliding)`` turns a decode step's visible slots into ``bind_step``'s arrays.
 """

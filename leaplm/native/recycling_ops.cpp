@@ -1,4 +1,4 @@
-// Token Recycling's per-pass loops in C++ (leaplm/spec/drafters/recycling.py holds the algorithm, its
+// Token Recycling's per-pass loops in C++ (leaplm/speculative/drafters/recycling.py holds the algorithm, its
 // docstring and the Python reference these must equal; tests/native/test_recycling_ops.py compares them).
 // In Python the two cost ~0.45 ms per target pass (small numpy calls and tuple hashing), ~5% of a SmolLM2
 // int8 pass on a 2-core CPU; here a few microseconds.
@@ -8,7 +8,7 @@
 //   next_tokens [V, K] int32 (-1 = unseen), level [V] int8,
 //   then per context length n = 2, 3, ...: keys [S] int64 (the uint64 gram hashes, 0 = empty),
 //   rows [S, K] int32, level [S] int8 (-1 = a row seeded from the prompt); S a power of two.
-// Gram hashes and slots are spec/context_rows.py's: extend_hash(h, t) = (h * 0x100000001B3) ^ (t + 1)
+// Gram hashes and slots are speculative/context_rows.py's: extend_hash(h, t) = (h * 0x100000001B3) ^ (t + 1)
 // mod 2^64 folded from 0 over the gram; slot = (h * 0x9E3779B97F4A7C15 mod 2^64) >> (64 - log2 S).
 //
 // - recycle_observe(tables, prefix, fed, parents, ids, levels, contexts) -> int: the fed tokens' candidates

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from leaplm.bench.verify_curve import format_verify_curve, plot_verify_curve, verify_curve
 from leaplm.models.load import build_model
-from leaplm.spec.cost import relative_cost
+from leaplm.speculative.cost import relative_cost
 
 
 def test_curve_table_and_plot(tiny_model_dir, tmp_path):

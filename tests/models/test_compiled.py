@@ -12,8 +12,8 @@ from leaplm.engine import Engine
 from leaplm.models.load import build_model
 from leaplm.quant import quantize_model
 from leaplm.sampling import SamplingParams
-from leaplm.spec.drafters import PromptLookup, TokenRecycling
-from leaplm.spec.tree import ancestor_matrix
+from leaplm.speculative.drafters import PromptLookup, TokenRecycling
+from leaplm.speculative.tree import ancestor_matrix
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from leaplm import native
-from leaplm.spec.drafters import recycling
-from leaplm.spec.drafters.recycling import TokenRecycling
+from leaplm.speculative.drafters import recycling
+from leaplm.speculative.drafters.recycling import TokenRecycling
 
 pytestmark = pytest.mark.skipif(os.environ.get("LEAPLM_NATIVE") == "0", reason="native ops disabled (LEAPLM_NATIVE=0)")
 ops = torch.ops.leaplm_native if native.load() else None

@@ -16,7 +16,7 @@ from leaplm.quant import quantize_model
 from leaplm.quant.int4 import Int4Linear, quantize_weight_int4, unpack_int4
 from leaplm.quant.int8 import Int8Linear
 from leaplm.sampling import SamplingParams
-from leaplm.spec.drafters import PromptLookup, TokenRecycling
+from leaplm.speculative.drafters import PromptLookup, TokenRecycling
 
 # a build failure is itself a failure in tests/native (test_the_native_ops_build_here)
 pytestmark = pytest.mark.skipif(not native.load(), reason="int4 kernel needs leaplm's native ops")

@@ -14,7 +14,7 @@ from leaplm.models.load import build_model
 from leaplm.quant import check_quantization, quantize_model
 from leaplm.quant.int8 import Int8Linear, quantize_weight, unpack_int8
 from leaplm.sampling import SamplingParams
-from leaplm.spec.drafters import PromptLookup
+from leaplm.speculative.drafters import PromptLookup
 
 
 def test_weight_quantization_is_symmetric_per_channel():

@@ -11,9 +11,9 @@ from leaplm.engine import Engine
 from leaplm.errors import InvalidParamsError
 from leaplm.models.load import build_model
 from leaplm.sampling import SamplingParams
-from leaplm.spec.drafters import make_drafter
-from leaplm.spec.drafters.lookahead import Lookahead, _Level
-from leaplm.spec.tree import check_tree, depths, path_to
+from leaplm.speculative.drafters import make_drafter
+from leaplm.speculative.drafters.lookahead import Lookahead, _Level
+from leaplm.speculative.tree import check_tree, depths, path_to
 
 from .cases import greedy_equals_vanilla_on_ragged_batch, hot_start_int8_exact, sampled_runs_are_reproducible
 

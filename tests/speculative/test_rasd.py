@@ -13,10 +13,10 @@ from leaplm.engine import Engine
 from leaplm.errors import InvalidParamsError
 from leaplm.models.load import build_model
 from leaplm.sampling import SamplingParams
-from leaplm.spec.drafters import RASD, make_drafter
-from leaplm.spec.drafters import rasd as rasd_module
-from leaplm.spec.drafters.rasd import fuse, prune
-from leaplm.spec.tree import check_tree
+from leaplm.speculative.drafters import RASD, make_drafter
+from leaplm.speculative.drafters import rasd as rasd_module
+from leaplm.speculative.drafters.rasd import fuse, prune
+from leaplm.speculative.tree import check_tree
 
 from .cases import greedy_equals_vanilla_on_ragged_batch, sampled_runs_are_reproducible
 

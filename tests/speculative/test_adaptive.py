@@ -1,4 +1,4 @@
-from leaplm.spec.adaptive import DraftLength, accepted_prefix, confident
+from leaplm.speculative.adaptive import DraftLength, accepted_prefix, confident
 
 
 def test_draft_length_grows_on_full_acceptance_and_shrinks_on_rejection():

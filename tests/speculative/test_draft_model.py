@@ -12,8 +12,8 @@ from leaplm.errors import InvalidParamsError
 from leaplm.models.load import build_model
 from leaplm.sampling import SamplingParams
 from leaplm.cache.kv import KVCache
-from leaplm.spec.drafters import DraftModel, make_drafter
-from leaplm.spec.tree import check_tree, path_to
+from leaplm.speculative.drafters import DraftModel, make_drafter
+from leaplm.speculative.tree import check_tree, path_to
 
 
 from .cases import run as _run
@@ -263,7 +263,7 @@ def test_leaves_are_cut_to_what_pays_for_the_wider_pass(tiny_model_dir):
     """Tree mode keeps the number of alternative leaves that maximises expected tokens per unit of pass
     time: all of them when nodes are free, none when a node costs a whole pass, the target's measured
     table by default."""
-    from leaplm.spec.cost import PassCost
+    from leaplm.speculative.cost import PassCost
 
     folder, _ = tiny_model_dir("llama-gqa-untied")
     target = build_model(folder)

@@ -10,7 +10,7 @@ from leaplm.engine import Engine
 from leaplm.errors import InvalidParamsError
 from leaplm.models.load import build_model
 from leaplm.sampling import SamplingParams
-from leaplm.spec.drafters.copyspec import CopySpec
+from leaplm.speculative.drafters.copyspec import CopySpec
 
 from .cases import greedy_equals_vanilla_on_ragged_batch
 from .cases import run as _run

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from leaplm.sampling import SamplingParams, TokenHistory, probabilities
-from leaplm.spec.verify import target_probabilities, verify_tree_greedy, verify_tree_sampling
+from leaplm.speculative.verify import target_probabilities, verify_tree_greedy, verify_tree_sampling
 
 from .chi_square import ALPHA, rows_p
 from .test_verify import (CRITICAL, ONE_POSITION, ONE_POSITION_IDS, V, VERDICTS, _chi_square, _chi_square_loose,
@@ -14,7 +14,7 @@ from .test_verify import (CRITICAL, ONE_POSITION, ONE_POSITION_IDS, V, VERDICTS,
 
 PARENTS = [-1, -1, 0, 0, 1, 2]   # root -> {0, 1}; 0 -> {2, 3}; 1 -> {4}; 2 -> {5}
 
-pytestmark = pytest.mark.usefixtures("single_thread")   # loops of tiny ops (tests/spec/conftest.py)
+pytestmark = pytest.mark.usefixtures("single_thread")   # loops of tiny ops (tests/speculative/conftest.py)
 
 
 def test_greedy_follows_the_matching_branch():

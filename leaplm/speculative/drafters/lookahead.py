@@ -2,7 +2,7 @@
 Decoding"): Jacobi iteration over a window of guessed future tokens, run inside the verification pass,
 harvests n-grams that later verification passes check.
 
-Per row, every target pass carries two branches in one token tree (``parents``, see ``spec/tree.py``):
+Per row, every target pass carries two branches in one token tree (``parents``, see ``speculative/tree.py``):
 
 - **Lookahead branch** (Jacobi): a window of ``W = window`` guesses ``g_0 .. g_{W-1}`` for the positions
   ``L .. L + W - 1`` right after the context (``L = len(context)``: the context ends with the pending

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from leaplm.errors import InvalidParamsError
-from leaplm.spec.drafters.aded import ADED
-from leaplm.spec.tree import check_tree, depths
+from leaplm.speculative.drafters.aded import ADED
+from leaplm.speculative.tree import check_tree, depths
 
 from .cases import greedy_equals_vanilla_on_ragged_batch, hot_start_int8_exact, sampled_runs_are_reproducible
 

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from leaplm.sampling import SamplingParams, TokenHistory, probabilities
-from leaplm.spec.verify import target_probabilities, verify_greedy, verify_sampling
+from leaplm.speculative.verify import target_probabilities, verify_greedy, verify_sampling
 
 from .chi_square import ALPHA, rows_p
 
 V = 5
 
-pytestmark = pytest.mark.usefixtures("single_thread")   # loops of tiny ops (tests/spec/conftest.py)
+pytestmark = pytest.mark.usefixtures("single_thread")   # loops of tiny ops (tests/speculative/conftest.py)
 
 
 def test_greedy_accepts_the_matching_prefix_then_the_target_token():

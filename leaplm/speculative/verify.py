@@ -19,7 +19,7 @@ extended by the draft prefix: ``target_probabilities`` below), so that speculati
 vanilla sampling with the same penalties, temperature, top-k/top-p/min-p.
 Shapes: ``draft`` list of k ids; ``target_probs`` ``[k + 1, V]``; ``draft_probs`` ``[k, V]``.
 
-Token trees (``parents``, see ``spec/tree.py``; row f of the target arrays belongs to feed index f:
+Token trees (``parents``, see ``speculative/tree.py``; row f of the target arrays belongs to feed index f:
 0 = the root, 1 + i = node i):
 - ``verify_tree_greedy``: from the root, follow the child equal to the target's argmax while there
   is one; then the argmax.

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from leaplm.errors import InvalidParamsError
-from leaplm.spec.drafters import TokenRecycling, make_drafter
-from leaplm.spec.tree import check_tree, depths
+from leaplm.speculative.drafters import TokenRecycling, make_drafter
+from leaplm.speculative.tree import check_tree, depths
 
 from .cases import greedy_equals_vanilla_on_ragged_batch, hot_start_int8_exact, sampled_runs_are_reproducible
 
@@ -44,7 +44,7 @@ def test_costly_nodes_shrink_the_tree():
 
 
 def test_a_longer_context_makes_nodes_dearer_and_the_tree_smaller():
-    from leaplm.spec.cost import PassCost
+    from leaplm.speculative.cost import PassCost
 
     d = _drafter(prompt=False)
     d._pass_cost = PassCost([1.0 + 0.02 * n for n in range(7)], [1.0 + 0.1 * n for n in range(7)], 256, 1024)

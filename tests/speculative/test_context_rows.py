@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from leaplm.spec.context_rows import SEEDED, ContextRows, gram_hash, gram_hashes, settle
+from leaplm.speculative.context_rows import SEEDED, ContextRows, gram_hash, gram_hashes, settle
 
 
 def test_vector_and_scalar_hashes_agree():
@@ -62,7 +62,7 @@ def test_slots_are_bounded_and_a_replaced_gram_is_not_returned():
 
 
 def test_extending_a_hash_token_by_token_gives_the_gram_s_hash():
-    from leaplm.spec.context_rows import extend_hash
+    from leaplm.speculative.context_rows import extend_hash
 
     h = 0
     for t in [4, 8, 15, 16]:

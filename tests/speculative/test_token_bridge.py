@@ -8,8 +8,8 @@ import torch
 from leaplm.engine import Engine
 from leaplm.models.load import build_model
 from leaplm.sampling import SamplingParams
-from leaplm.spec.drafters import DraftModel
-from leaplm.spec.drafters.token_bridge import TokenBridge
+from leaplm.speculative.drafters import DraftModel
+from leaplm.speculative.drafters.token_bridge import TokenBridge
 from leaplm.tokenizer import Tokenizer
 
 CORPUS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",

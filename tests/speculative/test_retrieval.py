@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from leaplm.errors import InvalidParamsError
-from leaplm.spec.drafters import Draft, PromptLookup
-from leaplm.spec.drafters.retrieval import Datastore, Retrieval, _select, suffix_array
+from leaplm.speculative.drafters import Draft, PromptLookup
+from leaplm.speculative.drafters.retrieval import Datastore, Retrieval, _select, suffix_array
 
 from .cases import greedy_equals_vanilla_on_ragged_batch
 

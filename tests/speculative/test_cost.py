@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from leaplm.spec.cost import best_prefix
+from leaplm.speculative.cost import best_prefix
 
 
 def test_best_prefix_keeps_the_nodes_that_pay_for_their_pass():
@@ -19,7 +19,7 @@ def test_best_prefix_keeps_the_nodes_that_pay_for_their_pass():
 
 
 def test_prefix_chooser_tracks_best_prefix_node_by_node():
-    from leaplm.spec.cost import PrefixChooser
+    from leaplm.speculative.cost import PrefixChooser
 
     chooser = PrefixChooser([1.0, 1.1, 1.2, 1.3, 1.4])
     for n, accept in enumerate([0.9, 0.8, 0.1, 0.05], start=1):
@@ -29,7 +29,7 @@ def test_prefix_chooser_tracks_best_prefix_node_by_node():
 
 
 def test_pass_cost_follows_the_context_length():
-    from leaplm.spec.cost import PassCost
+    from leaplm.speculative.cost import PassCost
 
     costs = PassCost([1.0, 1.1, 1.2], [1.0, 1.3, 1.6], short_context=256, long_context=1024)
     assert costs.at(256)[1] == pytest.approx(1.1 + 0.2 * 32 / 768)    # the 256..319 bucket, at its middle

@@ -10,9 +10,9 @@ from leaplm.engine import Engine
 from leaplm.models.load import build_model
 from leaplm.quant import quantize_model
 from leaplm.sampling import SamplingParams, TokenHistory, probabilities
-from leaplm.spec.drafters import Draft, Drafter
-from leaplm.spec.tree import ancestor_matrix, chain_parents, check_tree, children, compaction, depths, path_to
-from leaplm.spec.verify import target_argmax, target_probabilities
+from leaplm.speculative.drafters import Draft, Drafter
+from leaplm.speculative.tree import ancestor_matrix, chain_parents, check_tree, children, compaction, depths, path_to
+from leaplm.speculative.verify import target_argmax, target_probabilities
 
 from .cases import greedy_equals_vanilla_on_ragged_batch, run
 

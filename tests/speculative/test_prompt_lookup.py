@@ -7,7 +7,7 @@ from leaplm.engine import Engine
 from leaplm.errors import InvalidParamsError
 from leaplm.models.load import build_model
 from leaplm.sampling import SamplingParams
-from leaplm.spec.drafters import Draft, Drafter, PromptLookup, make_drafter
+from leaplm.speculative.drafters import Draft, Drafter, PromptLookup, make_drafter
 
 from .cases import greedy_equals_vanilla_on_ragged_batch
 from .cases import run as _run

@@ -12,7 +12,7 @@ so a run is deterministic.
 Power: the prompt is the target's own greedy continuation, so drafts copy what the target tends to say
 and are accepted 35-60% of the time; each test asserts how much was drafted and accepted, since drafts
 never (or always) accepted would hide a biased acceptance rule. Measured when these were written, with
-bugs planted in spec/verify.py: a chain verifier that accepts with ``min(1, 1.11 p / q)`` (an 11%
+bugs planted in speculative/verify.py: a chain verifier that accepts with ``min(1, 1.11 p / q)`` (an 11%
 acceptance inflation) fails the prompt lookup, recycling and compiled tests, a tree verifier doing so the
 draft-model tree test (p-values of 1e-6 or less; recycling drafts too few trees to see that one);
 verifying against the untempered softmax, keeping a rejected token in the resampling distribution or
@@ -34,7 +34,7 @@ from leaplm.sampling import SamplingParams, probabilities
 
 from .chi_square import ALPHA, consecutive_pairs_p
 
-pytestmark = pytest.mark.usefixtures("single_thread")   # tests/spec/conftest.py
+pytestmark = pytest.mark.usefixtures("single_thread")   # tests/speculative/conftest.py
 
 V = 16          # vocabulary of the tiny models here
 EOS = 1         # their EOS id: drawn 3-8% of the time after the first token; PARAMS ignore it (every row runs L tokens)
@@ -156,7 +156,7 @@ def check_distribution(model, prompt, drafter, length: int, n: int = 4096, *, mi
 
 def test_prompt_lookup_keeps_the_distribution(target):
     """Chains copied from the prompt; the first drafted position is the second token."""
-    from leaplm.spec.drafters import PromptLookup
+    from leaplm.speculative.drafters import PromptLookup
 
     _, model, prompt = target
     check_distribution(model, prompt, PromptLookup(num_draft=2, min_ngram=1), 3, min_drafted=0.5)
@@ -165,7 +165,7 @@ def test_prompt_lookup_keeps_the_distribution(target):
 def test_recycled_token_trees_keep_the_distribution(target):
     """Token Recycling's trees (siblings verified by recursive rejection sampling; about a quarter of its
     drafts) and its lookup chains; 5 tokens, so the first draft may hold 3 nodes."""
-    from leaplm.spec.drafters import TokenRecycling
+    from leaplm.speculative.drafters import TokenRecycling
 
     _, model, prompt = target
     drafter = Recorder(TokenRecycling(num_draft=6, node_cost=0.0))
@@ -177,7 +177,7 @@ def test_draft_model_token_trees_keep_the_distribution(target):
     """The draft model's deterministic tree mode, drafting with the target's own weights: each first draft
     is the target's two likeliest tokens as siblings (its greedy token, then the next best), so recursive
     rejection sampling decides between them every time."""
-    from leaplm.spec.drafters import DraftModel
+    from leaplm.speculative.drafters import DraftModel
 
     folder, model, prompt = target
     drafter = DraftModel(build_model(folder), num_draft=1, adaptive=False, confidence=0.0, quantization=None,
@@ -192,7 +192,7 @@ def test_draft_model_token_trees_keep_the_distribution(target):
 def test_a_compiled_target_keeps_the_distribution(target):
     """Decode and verify passes through the compiled step (``model.compile()``): Token Recycling's trees and
     chains, as in the eager test."""
-    from leaplm.spec.drafters import TokenRecycling
+    from leaplm.speculative.drafters import TokenRecycling
 
     folder, _, prompt = target
     model = build_model(folder)
