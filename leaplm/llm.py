@@ -26,7 +26,7 @@ from typing import Iterator, Sequence, Union
 import torch
 
 from . import hub
-from .engine import Batch, Engine
+from .engine import LLMEngine, Request
 from .errors import InvalidParamsError
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -120,7 +120,14 @@ class LLM:
         dtype: None/"auto" = float32 on CPU, bfloat16 (or float16) on CUDA (``parse_dtype``).
         device: None = CUDA when available, else CPU; "cpu", "cuda" or "cuda:N" (``parse_device``).
         max_model_len: cap on prompt + generated tokens, >= 1 (default: the model's context window).
-        max_batch_size: prompts run together in one batch by ``generate``.
+        max_num_seqs: most requests decoding together (continuous batching: a finished request's place is taken
+            by the next waiting one at once). ``max_batch_size`` is the older name of the same setting.
+        kv_cache_memory: bytes of the paged KV pool shared by all requests (default: a quarter of the free
+            memory, at most what ``max_num_seqs`` full-length requests need). When it is full the newest
+            request is preempted and recomputed later (its output does not change).
+        prefix_caching: reuse the KV blocks of a shared token prefix (system prompt, earlier chat turns,
+            the same prompt sampled several times) instead of recomputing them.
+        max_num_batched_tokens: most tokens in one engine step (prefill chunks + decode tokens + drafts).
         speculative: a drafter for lossless speculative decoding, e.g. ``"prompt_lookup"``,
             ``{"method": "prompt_lookup", "num_draft": 8, "max_ngram": 3}`` or
             ``{"method": "draft_model", "model": "qwen2.5-coder-0.5b-instruct", "num_draft": 6}``.
@@ -146,9 +153,11 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype | None = None,
-                 device: str | None = None, max_model_len: int | None = None, max_batch_size: int = 8,
+                 device: str | None = None, max_model_len: int | None = None, max_batch_size: int | None = None,
                  download: bool = True, speculative: str | dict | None = None,
-                 quantization: str | None = "auto", compile: bool = False) -> None:
+                 quantization: str | None = "auto", compile: bool = False, max_num_seqs: int | None = None,
+                 kv_cache_memory: int | None = None, prefix_caching: bool = True,
+                 max_num_batched_tokens: int | None = None) -> None:
         from .models.load import build_model, check_checkpoint
         from .quant import check_quantization, resolve_quantization
 
@@ -160,9 +169,20 @@ class LLM:
         if max_model_len is not None and (not _is_token_id(max_model_len) or max_model_len < 1):
             raise InvalidParamsError(f"max_model_len must be None (the model's context window) or an integer "
                                      f">= 1, got {max_model_len!r}")
-        if not _is_token_id(max_batch_size) or max_batch_size < 1:
-            raise InvalidParamsError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-        self.max_batch_size = max_batch_size
+        if max_num_seqs is not None and max_batch_size is not None and max_num_seqs != max_batch_size:
+            raise InvalidParamsError("give max_num_seqs or its older name max_batch_size, not both")
+        seqs = max_num_seqs if max_num_seqs is not None else max_batch_size if max_batch_size is not None else 32
+        name = "max_num_seqs" if max_num_seqs is not None else "max_batch_size"
+        if not _is_token_id(seqs) or seqs < 1:
+            raise InvalidParamsError(f"{name} must be an integer >= 1, got {seqs!r}")
+        self.max_num_seqs = self.max_batch_size = int(seqs)
+        if kv_cache_memory is not None and (not _is_token_id(kv_cache_memory) or kv_cache_memory < 1):
+            raise InvalidParamsError(f"kv_cache_memory must be None (automatic) or a number of bytes >= 1, got "
+                                     f"{kv_cache_memory!r}")
+        if max_num_batched_tokens is not None and (not _is_token_id(max_num_batched_tokens)
+                                                   or max_num_batched_tokens < self.max_num_seqs):
+            raise InvalidParamsError(f"max_num_batched_tokens must be None or an integer >= max_num_seqs "
+                                     f"({self.max_num_seqs}), got {max_num_batched_tokens!r}")
         check_quantization(quantization, self.device)
 
         self.model_path = hub.resolve(str(model) if model is not None else hub.DEFAULT_MODEL, download=download)
@@ -172,8 +192,11 @@ class LLM:
         self.model = build_model(self.model_path, dtype=self.dtype, device=self.device, quantization=self.quantization)
         self.compile_s = self.model.compile() if compile else None
         self.drafter = self._bind(drafter)
-        self.engine = Engine(self.model, self.tokenizer.eos_token_ids, max_model_len=max_model_len,
-                             constrainer=self._new_constraint)
+        self.engine = LLMEngine(self.model, self.tokenizer.eos_token_ids, max_model_len=max_model_len,
+                                constrainer=self._new_constraint, max_num_seqs=self.max_num_seqs,
+                                kv_cache_memory=None if kv_cache_memory is None else int(kv_cache_memory),
+                                prefix_caching=bool(prefix_caching),
+                                max_num_batched_tokens=max_num_batched_tokens, drafter_factory=self.drafter_for)
 
     @property
     def config(self):
@@ -238,8 +261,10 @@ class LLM:
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, speculative: str | dict | None = None) -> list[RequestOutput]:
-        """Complete each prompt. Prompts run in batches of ``max_batch_size`` (similar lengths together).
-        ``speculative`` overrides the LLM's drafter for this call (``"none"``: plain decoding)."""
+        """Complete each prompt; outputs in the order of ``prompts``. Every prompt is checked and every grammar
+        compiled first, then all requests go to the engine at once: it runs up to ``max_num_seqs`` of them together
+        and starts the next one the moment one finishes (continuous batching). ``speculative`` overrides the LLM's
+        drafter for this call (``"none"``: plain decoding)."""
         drafter = self.drafter_for(speculative)
         if hasattr(prompts, "tolist"):  # a torch / numpy array of ids (1-D) or of prompts (2-D)
             prompts = prompts.tolist()
@@ -252,16 +277,14 @@ class LLM:
             self.engine.check_prompt(one)
         for p in {id(p): p for p in params}.values():  # every grammar compiles before anything runs
             self.compile_constraint(p)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         results: list[RequestOutput | None] = [None] * len(ids)
         with _progress(len(ids), enabled=use_tqdm and len(ids) > 1) as advance:
-            for start in range(0, len(order), self.max_batch_size):
-                group = order[start: start + self.max_batch_size]
-                outs = self._run([ids[i] for i in group], [params[i] for i in group], drafter)
-                for i, out in zip(group, outs):
-                    out.prompt = prompts[i] if isinstance(prompts[i], str) else None
-                    results[i] = out
-                    advance()
+            def done(i: int, out: RequestOutput) -> None:
+                out.prompt = prompts[i] if isinstance(prompts[i], str) else None
+                results[i] = out
+                advance()
+
+            self._run(ids, params, drafter, done)
         return results  # type: ignore[return-value]
 
     def chat(self, messages: Messages | Sequence[Messages], sampling_params: SamplingParams | None = None,
@@ -278,14 +301,22 @@ class LLM:
         After the iterator ends, ``llm.last_output`` holds the finished ``RequestOutput``.
         """
         params = self._params_list(sampling_params, 1)[0]
-        batch = self.engine.start([self.encode(prompt)], [params], self.drafter_for(speculative))
-        tracker = _TextTracker(self.tokenizer, params, batch.rows[0].prompt_ids)
-        while not batch.done:
-            self._advance(batch, [tracker])
-            piece = tracker.take_visible(final=batch.done)
-            if piece:
-                yield piece
-        self.last_output = self._output(batch, 0, tracker)
+        prompt_ids = self.encode(prompt)
+        engine = self.engine
+        rid = engine.add_request(prompt_ids, params, speculative=self.drafter_for(speculative))
+        tracker = _TextTracker(self.tokenizer, params, prompt_ids)
+        try:
+            while not engine.get_request(rid).finish_emitted:
+                for out in engine.step():
+                    if out.request_id == rid:
+                        self._take(out, tracker)
+                piece = tracker.take_visible(final=engine.get_request(rid).finish_emitted)
+                if piece:
+                    yield piece
+            self.last_output = self._output(engine.get_request(rid), tracker)
+        finally:
+            engine.abort(rid)
+            engine.release(rid)
 
     def stream_chat(self, messages: Messages, sampling_params: SamplingParams | None = None,
                     speculative: str | dict | None = None) -> Iterator[str]:
@@ -303,25 +334,44 @@ class LLM:
             raise InvalidParamsError(f"{n} prompts but {len(params)} SamplingParams")
         return params
 
-    def _run(self, prompts: list[list[int]], params: list[SamplingParams], drafter) -> list[RequestOutput]:
-        batch = self.engine.start(prompts, params, drafter)
-        texts = [_TextTracker(self.tokenizer, p, ids) for p, ids in zip(params, prompts)]
-        while not batch.done:
-            self._advance(batch, texts)
-        return [self._output(batch, b, texts[b]) for b in range(len(prompts))]
+    def _run(self, prompts: list[list[int]], params: list[SamplingParams], drafter, done) -> None:
+        """Add every prompt to the engine and step it until all of them finished; ``done(i, output)`` as each does.
+        Interrupted (an exception, Ctrl-C), the requests still running are aborted: the engine stays usable."""
+        engine = self.engine
+        rids: list[int] = []
+        try:
+            for ids, p in zip(prompts, params):
+                rids.append(engine.add_request(ids, p, speculative=drafter))
+            index = {rid: i for i, rid in enumerate(rids)}
+            texts = {rid: _TextTracker(self.tokenizer, p, ids) for rid, p, ids in zip(rids, params, prompts)}
+            left = len(rids)
+            while left:
+                for out in engine.step():
+                    i = index.get(out.request_id)
+                    if i is None:
+                        continue
+                    self._take(out, texts[out.request_id])
+                    r = engine.get_request(out.request_id)
+                    if r.finish_emitted:
+                        done(i, self._output(r, texts[out.request_id]))
+                        engine.release(out.request_id)
+                        left -= 1
+        finally:
+            for rid in rids:
+                engine.abort(rid)
+                engine.release(rid)
 
-    def _advance(self, batch: Batch, texts: list["_TextTracker"]) -> None:
-        for out in batch.step():
-            tracker = texts[out.row]
-            tracker.add(out.new_token_ids, finished=out.finish_reason is not None)
-            if tracker.stopped:
-                # the ids end where the text ends: at the token that completed the stop string, as in plain
-                # decoding (a speculative step may have accepted tokens past it); a stop string completed
-                # by the row's last allowed token still counts as "stop"
-                batch.truncate(out.row, tracker.kept_tokens, "stop")
+    def _take(self, out, tracker: "_TextTracker") -> None:
+        """Feed a step's tokens to the request's text; a stop string found ends the request there."""
+        tracker.add(out.new_token_ids, finished=out.finish_reason is not None)
+        if tracker.stopped:
+            # the ids end where the text ends: at the token that completed the stop string, as in plain
+            # decoding (a speculative step may have accepted tokens past it); a stop string completed
+            # by the request's last allowed token still counts as "stop"
+            self.engine.finish_request(out.request_id, tracker.kept_tokens, "stop")
 
-    def _output(self, batch: Batch, b: int, tracker: "_TextTracker") -> RequestOutput:
-        r = batch.rows[b]
+    @staticmethod
+    def _output(r: Request, tracker: "_TextTracker") -> RequestOutput:
         end = r.finished_at or time.perf_counter()
         decode_s = end - (r.first_token_at or end)
         n = len(r.output_ids)
@@ -336,6 +386,7 @@ class LLM:
                 "mean_accepted_tokens": n / r.target_passes if r.target_passes else None,
                 "draft_s": r.draft_s, "verify_s": r.verify_s,
                 "forced_tokens": r.forced_tokens, "pruned_draft_tokens": r.pruned, "constraint_s": r.constraint_s,
+                "cached_prompt_tokens": r.cached_tokens, "preemptions": r.preemptions,
             },
         )
 

@@ -80,10 +80,17 @@ class RandomLogitsModel:
         self.by_pos = torch.randn(4096, vocab, generator=g) * scale      # [P, V]
         self.table[:, EOS] += eos_bias
         self.config = SimpleNamespace(vocab_size=vocab, max_position_embeddings=4096, num_layers=1,
-                                      num_kv_heads=1, head_dim=1)
+                                      num_kv_heads=1, head_dim=1, layer_types=["full"], sliding_window=None)
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        self.compiled = None
         self.passes = 0
+
+    def forward_paged(self, tokens, positions, pool, step, logit_index=None, compiled=False):
+        """The engine's pass: ``tokens``, ``positions [N]`` -> logits ``[K, V]`` of ``logit_index``."""
+        self.passes += 1
+        logits = self.table[tokens] + self.by_pos[positions]             # [N, V]
+        return logits if logit_index is None else logits[logit_index]
 
     def __call__(self, tokens, positions, cache, *, logit_index=None, kv_len=None, contiguous_start=None, tree=None):
         self.passes += 1
@@ -128,8 +135,13 @@ class OracleDrafter(Drafter):
                  tree: bool = False, decoy: int = 3) -> None:
         self.outputs, self.prompt_lens = outputs, prompt_lens
         self.num_draft, self.tree, self.decoy = num_draft, tree, decoy
+        self._index: dict[int, int] = {}   # the engine's request id -> the batch row it started as (start order)
+
+    def start(self, row, params):
+        self._index.setdefault(row, len(self._index))
 
     def propose(self, row, context, k):
+        row = self._index.get(row, row)
         done = len(context) - self.prompt_lens[row]
         truth = self.outputs[row][done: done + k]
         if not self.tree:

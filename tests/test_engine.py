@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from leaplm import LLM, SamplingParams
-from leaplm.cache.kv import KVCache
 from leaplm.engine import Engine
 from leaplm.errors import PromptTooLongError
 from leaplm.models.load import build_model
+from leaplm.models.paged import PagedStep
 from leaplm.quant import quantize_model
 
 from .engine_helpers import Oracle, save_char_tokenizer
@@ -37,8 +37,9 @@ def _prompts() -> list[list[int]]:
 
 
 def _generate(engine: Engine, prompts, params, drafter=None):
-    batch = engine.start(prompts, params, drafter)
+    batch = engine.start(prompts, params, drafter, keep_kv=True)
     batch.run()
+    batch.cache = batch.kv_snapshot()
     return batch
 
 
@@ -107,15 +108,15 @@ def tiny_folder(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture
 def written(monkeypatch) -> list[int]:
-    """The highest KV slot of every write the model makes while the test runs."""
+    """The highest logical KV slot (a request's own slot index) of every pass the model makes while the test runs."""
     slots: list[int] = []
-    write = KVCache.write
+    init = PagedStep.__init__
 
-    def spy(self, layer, k, v, positions, contiguous_start):
-        slots.append(contiguous_start + k.shape[1] - 1 if contiguous_start is not None else int(positions.max()))
-        return write(self, layer, k, v, positions, contiguous_start)
+    def spy(self, segments, *args, **kwargs):
+        slots.extend(seg.base + len(seg.positions) - 1 for seg in segments)
+        return init(self, segments, *args, **kwargs)
 
-    monkeypatch.setattr(KVCache, "write", spy)
+    monkeypatch.setattr(PagedStep, "__init__", spy)
     return slots
 
 

@@ -242,12 +242,14 @@ def test_a_verdict_cut_for_jump_forward_feeds_only_output_tokens(engine, tok):
     params = [SamplingParams(temperature=0, max_tokens=n, json_schema=SCHEMAS[s], jump_forward=True)
               for n, s in ((50, "person"), (45, "consts"))]
     prompts = PROMPTS[:2]
-    vanilla = engine.start(prompts, params)
+    vanilla = engine.start(prompts, params, keep_kv=True)
     vanilla.run()
+    vanilla.cache = vanilla.kv_snapshot()
     outputs = {b: r.output_ids for b, r in enumerate(vanilla.rows)}
     oracle = OracleDrafter(outputs, {b: len(p) for b, p in enumerate(prompts)}, num_draft=6)
-    spec = engine.start(prompts, params, oracle)
+    spec = engine.start(prompts, params, oracle, keep_kv=True)
     spec.run()
+    spec.cache = spec.kv_snapshot()
     assert [r.output_ids for r in spec.rows] == [r.output_ids for r in vanilla.rows]
     assert sum(r.forced_tokens for r in spec.rows) > 0 and sum(r.accepted for r in spec.rows) > 0
     for b in range(len(prompts)):

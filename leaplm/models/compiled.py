@@ -166,6 +166,17 @@ class CompiledStep:
         finally:
             torch.ops.leaplm_native.unbind_step()
 
+    def run_paged(self, tokens: Tensor, positions: Tensor, pool, step) -> Tensor:
+        """A paged pass (``models/paged.py``): ``tokens``, ``positions [N]`` -> logits ``[1, N, vocab]``."""
+        if not self.native:
+            with active(self.model, pool, step):
+                return self(tokens[None], positions[None])
+        step.bind(pool)
+        try:
+            return self(tokens[None], positions[None])
+        finally:
+            step.unbind()
+
     def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
         B, T = tokens.shape
         # the graph sees the step's tokens as one row of N = B * T: a 1-D input has no stride to guard on;

@@ -61,7 +61,10 @@ class Attention(nn.Module):
         return self.o(self.attend(q, k, v, cache, step))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, step: "_Step") -> Tensor:
-        """Write ``k, v [B, T, KV, D]`` into the cache, attend with ``q [B, T, H, D]`` -> ``[B, T, H * D]``."""
+        """Write ``k, v [B, T, KV, D]`` into the cache, attend with ``q [B, T, H, D]`` -> ``[B, T, H * D]``.
+        A paged step (``models/paged.py``) attends over its pool instead (``B = 1``, one flat pass)."""
+        if getattr(step, "paged", False):
+            return step.attend(self, q, k, v, cache)
         B, T = q.shape[:2]
         cache.write(self.layer, k, v, step.slots, step.contiguous_start)
         keys, values = cache.view(self.layer, step.kv_len)
@@ -317,6 +320,25 @@ class Transformer(nn.Module):
             return self.compiled.run(tokens, positions, cache, step)
         return self.layers_forward(tokens, positions, cache, step, logit_index)
 
+    @torch.inference_mode()
+    def forward_paged(self, tokens: Tensor, positions: Tensor, pool, step, logit_index: Tensor | None = None,
+                      compiled: bool = False) -> Tensor:
+        """One flat pass of many sequences over a paged KV pool (``leaplm/engine``): ``tokens``, ``positions``
+        ``[N]``, ``step`` a ``models.paged.PagedStep`` -> logits ``[K, vocab]`` float32 of the tokens
+        ``logit_index [K]`` (default: all N). ``compiled``: through the compiled step (every token's logits)."""
+        if compiled and self.compiled is not None:
+            logits = self.compiled.run_paged(tokens, positions, pool, step)[0]
+            return logits if logit_index is None else logits[logit_index]
+        from .compiled import _use_native
+
+        if _use_native(self):
+            step.bind(pool)
+        try:
+            index = None if logit_index is None else logit_index[None]
+            return self.layers_forward(tokens[None], positions[None], pool, step, index)[0]
+        finally:
+            step.unbind()
+
     def layers_forward(self, tokens: Tensor, positions: Tensor, cache: KVCache | None, step: _Step | None,
                        logit_index: Tensor | None) -> Tensor:
         """Embedding, blocks, norm and LM head -> logits ``[B, K, vocab]`` float32; ``cache=None``: the
@@ -331,6 +353,8 @@ class Transformer(nn.Module):
             x = block(x, ropes, cache, step)
         if logit_index is not None:
             x = torch.gather(x, 1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))
+            if x.shape[1] == 0:   # a pass that only fills the cache (a prefill chunk)
+                return x.new_zeros(x.shape[0], 0, cfg.vocab_size, dtype=torch.float32)
         x = self.norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else linear(x, self.embed)
         return logits.float()

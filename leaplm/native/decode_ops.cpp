@@ -19,7 +19,9 @@
 // steps run in a fixed order, whatever M is and whichever thread computes it.
 //
 // The step geometry (cache tensors, slot of each fed token, per-query spans) is bound once per step by
-// bind_step, per thread (as Python's `compiled.active`).
+// bind_step (a [B, KV, capacity, D] cache, row b's slot j = position j) or bind_paged (one pool of fixed-size
+// blocks shared by many sequences, each with its block table: leaplm/engine/), per thread (as Python's
+// `compiled.active`). Each query's key slots are resolved once there, not per layer.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -497,14 +499,17 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
 }
 
 // ------------------------------------------------------------------------------------------ attention
-struct Spans {            // per query n: slots [lo[n], hi[n]) then anc[off[n] .. off[n + 1])
-  std::vector<int64_t> lo, hi, off, anc;
+struct Spans {            // per query n: the cache slots it attends over, in order (its committed run first)
+  std::vector<std::vector<int64_t>> keys;
+  std::vector<int64_t> lo;    // the first slot of its committed run (queries sharing it share those key reads)
+  std::vector<int64_t> run;   // the length of that run: keys[n][0 .. run[n]) are the same for equal (group, lo)
 };
 
 struct Step {
   std::vector<at::Tensor> k, v;   // per layer [B, KV, capacity, D] float32, contiguous
   std::vector<int64_t> slots;     // [N]: the cache slot of each fed token
-  int64_t T = 0;                  // fed tokens per row (row of token n: n / T)
+  std::vector<int64_t> row;       // [N]: the cache row (batch index) of each fed token
+  std::vector<int64_t> group;     // [N]: queries of one sequence (row, or paged sequence) share a group
   Spans spans[2];                 // 0: full-attention layers, 1: sliding-window layers
   bool bound = false;
 };
@@ -517,41 +522,94 @@ std::vector<int64_t> to_vector(const at::Tensor& t) {
   return std::vector<int64_t>(p, p + c.numel());
 }
 
-void bind_step(at::TensorList k, at::TensorList v, const at::Tensor& slots, int64_t T,
-               const at::Tensor& span_full, const at::Tensor& anc_off_full, const at::Tensor& anc_full,
-               const at::Tensor& span_sliding, const at::Tensor& anc_off_sliding, const at::Tensor& anc_sliding) {
-  TORCH_CHECK(k.size() == v.size() && !k.empty(), "bind_step: one key and one value tensor per layer");
+void bind_caches(at::TensorList k, at::TensorList v, const char* who) {
+  TORCH_CHECK(k.size() == v.size() && !k.empty(), who, ": one key and one value tensor per layer");
   step.k.assign(k.begin(), k.end());
   step.v.assign(v.begin(), v.end());
   for (size_t i = 0; i < k.size(); ++i) {
     TORCH_CHECK(k[i].scalar_type() == at::kFloat && k[i].is_contiguous() && k[i].dim() == 4 &&
-                    v[i].sizes() == k[i].sizes() && v[i].is_contiguous() && v[i].scalar_type() == at::kFloat,
-                "bind_step: layer ", i, " cache must be contiguous float32 [B, KV, capacity, D]");
+                    v[i].sizes() == k[i].sizes() && v[i].is_contiguous() && v[i].scalar_type() == at::kFloat &&
+                    k[i].sizes() == k[0].sizes(),
+                who, ": layer ", i, " cache must be contiguous float32 [B, KV, capacity, D]");
   }
+}
+
+// Per query n: its committed span [lo, hi) (lo > hi: none), then its ancestors anc[off[n] .. off[n + 1]], all as
+// *logical* slots, mapped to cache slots by `map` (the identity for a row cache, the block table when paged).
+template <typename Map>
+void fill_spans(Spans& s, int64_t N, const at::Tensor& span, const at::Tensor& anc_off, const at::Tensor& anc,
+                const char* who, Map map) {
+  std::vector<int64_t> lohi = to_vector(span), off = to_vector(anc_off), an = to_vector(anc);
+  TORCH_CHECK(static_cast<int64_t>(lohi.size()) == 2 * N && static_cast<int64_t>(off.size()) == N + 1 &&
+                  off[0] == 0 && off[N] == static_cast<int64_t>(an.size()),
+              who, ": spans do not match ", N, " queries");
+  s.keys.assign(N, {});
+  s.lo.resize(N);
+  s.run.resize(N);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t lo = lohi[2 * n], hi = std::max(lohi[2 * n], lohi[2 * n + 1]);   // lo > hi: the window cut all
+    TORCH_CHECK(lo >= 0 && off[n + 1] >= off[n], who, ": bad span or ancestor offsets at query ", n);
+    s.lo[n] = lo;
+    s.run[n] = hi - lo;
+    std::vector<int64_t>& keys = s.keys[n];
+    keys.reserve(hi - lo + off[n + 1] - off[n]);
+    for (int64_t j = lo; j < hi; ++j) keys.push_back(map(n, j));
+    for (int64_t a = off[n]; a < off[n + 1]; ++a) keys.push_back(map(n, an[a]));
+  }
+}
+
+void bind_step(at::TensorList k, at::TensorList v, const at::Tensor& slots, int64_t T,
+               const at::Tensor& span_full, const at::Tensor& anc_off_full, const at::Tensor& anc_full,
+               const at::Tensor& span_sliding, const at::Tensor& anc_off_sliding, const at::Tensor& anc_sliding) {
+  bind_caches(k, v, "bind_step");
   step.slots = to_vector(slots);
-  step.T = T;
-  const at::Tensor* spans[2][3] = {{&span_full, &anc_off_full, &anc_full},
-                                   {&span_sliding, &anc_off_sliding, &anc_sliding}};
   const int64_t N = static_cast<int64_t>(step.slots.size());
-  const int64_t capacity = k[0].size(2);
-  for (int kind = 0; kind < 2; ++kind) {
-    Spans& s = step.spans[kind];
-    std::vector<int64_t> lohi = to_vector(*spans[kind][0]);
-    s.off = to_vector(*spans[kind][1]);
-    s.anc = to_vector(*spans[kind][2]);
-    TORCH_CHECK(static_cast<int64_t>(lohi.size()) == 2 * N && static_cast<int64_t>(s.off.size()) == N + 1 &&
-                    s.off[N] == static_cast<int64_t>(s.anc.size()),
-                "bind_step: spans do not match ", N, " queries");
-    s.lo.resize(N);
-    s.hi.resize(N);
-    for (int64_t n = 0; n < N; ++n) {
-      s.lo[n] = lohi[2 * n];
-      s.hi[n] = std::max(lohi[2 * n], lohi[2 * n + 1]);   // lo > hi: no committed slot in the window
-      TORCH_CHECK(s.lo[n] >= 0 && s.hi[n] <= capacity, "bind_step: span beyond the cache");
-    }
-    for (int64_t a : s.anc) TORCH_CHECK(a >= 0 && a < capacity, "bind_step: ancestor slot beyond the cache");
-  }
+  const int64_t capacity = k[0].size(2), B = k[0].size(0);
+  TORCH_CHECK(T >= 1 && N % T == 0 && N / T <= B, "bind_step: ", N, " tokens are not rows of ", T, " in a batch of ", B);
+  step.row.resize(N);
+  for (int64_t n = 0; n < N; ++n) step.row[n] = n / T;
+  step.group = step.row;
+  auto identity = [&](int64_t, int64_t j) {
+    TORCH_CHECK(j >= 0 && j < capacity, "bind_step: slot ", j, " beyond the cache");
+    return j;
+  };
+  fill_spans(step.spans[0], N, span_full, anc_off_full, anc_full, "bind_step", identity);
+  fill_spans(step.spans[1], N, span_sliding, anc_off_sliding, anc_sliding, "bind_step", identity);
   for (int64_t slot : step.slots) TORCH_CHECK(slot >= 0 && slot < capacity, "bind_step: slot beyond the cache");
+  step.bound = true;
+}
+
+// A paged step: the caches are one pool [1, KV, S, D] of blocks of `block_size` slots; sequence s owns the blocks
+// tables[table_off[s] .. table_off[s + 1]] (its logical slot j lives in pool slot table[j / block_size] *
+// block_size + j % block_size). Query n belongs to sequence seq[n]; its spans and ancestors are logical slots of
+// that sequence; slots [N] are the pool slots its key/value is written to.
+void bind_paged(at::TensorList k, at::TensorList v, const at::Tensor& slots, int64_t block_size,
+                const at::Tensor& tables, const at::Tensor& table_off, const at::Tensor& seq,
+                const at::Tensor& span_full, const at::Tensor& anc_off_full, const at::Tensor& anc_full,
+                const at::Tensor& span_sliding, const at::Tensor& anc_off_sliding, const at::Tensor& anc_sliding) {
+  bind_caches(k, v, "bind_paged");
+  TORCH_CHECK(k[0].size(0) == 1, "bind_paged: the pool is one row [1, KV, S, D]");
+  TORCH_CHECK(block_size >= 1, "bind_paged: block_size must be >= 1");
+  step.slots = to_vector(slots);
+  const int64_t N = static_cast<int64_t>(step.slots.size()), pool = k[0].size(2);
+  const std::vector<int64_t> table = to_vector(tables), toff = to_vector(table_off);
+  step.group = to_vector(seq);
+  TORCH_CHECK(static_cast<int64_t>(step.group.size()) == N, "bind_paged: seq must have one entry per query");
+  const int64_t S = static_cast<int64_t>(toff.size()) - 1;
+  TORCH_CHECK(S >= 0 && (S == 0 || toff[S] == static_cast<int64_t>(table.size())), "bind_paged: bad table offsets");
+  for (int64_t b : table) TORCH_CHECK(b >= 0 && (b + 1) * block_size <= pool, "bind_paged: block ", b, " beyond the pool");
+  step.row.assign(N, 0);
+  auto paged = [&](int64_t n, int64_t j) {
+    const int64_t s = step.group[n];
+    TORCH_CHECK(s >= 0 && s < S, "bind_paged: query ", n, " names sequence ", s, " of ", S);
+    const int64_t blk = j / block_size;
+    TORCH_CHECK(j >= 0 && blk < toff[s + 1] - toff[s], "bind_paged: logical slot ", j, " of sequence ", s,
+                " beyond its ", toff[s + 1] - toff[s], " blocks");
+    return table[toff[s] + blk] * block_size + j % block_size;
+  };
+  fill_spans(step.spans[0], N, span_full, anc_off_full, anc_full, "bind_paged", paged);
+  fill_spans(step.spans[1], N, span_sliding, anc_off_sliding, anc_sliding, "bind_paged", paged);
+  for (int64_t slot : step.slots) TORCH_CHECK(slot >= 0 && slot < pool, "bind_paged: slot beyond the pool");
   step.bound = true;
 }
 
@@ -879,9 +937,8 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
   float* Vc = vc.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  const int64_t T = step.T;
   for (int64_t n = 0; n < N; ++n) {   // write every fed token first: queries see their ancestors
-    const int64_t b = n / T, slot = step.slots[n];
+    const int64_t b = step.row[n], slot = step.slots[n];
     for (int64_t h = 0; h < KV; ++h) {
       const int64_t dst = ((b * KV + h) * capacity + slot) * D;
       std::memcpy(Kc + dst, kp + (n * KV + h) * D, D * sizeof(float));
@@ -893,13 +950,9 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
   float* op = out.data_ptr<float>();
   const Spans& s = step.spans[kind];
   const int64_t group = H / KV;
+  const std::vector<std::vector<int64_t>>& keys = s.keys;   // per query: its committed run, then its ancestors
   int64_t keys_total = 0;
-  for (int64_t n = 0; n < N; ++n) keys_total += (s.hi[n] - s.lo[n]) + (s.off[n + 1] - s.off[n]);
-  std::vector<std::vector<int64_t>> keys(N);   // per query: its committed range, then its ancestors
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t j = s.lo[n]; j < s.hi[n]; ++j) keys[n].push_back(j);
-    for (int64_t a = s.off[n]; a < s.off[n + 1]; ++a) keys[n].push_back(s.anc[a]);
-  }
+  for (int64_t n = 0; n < N; ++n) keys_total += static_cast<int64_t>(keys[n].size());
   const int64_t work = keys_total * H * D;
 #if defined(__AVX512F__)
   if (D % 16 == 0) {
@@ -911,10 +964,10 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
     std::vector<Unit> units;
     for (int64_t n0 = 0; n0 < N;) {
       int64_t n1 = n0 + 1;
-      while (n1 < N && n1 / T == n0 / T && s.lo[n1] == s.lo[n0]) ++n1;   // [n0, n1): same row and start
+      while (n1 < N && step.group[n1] == step.group[n0] && s.lo[n1] == s.lo[n0]) ++n1;   // same sequence and start
       int64_t shared = INT64_MAX;
-      for (int64_t n = n0; n < n1; ++n) shared = std::min(shared, s.hi[n] - s.lo[n]);
-      const int64_t Ls = shared / 16 * 16, b = n0 / T;
+      for (int64_t n = n0; n < n1; ++n) shared = std::min(shared, s.run[n]);
+      const int64_t Ls = shared / 16 * 16, b = step.row[n0];
       for (int64_t h = 0; h < KV; ++h) {
         for (int64_t n = n0; n < n1; ++n)
           for (int64_t g = 0; g < group; ++g) {
@@ -943,7 +996,7 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
   at::parallel_for(0, N * H, work < (1 << 16) ? N * H : 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / H, head = item % H, h = head / group, b = n / T;
+      const int64_t n = item / H, head = item % H, h = head / group, b = step.row[n];
       const int64_t base = (b * KV + h) * capacity * D;
       attend_one(qp + (n * H + head) * D, Kc + base, Vc + base, op + (n * H + head) * D, D, keys[n].data(),
                  static_cast<int64_t>(keys[n].size()), static_cast<float>(scale), scratch);
@@ -1041,6 +1094,10 @@ TORCH_LIBRARY(leaplm_native, m) {
   m.def("bind_step(Tensor[] k, Tensor[] v, Tensor slots, int T, Tensor span_full, Tensor anc_off_full, "
         "Tensor anc_full, Tensor span_sliding, Tensor anc_off_sliding, Tensor anc_sliding) -> ()",
         &bind_step);
+  m.def("bind_paged(Tensor[] k, Tensor[] v, Tensor slots, int block_size, Tensor tables, Tensor table_off, "
+        "Tensor seq, Tensor span_full, Tensor anc_off_full, Tensor anc_full, Tensor span_sliding, "
+        "Tensor anc_off_sliding, Tensor anc_sliding) -> ()",
+        &bind_paged);
   m.def("unbind_step() -> ()", &unbind_step);
   m.def("attend(Tensor q, Tensor k, Tensor v, int layer, int kind, float scale) -> Tensor");
   m.impl("attend", c10::DispatchKey::CPU, TORCH_FN(attend));

@@ -1,0 +1,480 @@
+"""``LLMEngine``: the long-lived generation engine. It knows token ids, never text (stop strings live in ``llm.py``).
+
+    engine = LLMEngine(model, eos_token_ids)
+    rid = engine.add_request(prompt_ids, SamplingParams(...), speculative=drafter_or_None)
+    while engine.has_unfinished():
+        for out in engine.step():          # StepOutput(request_id, new_token_ids, finish_reason)
+            ...
+    engine.abort(rid)                      # at any time: its blocks are freed at once
+
+A step is three calls (vLLM v1's shape): ``Scheduler.schedule`` picks each running request's feed (its pending
+tokens, or a prefill chunk) and admits waiting requests under the token and memory budgets; ``runner.run`` drafts,
+builds one flat pass (a paged ``PagedStep``) and runs the model; ``_update`` verifies every request's draft against
+its logits, commits the accepted tokens (rollback = not committing), registers newly full blocks in the prefix
+cache, applies stop rules and jump-forward, and frees finished requests' blocks.
+
+Exactness: a request's tokens, keys and values never depend on what else runs: the int8/int4 (and float32, when
+native) matmuls are row-invariant, attention is computed per query over exactly the request's own slots, and the
+prompt/output split of a compiled model's passes depends only on the request. So its greedy output equals what it
+produces alone, whatever arrives, leaves, is preempted or shares its prefix.
+
+Speculation per request: ``add_request(..., speculative=drafter)`` (a ``Drafter``; its per-request state is keyed
+by the request id). One target pass verifies every request's draft; acceptance is per request (ragged).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..constrain.base import Constraint, apply_bitmask_, bitmask_width
+from ..errors import ConstraintError, InvalidParamsError, PromptTooLongError
+from ..sampling import SamplingParams, TokenHistory, make_generator, top_ids
+from ..speculative.drafters.base import Draft, Drafter
+from ..speculative.tree import compaction
+from ..speculative.verify import (target_argmax, target_probabilities, verify_greedy, verify_sampling,
+                                  verify_tree_greedy, verify_tree_sampling)
+from .batch import Batch
+from .kv_pool import BlockManager, KVPool, slot_of
+from .request import Request, Status
+from .runner import Runner, StepResult
+from .scheduler import Scheduler
+from .structured import clear_ids, constrain_draft
+
+
+@dataclass
+class StepOutput:
+    """What one request gained in a step. ``row`` is the request's index in a ``Batch`` (``start``), else its id."""
+    request_id: int
+    new_token_ids: list[int]
+    finish_reason: str | None
+    row: int = -1
+
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+def default_kv_memory(bytes_per_token: int, max_num_seqs: int, max_model_len: int) -> int:
+    """Bytes for the KV pool when none is given: a quarter of the memory available now, at most what
+    ``max_num_seqs`` full-length requests need, at least one full-length request's worth."""
+    available = _available_memory()
+    most = bytes_per_token * max_num_seqs * max_model_len
+    least = bytes_per_token * max_model_len
+    return max(least, min(most, available // 4))
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+class LLMEngine:
+    """Serves many requests at once on one model (see the module docstring).
+
+    Args:
+        model: a ``leaplm.models.transformer.Transformer``.
+        eos_token_ids: ids that end a request (unless its params say ``ignore_eos``).
+        max_model_len: prompt + output cap (default and upper bound: the model's context window).
+        prefill_chunk: most prompt tokens one request feeds in a step.
+        constrainer: ``fn(params) -> Constraint``, a fresh grammar cursor for a request that asks for structured
+            output (``LLM`` passes one that compiles with its tokenizer). None: such requests need ``constraint=``.
+        max_num_seqs: most requests running (holding KV blocks) at once.
+        max_num_batched_tokens: most tokens in one step (prefill chunks + pending tokens + drafts).
+        kv_cache_memory: bytes for the paged KV pool (default ``default_kv_memory``).
+        block_size: slots per KV block (the prefix cache's granularity).
+        prefix_caching: reuse full blocks of identical token prefixes across requests.
+        drafter_factory: ``fn(spec) -> Drafter`` for ``add_request(speculative=<name or dict>)``.
+    """
+
+    def __init__(self, model, eos_token_ids: Sequence[int] = (), max_model_len: int | None = None,
+                 prefill_chunk: int = 512, constrainer: Callable[[SamplingParams], Constraint] | None = None,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int | None = None,
+                 kv_cache_memory: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                 prefix_caching: bool = True, drafter_factory: Callable[[object], Drafter | None] | None = None,
+                 draft_budget: Callable[[Request, int], int] | None = None) -> None:
+        self.model = model
+        self.config = model.config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
+                                 self.config.max_position_embeddings)
+        for name, value, low in (("prefill_chunk", prefill_chunk, 1), ("max_num_seqs", max_num_seqs, 1),
+                                 ("block_size", block_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidParamsError(f"{name} must be an integer >= {low}, got {value!r}")
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = max(prefill_chunk, max_num_seqs) + max_num_seqs
+        if isinstance(max_num_batched_tokens, bool) or not isinstance(max_num_batched_tokens, int) \
+                or max_num_batched_tokens < max_num_seqs:
+            raise InvalidParamsError(f"max_num_batched_tokens must be an integer >= max_num_seqs ({max_num_seqs}), "
+                                     f"got {max_num_batched_tokens!r}")
+        self.prefill_chunk = prefill_chunk
+        self.constrainer = constrainer
+        self.drafter_factory = drafter_factory
+        per_token = KVPool.bytes_per_token(self.config, model.dtype)
+        if kv_cache_memory is None:
+            kv_cache_memory = default_kv_memory(per_token, max_num_seqs, self.max_model_len)
+        if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0:
+            raise InvalidParamsError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
+        num_blocks = kv_cache_memory // (per_token * block_size)
+        if num_blocks < 1:
+            raise InvalidParamsError(f"kv_cache_memory={kv_cache_memory} bytes holds no KV block ({block_size} tokens "
+                                     f"x {per_token} bytes); give at least {per_token * block_size}")
+        self.kv_cache_memory = num_blocks * block_size * per_token
+        self.pool = KVPool(self.config, num_blocks, block_size, model.dtype, model.device)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, prefill_chunk,
+                                   draft_budget or _full_draft)
+        self.runner = Runner(model, self.pool, self.constrain)
+        self.requests: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self.steps = 0
+        self.tokens_generated = 0
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def block_size(self) -> int:
+        return self.pool.block_size
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.pool.num_slots
+
+    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        if len(prompt_ids) == 0:
+            raise InvalidParamsError("the prompt is empty: give at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt_ids)} tokens but the context window is {self.max_model_len} "
+                f"tokens (prompt + at least one generated token must fit); shorten the prompt"
+            )
+        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise InvalidParamsError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    def constraint_for(self, params: SamplingParams, given: Constraint | None = None) -> Constraint | None:
+        """The request's grammar cursor: ``given``, else one from the constrainer when ``params`` ask for one."""
+        c = given
+        if c is None and params.constraint is not None:
+            if self.constrainer is None:
+                raise InvalidParamsError(
+                    "structured output (json_schema / regex / grammar / json_object) needs the model's tokenizer "
+                    "to compile the grammar: use leaplm.LLM, or give the Engine a constrainer")
+            c = self.constrainer(params)
+        if c is not None and c.vocab_size != self.config.vocab_size:
+            raise InvalidParamsError(f"the constraint masks {c.vocab_size} token ids but the model has "
+                                     f"{self.config.vocab_size} logits; compile it with vocab_size={self.config.vocab_size}")
+        return c
+
+    def _drafter(self, speculative) -> Drafter | None:
+        if speculative is None or isinstance(speculative, Drafter):
+            return speculative
+        if speculative == "none":
+            return None
+        if self.drafter_factory is not None:
+            return self.drafter_factory(speculative)
+        from ..speculative.drafters import make_drafter
+
+        drafter = make_drafter(speculative)
+        if drafter is not None:
+            drafter.bind(self.model)
+        return drafter
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                    speculative: Drafter | str | dict | None = None, constraint: Constraint | None = None) -> int:
+        """Queue a request; returns its id. Raises (before queueing anything) for an empty or too long prompt, an
+        unknown token id, a grammar that does not compile, or a request the KV pool can never hold."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidParamsError(f"params must be a SamplingParams, not {type(params).__name__}")
+        prompt_ids = [int(t) for t in prompt_ids]
+        self.check_prompt(prompt_ids)
+        cursor = self.constraint_for(params, constraint)
+        drafter = self._drafter(speculative)
+        max_new = min(params.max_tokens, self.max_model_len - len(prompt_ids))
+        slack = drafter.num_draft if drafter is not None else 0
+        if len(prompt_ids) + max_new + slack > self.capacity_tokens:
+            raise InvalidParamsError(
+                f"the request needs up to {len(prompt_ids) + max_new + slack} KV slots (prompt {len(prompt_ids)} + "
+                f"max_tokens {max_new}{f' + draft {slack}' if slack else ''}) but the KV pool holds "
+                f"{self.capacity_tokens}; raise kv_cache_memory or lower max_tokens")
+        rid = next(self._ids)
+        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        device = self.model.device
+        r = Request(rid, prompt_ids, params, frozenset(stop), max_new,
+                    generator=None if params.greedy else make_generator(params.seed, device),
+                    history=TokenHistory(self.config.vocab_size, prompt_ids, device) if params.uses_penalties else None,
+                    constraint=cursor, drafter=drafter, arrival=time.perf_counter())
+        r.started = r.arrival
+        if drafter is not None:
+            drafter.start(rid, params)
+        self.requests[rid] = r
+        if cursor is not None:   # the grammar's forced start goes into the prefill
+            self._jump_forward(r)
+        if r.finished:
+            self._retire(r)
+        else:
+            self.scheduler.add(r)
+        return rid
+
+    def start(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], drafter=None,
+              constraints: Sequence[Constraint | None] | None = None, keep_kv: bool = False) -> Batch:
+        """Add a group of requests and return them as a ``Batch``. Every prompt is checked and every grammar compiled
+        before any request is added. ``constraints``: one ready grammar cursor (or None) per prompt. ``keep_kv``: each
+        request keeps a copy of its committed keys and values when it finishes (``Batch.kv_snapshot``, tests)."""
+        if len(prompts) != len(params):
+            raise InvalidParamsError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+        if constraints is not None and len(constraints) != len(prompts):
+            raise InvalidParamsError(f"{len(prompts)} prompts but {len(constraints)} constraints")
+        for ids in prompts:
+            self.check_prompt(ids)
+        cursors = [self.constraint_for(p, constraints[i] if constraints is not None else None)
+                   for i, p in enumerate(params)]
+        ids = [self.add_request(list(p_ids), p, speculative=drafter, constraint=c)
+               for p_ids, p, c in zip(prompts, params, cursors)]
+        for rid in ids:
+            self.requests[rid].keep_kv = keep_kv
+        return Batch(self, ids, drafter)
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request now (finish reason ``"abort"``); its blocks are freed. Unknown or finished ids: no-op."""
+        r = self.requests.get(request_id)
+        if r is None or r.finished:
+            return
+        self._finish(r, "abort")
+        r.finish_emitted = True   # nothing more is reported for it
+        self._retire(r)
+
+    def finish_request(self, request_id: int, keep: int | None = None, reason: str = "stop") -> None:
+        """End a request early (e.g. a stop string found in its text), keeping its first ``keep`` output tokens
+        (default all): a speculative step may have accepted tokens past the stop."""
+        r = self.requests[request_id]
+        if keep is not None:
+            if not 0 <= keep <= len(r.output_ids):
+                raise ValueError(f"cannot keep {keep} of request {request_id}'s {len(r.output_ids)} output tokens")
+            del r.output_ids[keep:]
+            del r.tokens[len(r.prompt_ids) + keep:]
+        was = r.finished
+        self._finish(r, reason)
+        r.finish_reason = reason
+        if not was:
+            self._retire(r)
+
+    def get_request(self, request_id: int) -> Request:
+        return self.requests[request_id]
+
+    def release(self, request_id: int) -> Request | None:
+        """Forget a finished request (the engine keeps them until released, so callers can read their stats)."""
+        r = self.requests.get(request_id)
+        if r is not None and r.finished:
+            return self.requests.pop(request_id)
+        return None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or any(
+            r.finished and not r.finish_emitted for r in self.requests.values())
+
+    def stats(self) -> dict:
+        return {"kv_blocks_total": self.blocks.num_blocks, "kv_blocks_free": self.blocks.free_blocks,
+                "kv_blocks_used": self.blocks.used_blocks, "block_size": self.block_size,
+                "kv_cache_memory": self.kv_cache_memory, "prefix_cache_hit_rate": self.blocks.hit_rate,
+                "prefix_cache_queries": self.blocks.queries, "prefix_cache_hits": self.blocks.hits,
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "preemptions": self.scheduler.preemptions, "steps": self.steps,
+                "tokens_generated": self.tokens_generated}
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[StepOutput]:
+        """Run one step: every running request advances (or its prompt by one chunk); returns what each request
+        gained, and requests that finished."""
+        outputs = self._emit()   # requests finished outside a step (jump-forward at add, abort, finish_request)
+        if not self.scheduler.has_unfinished():
+            return outputs
+        items = self.scheduler.schedule()
+        if not items:
+            if self.scheduler.running or self.scheduler.waiting:
+                head = (self.scheduler.waiting or self.scheduler.running)[0]
+                raise RuntimeError(f"the scheduler could not fit request {head.request_id} in an empty step "
+                                   f"({self.blocks.free_blocks} free blocks)")
+            return outputs
+        self.steps += 1
+        result = self.runner.run(items)
+        for it in items:
+            self._update(it, result)
+        return outputs + self._emit()
+
+    def _emit(self) -> list[StepOutput]:
+        out = []
+        done = []
+        for r in self.requests.values():
+            if r.finish_emitted:
+                continue
+            new = r.output_ids[r.emitted:]
+            if new or r.finished:
+                if new and r.first_token_at is None:
+                    r.first_token_at = time.perf_counter()
+                r.emitted = len(r.output_ids)
+                out.append(StepOutput(r.request_id, list(new), r.finish_reason, r.request_id))
+                self.tokens_generated += len(new)
+                if r.finished:
+                    r.finish_emitted = True
+                    done.append(r)
+        return out
+
+    # ------------------------------------------------------------------ after the pass
+    def _update(self, it, result: StepResult) -> None:
+        r = it.request
+        if r.status is not Status.RUNNING:
+            return
+        draft = result.drafts.get(r.request_id, Draft([]))
+        nc = r.num_computed
+        if not it.reaches_end:   # a prefill chunk: commit it, nothing to verify
+            r.num_computed = nc + it.take
+            self._register_blocks(r)
+            return
+        started = result.started
+        logits = result.logits[r.request_id]     # [rows, V]: rows from result.first_row[r] of the feed
+        first_row = result.first_row[r.request_id]
+        fed = it.take
+        tokens, parents = draft.tokens, draft.parents
+        scores = logits[fed - 1 - first_row: fed - first_row + len(tokens)]
+        observed = result.observe.get(r.request_id)
+        if observed is not None:
+            fed_tokens, rows = observed
+            r.drafter.observe(r.request_id, fed_tokens, top_ids(logits[rows[0] - first_row: rows[1] - first_row],
+                                                                 r.drafter.observe_topk))
+        if r.constraint is not None:
+            with torch.inference_mode():   # the logits are inference tensors: masked in place
+                apply_bitmask_(scores, r.masks[: len(tokens) + 1])
+        if r.params.greedy:
+            choices = target_argmax(scores, r.params, r.history, tokens, parents)
+            verdict = verify_greedy(tokens, choices) if parents is None else verify_tree_greedy(tokens, parents, choices)
+        else:
+            probs = target_probabilities(scores, r.params, r.history, tokens, parents)
+            verdict = (verify_sampling(tokens, probs, draft.probs, r.generator) if parents is None
+                       else verify_tree_sampling(tokens, parents, probs, draft.probs, r.generator))
+        kept = 0
+        jump = r.constraint is not None and r.params.jump_forward
+        for i, token in enumerate(verdict.tokens):
+            kept += 1
+            if not self._append(r, token):
+                break
+            if jump and i + 1 < len(verdict.tokens) and self._forces(r):
+                break   # one-token decoding would jump forward here: drop the rest of the verdict
+        accepted = min(kept, verdict.accepted)
+        if parents is not None and accepted:
+            root = nc + fed - 1   # the logical slot of the tree's root (the last pending token)
+            bs, table = self.block_size, r.block_table
+            moves = compaction(verdict.path)
+            self.pool.move([slot_of(table, bs, root + s) for s, _ in moves], [slot_of(table, bs, root + d) for _, d in moves])
+        r.num_computed = nc + fed + accepted
+        if nc >= len(r.prompt_ids):   # a decode pass (the prefill's first token is not counted, as before)
+            r.target_passes += 1
+        r.drafted += len(tokens)
+        r.accepted += accepted
+        r.verify_s += time.perf_counter() - started
+        if not r.finished:
+            self._register_blocks(r)
+            if r.constraint is not None:
+                self._jump_forward(r)
+        if r.finished:
+            self._retire(r)
+
+    def _register_blocks(self, r: Request) -> None:
+        """Put ``r``'s newly full, committed blocks in the prefix cache."""
+        bs = self.block_size
+        for i in range(len(r.block_hashes), r.num_computed // bs):
+            parent = r.block_hashes[-1] if r.block_hashes else None
+            r.block_hashes.append(self.blocks.register(r.block_table[i], parent, r.tokens[i * bs: (i + 1) * bs]))
+
+    def _retire(self, r: Request) -> None:
+        if r.status is not Status.FINISHED:
+            if r.keep_kv:
+                bs = self.block_size
+                slots = [slot_of(r.block_table, bs, j) for j in range(r.num_computed)]
+                r.final_kv = [self.pool.gather(layer, slots) for layer in range(self.config.num_layers)]
+            self.scheduler.remove(r)
+        r.masks = None
+        if r.drafter is not None:
+            r.drafter.reset(r.request_id)
+
+    def _finish(self, r: Request, reason: str) -> None:
+        if not r.finished:
+            r.finish_reason = reason
+            r.finished_at = time.perf_counter()
+
+    # ------------------------------------------------------------------ tokens, grammar
+    def _append(self, r: Request, token: int) -> bool:
+        """Add ``token`` to ``r``'s output (grammar, penalty history, stop rules); False once it finished."""
+        r.output_ids.append(token)
+        r.tokens.append(token)
+        if r.history is not None:
+            r.history.add([token])
+        c = r.constraint
+        if c is not None:
+            t = time.perf_counter()
+            c.advance([token])   # never fails for a masked choice: ConstraintError means a bug or a grammar limit
+            complete = c.is_finished()
+            r.constraint_s += time.perf_counter() - t
+            if complete:   # only EOS could follow: finish as if it had been sampled
+                self._finish(r, "stop")
+                return False
+        if token in r.stop_ids:
+            self._finish(r, "stop")
+        elif len(r.output_ids) >= r.max_new:
+            self._finish(r, "length")
+        return not r.finished
+
+    def _jump_forward(self, r: Request) -> None:
+        """Append the tokens ``r``'s grammar forces now to its output (they are fed as pending tokens)."""
+        if r.finished or not r.params.jump_forward:
+            return
+        t = time.perf_counter()
+        forced = r.constraint.forced()
+        r.constraint_s += time.perf_counter() - t
+        for token in forced[: max(0, r.max_new - len(r.output_ids))]:
+            r.forced_tokens += 1
+            if not self._append(r, token):
+                break
+
+    @staticmethod
+    def _forces(r: Request) -> bool:
+        t = time.perf_counter()
+        forced = bool(r.constraint.forced())
+        r.constraint_s += time.perf_counter() - t
+        return forced
+
+    def constrain(self, r: Request, draft: Draft) -> Draft:
+        """Prune ``r``'s draft to what its grammar accepts and fill ``r.masks`` (see ``constrain_draft``)."""
+        vocab = self.config.vocab_size
+        rows_needed = 1 + len(draft.tokens)
+        masks = r.masks
+        if masks is None or masks.shape[0] < rows_needed:
+            most = 1 + (r.drafter.num_draft if r.drafter is not None else 0)
+            masks = r.masks = torch.empty(max(rows_needed, most), bitmask_width(vocab), dtype=torch.int32)
+        t = time.perf_counter()
+        kept = constrain_draft(r.constraint, draft, masks, r.params.jump_forward, r.mask_times)
+        used = masks[: 1 + len(kept.tokens)]
+        if r.params.ignore_eos:
+            clear_ids(used, [e for e in self.eos_token_ids if e < vocab])
+        if not bool(used.any(dim=-1).all()):
+            raise ConstraintError(f"the {getattr(getattr(r.constraint, 'grammar', None), 'kind', '')} constraint "
+                                  f"allows no token after {len(r.output_ids)} output tokens")
+        r.constraint_s += time.perf_counter() - t
+        r.pruned += len(draft.tokens) - len(kept.tokens)
+        return kept
+
+
+def _full_draft(request: Request, decoding: int) -> int:
+    """The default draft budget: the drafter's own ``num_draft``, within the tokens the request may still make."""
+    room = request.max_new - len(request.output_ids) - 1   # a verdict adds accepted + 1 tokens
+    return max(0, min(request.drafter.num_draft, room))

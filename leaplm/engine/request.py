@@ -1,0 +1,91 @@
+"""``Request``: everything the engine knows about one request, in one place.
+
+Tokens: ``tokens`` is the prompt followed by the output so far (``prompt_ids + output_ids``, kept as one list).
+KV: ``block_table`` (``kv_pool.py``) and ``num_computed``, the number of ``tokens`` whose keys and values are
+committed (logical slots ``0 .. num_computed - 1``). The tokens past it are *pending*: the prompt's rest while it is
+prefilled (in chunks), then normally the one token sampled last; jump-forward adds the tokens a grammar forces, and
+a preempted request pends all its tokens again (they are recomputed, bit for bit the same). A step feeds pending
+tokens (all of them, or a prefill chunk) and, when it feeds them all, the request's draft.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..sampling import SamplingParams, TokenHistory
+
+if TYPE_CHECKING:
+    from ..constrain.base import Constraint
+    from ..speculative.drafters.base import Drafter
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"      # not admitted yet, or preempted (no blocks)
+    RUNNING = "running"      # holds blocks, scheduled every step
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    max_new: int                      # max_tokens, clipped to the room left in the context window
+    generator: torch.Generator | None
+    history: TokenHistory | None
+    constraint: "Constraint | None" = None   # structured output: the grammar's cursor after output_ids
+    drafter: "Drafter | None" = None          # speculation for this request (its state keyed by request_id)
+    arrival: float = 0.0              # perf_counter() at add_request
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    status: Status = Status.WAITING
+    # timing and statistics (LLM reports them as RequestOutput.metrics)
+    started: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    target_passes: int = 0
+    drafted: int = 0                  # draft tokens proposed to the target
+    accepted: int = 0                 # draft tokens the target accepted
+    draft_s: float = 0.0              # time spent drafting
+    verify_s: float = 0.0             # time spent in target passes + verification
+    forced_tokens: int = 0            # tokens appended by jump-forward (forced by the grammar, never sampled)
+    pruned: int = 0                   # draft tokens dropped before verification because the grammar rejects them
+    constraint_s: float = 0.0         # time in the constraint: masks, pruning drafts, advancing, jump-forward
+    mask_times: list[float] = field(default_factory=list)   # seconds per next-token mask computed
+    cached_tokens: int = 0            # prompt tokens found in the prefix cache (at the last admission)
+    preemptions: int = 0              # times its blocks were taken back and its tokens recomputed
+    # KV
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)   # prefix hashes of its first full committed blocks
+    num_computed: int = 0
+    keep_kv: bool = False             # copy its committed keys/values into final_kv when it finishes (tests)
+    final_kv: list | None = None      # per layer (k, v) [1, kv_heads, length, D], when keep_kv
+    # per step
+    masks: Tensor | None = None       # int32 [>= 1 + n, W]: this step's grammar masks
+    emitted: int = 0                  # output tokens already returned by step()
+    finish_emitted: bool = False
+
+    def __post_init__(self) -> None:
+        self.tokens: list[int] = list(self.prompt_ids) + list(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def pending(self) -> list[int]:
+        return self.tokens[self.num_computed:]
+
+    @property
+    def decoding(self) -> bool:
+        """Whether every pending token is an output token (the prompt is committed): drafts are allowed."""
+        return self.num_computed >= len(self.prompt_ids)

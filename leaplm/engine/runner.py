@@ -1,0 +1,153 @@
+"""The runner: drafts, builds the step's flat pass over the paged pool, runs the model.
+
+``Runner(model, pool, constrain).run(items) -> StepResult``. For every scheduled request that feeds all its pending
+tokens and is decoding, its drafter proposes (``Drafter.propose(request_id, tokens, budget)``); a constrained
+request's draft is pruned and its masks computed (``constrain``). Then one ``PagedStep`` per pass:
+
+- an eager model: one pass with every fed token;
+- a compiled model (``Transformer.compile``): prompt tokens go through an eager pass and output tokens (pending,
+  jump-forward, drafts) through the compiled one, the eager pass first. Which pass a token takes depends only on its
+  own request (is it a prompt token?), never on the other requests, so a request's keys, values and logits are what
+  they are when it runs alone; the compiled pass reproduces single-token decoding bit for bit.
+
+Each request reaching its end gets the logits of its last pending token and its draft tokens (and, when its drafter
+observes the target's top tokens, of every pending token).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..models.paged import PagedStep, Segment
+from ..speculative.drafters.base import Draft
+from ..speculative.tree import chain_parents, check_tree, depths
+from .kv_pool import KVPool
+from .request import Request
+from .scheduler import Scheduled
+from .structured import feed_parents
+
+
+@dataclass
+class StepResult:
+    started: float
+    drafts: dict[int, Draft] = field(default_factory=dict)
+    logits: dict[int, Tensor] = field(default_factory=dict)        # request id -> [rows, V]
+    first_row: dict[int, int] = field(default_factory=dict)        # request id -> feed index of logits row 0
+    observe: dict[int, tuple[list[int], tuple[int, int]]] = field(default_factory=dict)  # fed tokens, feed rows
+
+
+@dataclass
+class _Part:
+    """One request's tokens in one pass."""
+    request: Request
+    base: int                      # logical slot of its first token here
+    feed_start: int                # feed index of its first token here
+    tokens: list[int]
+    positions: list[int]
+    parents: list[int] | None      # tree parents (feed_parents numbering), only for a whole decode feed
+    rows: tuple[int, int] | None   # feed rows whose logits are wanted, if they lie in this part
+
+
+class Runner:
+    def __init__(self, model, pool: KVPool, constrain: Callable[[Request, Draft], Draft]) -> None:
+        self.model = model
+        self.pool = pool
+        self.constrain = constrain
+        self.window = model.config.sliding_window if "sliding" in model.config.layer_types else None
+
+    def run(self, items: list[Scheduled]) -> StepResult:
+        result = StepResult(started=time.perf_counter())
+        eager: list[_Part] = []
+        compiled: list[_Part] = []
+        split = self.model.compiled is not None
+        for it in items:
+            r = it.request
+            draft = self._draft(it)
+            result.drafts[r.request_id] = draft
+            nc, take = r.num_computed, it.take
+            fed_tokens = r.tokens[nc: nc + take] + list(draft.tokens)
+            parents = None
+            positions = list(range(nc, nc + take))
+            if draft.is_tree:
+                parents = feed_parents(take, draft)
+                positions = [nc] + [nc + d for d in depths(parents)]
+            else:
+                positions += list(range(nc + take, nc + take + len(draft.tokens)))
+            rows = None
+            if it.reaches_end:
+                observing = r.drafter is not None and r.drafter.observe_topk and r.decoding
+                first = 0 if observing else take - 1
+                rows = (first, len(fed_tokens))
+                result.first_row[r.request_id] = first
+                if r.drafter is not None and r.drafter.observe_topk:
+                    seen = fed_tokens if observing else [fed_tokens[take - 1]]
+                    result.observe[r.request_id] = (seen, (take - 1, take) if not observing else rows)
+            # a compiled model: prompt tokens in the eager pass, output tokens in the compiled one. The wanted rows
+            # (the last pending token on) are then output tokens too, unless nothing is compiled.
+            cut = max(0, min(len(fed_tokens), len(r.prompt_ids) - nc)) if split else len(fed_tokens)
+            whole = cut == len(fed_tokens)
+            if cut:
+                eager.append(_Part(r, nc, 0, fed_tokens[:cut], positions[:cut], parents if whole else None,
+                                   rows if whole else None))
+            if not whole:
+                assert rows is None or rows[0] >= cut, "a request's verified rows straddle its two passes"
+                compiled.append(_Part(r, nc + cut, cut, fed_tokens[cut:], positions[cut:],
+                                      parents if cut == 0 else None, rows))
+        if eager:
+            self._pass(eager, result, compiled=False)
+        if compiled:
+            self._pass(compiled, result, compiled=True)
+        return result
+
+    # ------------------------------------------------------------------ drafting
+    def _draft(self, it: Scheduled) -> Draft:
+        r = it.request
+        if not it.reaches_end:
+            return Draft([])
+        draft = Draft([])
+        if it.draft_budget > 0 and r.drafter is not None and r.decoding:
+            t = time.perf_counter()
+            draft = r.drafter.propose(r.request_id, r.tokens, it.draft_budget)
+            r.draft_s += time.perf_counter() - t
+            if len(draft.tokens) > it.draft_budget:
+                raise ValueError(f"{r.drafter.name} drafted {len(draft.tokens)} tokens, more than the "
+                                 f"{it.draft_budget} asked for")
+            if draft.is_tree:
+                check_tree(draft.tokens, draft.parents)
+                room = r.max_new - len(r.output_ids) - 1
+                if max(depths(draft.parents), default=0) > room:
+                    raise ValueError(f"{r.drafter.name} drafted a tree deeper than the {room} tokens left")
+                if draft.parents == chain_parents(len(draft.parents)):   # a chain after all (no tree mask)
+                    draft = Draft(draft.tokens, draft.probs)
+        if r.constraint is not None:
+            draft = self.constrain(r, draft)
+        return draft
+
+    # ------------------------------------------------------------------ passes
+    def _pass(self, parts: list[_Part], result: StepResult, compiled: bool) -> None:
+        device = self.model.device
+        segments = [Segment(p.request.block_table, p.base, p.positions, p.parents) for p in parts]
+        step = PagedStep(segments, self.pool.block_size, self.window, device)
+        tokens = torch.tensor([t for p in parts for t in p.tokens], dtype=torch.long, device=device)
+        index: list[int] = []
+        wanted: list[tuple[_Part, int, int]] = []   # part, first row in the logits, count
+        offset = 0
+        for p in parts:
+            if p.rows is not None:
+                lo, hi = p.rows[0] - p.feed_start, p.rows[1] - p.feed_start
+                wanted.append((p, len(index), hi - lo))
+                index += range(offset + lo, offset + hi)
+            offset += len(p.tokens)
+        if not wanted and compiled:
+            return self._run(tokens, step, None, compiled)
+        logits = self._run(tokens, step, torch.tensor(index, dtype=torch.long, device=device), compiled)
+        for p, start, count in wanted:
+            result.logits[p.request.request_id] = logits[start: start + count]
+            result.first_row[p.request.request_id] = p.rows[0]
+
+    def _run(self, tokens: Tensor, step: PagedStep, logit_index: Tensor | None, compiled: bool) -> Tensor:
+        return self.model.forward_paged(tokens, step.positions[0], self.pool, step, logit_index, compiled=compiled)

@@ -1,0 +1,170 @@
+"""The scheduler: which requests feed which tokens in the next step, under a token budget and a memory budget.
+
+Each step (``schedule()``):
+
+1. **Running requests, oldest first.** A request whose pending tokens fit (``<= prefill_chunk``) feeds them all
+   plus a draft (*decode*): one token each comes first, so every running stream advances every step; a request
+   still prefilling a long prompt feeds one chunk of it (``prefill_chunk`` tokens at most) from what is left of the
+   budget. Draft tokens come last, from what is left (``draft_budget``).
+2. **Waiting requests, first come first served** (preempted ones first: they arrived earlier), while fewer than
+   ``max_num_seqs`` run and budget is left: its cached prefix blocks are taken from the prefix cache, then its first
+   chunk is scheduled. A waiting request that does not fit waits; later ones do not pass it (no starvation).
+3. **Memory.** Every scheduled feed needs blocks for its slots. When the pool is out of free blocks, the newest
+   running request is *preempted*: its blocks are released (full ones stay in the prefix cache), it goes back to
+   the head of the waiting queue and its tokens are recomputed when it is admitted again. Its output is unchanged.
+
+``max_num_batched_tokens`` bounds the tokens of one step (prefill chunks + pending + drafts): it bounds how long a
+prompt can stall the running streams (one chunk's time).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from .kv_pool import BlockManager
+from .request import Request, Status
+
+
+@dataclass
+class Scheduled:
+    """One request's share of a step: feed ``tokens[num_computed : num_computed + take]``, then (when that reaches
+    the end of its tokens) a draft of at most ``draft_budget`` tokens."""
+    request: Request
+    take: int
+    draft_budget: int = 0
+
+    @property
+    def reaches_end(self) -> bool:
+        return self.take == self.request.num_pending
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, prefill_chunk: int,
+                 draft_budget: Callable[[Request, int], int]) -> None:
+        self.blocks = blocks
+        self.block_size = blocks.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_chunk = prefill_chunk
+        self.draft_budget = draft_budget        # (request, decoding requests this step) -> draft tokens wanted
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []        # in arrival order
+        self.preemptions = 0
+
+    # ------------------------------------------------------------------ queues
+    def add(self, request: Request) -> None:
+        request.status = Status.WAITING
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a finished or aborted request out of the queues and give its blocks back."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status = Status.FINISHED
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ------------------------------------------------------------------ the step's plan
+    def schedule(self) -> list[Scheduled]:
+        budget = self.max_num_batched_tokens
+        items: list[Scheduled] = []
+        decoding = [r for r in self.running if r.num_pending <= self.prefill_chunk]
+        prefilling = [r for r in self.running if r.num_pending > self.prefill_chunk]
+        for r in decoding:   # every running stream advances
+            if budget < r.num_pending:
+                break
+            items.append(Scheduled(r, r.num_pending))
+            budget -= r.num_pending
+        for r in prefilling:
+            if budget <= 0:
+                break
+            take = min(r.num_pending, self.prefill_chunk, budget)
+            items.append(Scheduled(r, take))
+            budget -= take
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            r = self.waiting[0]
+            if not r.block_table:
+                self._match_prefix(r)
+            take = min(r.num_pending, self.prefill_chunk, budget)
+            if not self._ensure(r, r.num_computed + take):
+                self._release(r)
+                break
+            self.waiting.popleft()
+            r.status = Status.RUNNING
+            self.running.append(r)
+            items.append(Scheduled(r, take))
+            budget -= take
+        # drafts from what is left of the budget, oldest first
+        decoders = [it for it in items if it.reaches_end and it.request.decoding and it.request.drafter is not None]
+        for it in decoders:
+            if budget <= 0:
+                break
+            it.draft_budget = max(0, min(self.draft_budget(it.request, len(decoders)), budget))
+            budget -= it.draft_budget
+        return self._fit(items)
+
+    def _fit(self, items: list[Scheduled]) -> list[Scheduled]:
+        """Give every item the blocks its feed and draft need, preempting the newest running requests (and
+        dropping their items) when the pool runs out."""
+        i = 0
+        while i < len(items):
+            it = items[i]
+            r = it.request
+            need = r.num_computed + it.take + it.draft_budget
+            while not self._ensure(r, need):
+                if it.draft_budget:   # first give up the draft
+                    it.draft_budget = 0
+                    need = r.num_computed + it.take
+                    continue
+                victim = self.running[-1]
+                self._preempt(victim)
+                items = [x for x in items if x.request is not victim]
+                if victim is r:
+                    break
+            else:
+                i += 1
+                continue
+            # r itself was preempted: items[i] is now the next one
+        return items
+
+    # ------------------------------------------------------------------ memory
+    def _ensure(self, r: Request, slots: int) -> bool:
+        """Grow ``r``'s block table to cover ``slots`` logical slots; False (nothing taken) if the pool is short."""
+        need = -(-slots // self.block_size) - len(r.block_table)
+        if need <= 0:
+            return True
+        blocks = self.blocks.allocate(need)
+        if blocks is None:
+            return False
+        r.block_table += blocks
+        return True
+
+    def _match_prefix(self, r: Request) -> None:
+        """Start ``r`` from the longest run of its leading full blocks found in the prefix cache (never its last
+        token: the step that feeds it produces the next token's logits)."""
+        blocks, hashes = self.blocks.match_prefix(r.tokens, len(r.tokens) - 1)
+        r.block_table, r.block_hashes = blocks, hashes
+        r.num_computed = len(blocks) * self.block_size
+        r.cached_tokens = min(r.num_computed, len(r.prompt_ids))
+
+    def _release(self, r: Request) -> None:
+        self.blocks.release(r.block_table)
+        r.block_table, r.block_hashes = [], []
+        r.num_computed = 0
+
+    def _preempt(self, r: Request) -> None:
+        self.running.remove(r)
+        self._release(r)
+        r.status = Status.WAITING
+        r.preemptions += 1
+        self.preemptions += 1
+        # back to the head of the queue, in arrival order among the preempted
+        index = 0
+        while index < len(self.waiting) and self.waiting[index].arrival <= r.arrival:
+            index += 1
+        self.waiting.insert(index, r)
