@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import string
 import sys
 import time
-from pathlib import Path
 
+# check_device: re-exported while a committed leaplm/bench/cli.py may still import it from here (drop it then)
+from .cli_common import add_model_args, at_least, check_device, check_model_args, prepare_out_dir, speculative_spec  # noqa: F401
 from .errors import InvalidParamsError, LeapLMError
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
@@ -67,74 +67,6 @@ def version() -> str:
         return __version__
 
 
-def check_device(value: str | None, flag: str = "--device") -> None:
-    """Raise ``InvalidParamsError`` naming ``flag`` unless ``value`` is None or a device leaplm can run on here
-    (``leaplm.llm.parse_device``: cpu, or a CUDA device this torch sees)."""
-    from .llm import parse_device
-
-    if value is None:
-        return
-    try:
-        parse_device(value)
-    except InvalidParamsError as e:
-        raise InvalidParamsError(f"{flag}: {e}") from None
-
-
-def prepare_out_dir(path: str | Path, flag: str = "--out") -> Path:
-    """Create the output folder ``path`` (with its parents) and check that a file can be written in it, so a
-    bad ``--out`` fails before the work instead of after; raises ``InvalidParamsError`` naming ``flag``."""
-    import tempfile
-
-    out = Path(path).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise InvalidParamsError(f"{flag} {str(path)!r}: cannot create the folder or write in it: {e.strerror or e}") from None
-    return out
-
-
-def _check_model_name(flag: str, value: str) -> None:
-    """A model argument that cannot resolve — not a path, not a known name, not shaped like a hub id —
-    fails here, before anything is loaded (a known name or hub id is fetched later, when the load needs it)."""
-    from . import hub
-    from .errors import ModelNotFoundError
-
-    if Path(value).expanduser().exists() or value in hub.KNOWN_MODELS:
-        return
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value) and not value.endswith((".gguf", ".json")):
-        return  # a hub id (hub.resolve's rule): only the download can tell
-    raise ModelNotFoundError(f"{flag}: model path {value!r} does not exist, and it is not a known model name "
-                             f"({', '.join(hub.KNOWN_MODELS)})")
-
-
-def _at_least(flag: str, value, low: int) -> None:
-    if value is not None and value < low:
-        raise InvalidParamsError(f"{flag} must be >= {low}, got {value}")
-
-
-def _check_model_args(args, quantization: bool = True) -> None:
-    """Everything ``_add_model_args`` takes that can be checked without loading the model (``--quantization``
-    too unless ``quantization=False``, for a command that takes a list of modes there)."""
-    from .quant import check_quantization
-
-    _speculative(args)   # flag combinations first
-    check_device(args.device)
-    if quantization:
-        check_quantization(args.quantization)
-    _at_least("--max-model-len", args.max_model_len, 2)   # a prompt token and a generated one
-    _at_least("--num-draft", getattr(args, "num_draft", None), 1)
-    _at_least("--tree", getattr(args, "tree", None), 1)
-    if args.model is not None:
-        _check_model_name("--model", args.model)
-    if getattr(args, "draft_model", None):
-        _check_model_name("--draft-model", args.draft_model)
-    corpus = getattr(args, "corpus", None)
-    if corpus and not Path(corpus).expanduser().exists():
-        raise InvalidParamsError(f"--corpus: {corpus!r} does not exist (give a text file or a folder of text files)")
-
-
 def _threads_from_env() -> None:
     """``LEAPLM_THREADS=N``: torch threads; anything but an integer >= 1 is an error."""
     value = os.environ.get("LEAPLM_THREADS", "").strip()
@@ -149,32 +81,6 @@ def _threads_from_env() -> None:
     import torch
 
     torch.set_num_threads(n)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None,
-                   help="known name (see `leaplm models`), .gguf file, HF folder or hub id; default: smollm2-135m-instruct")
-    p.add_argument("--dtype", default=None, help="auto (default: float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="cap on prompt + generated tokens, >= 2 (default: the model's context window)")
-    p.add_argument("--quantization", "-q", default="auto",
-                   help="auto (default: int8 for a low-bit GGUF file on CPU, else float) | none (float weights, "
-                        "the exact checkpoint) | int8: per-channel int8 weights (leaplm's VNNI kernel or fbgemm, CPU), several times faster, lossy | "
-                        "int4: 4-bit groups of 32 (as GGUF Q4_1; leaplm's C++ kernel, CPU), half int8's bytes, lossier")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (about a minute at every load for SmolLM2 int8 on 2 cores; faster decoding of small models on CPU)")
-    p.add_argument("--spec", default=None, choices=["prompt_lookup", "copyspec", "recycling", "aded", "lookahead", "retrieval", "draft", "rasd"],
-                   help="lossless speculative decoding method (default: none; --draft-model implies draft)")
-    p.add_argument("--draft-model", default=None,
-                   help="draft model for --spec draft or rasd: known name, .gguf or HF folder with the target's tokenizer")
-    p.add_argument("--corpus", default=None,
-                   help="for --spec retrieval or rasd: a text file or folder of text files to draft from (REST datastore)")
-    p.add_argument("--tree", type=int, default=None, metavar="TOP_K",
-                   help="for --spec draft or rasd: draft a token tree branching into the draft's TOP_K best tokens")
-    p.add_argument("--num-draft", type=int, default=None,
-                   help="most draft tokens (tree nodes) per step, >= 1 (default: the method's, 8 prompt_lookup / "
-                        "10 copyspec / 24 recycling, aded, retrieval / 16 lookahead / 6 draft)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -260,33 +166,6 @@ def _sampling(args):
     return params
 
 
-def _speculative(args) -> dict | None:
-    num_draft = getattr(args, "num_draft", None)
-    method = getattr(args, "spec", None) or ("draft" if getattr(args, "draft_model", None) else None)
-    if method is None:
-        if num_draft is not None:
-            raise InvalidParamsError("--num-draft needs --spec (or --draft-model)")
-        return None
-    spec: dict = {"method": "draft_model" if method == "draft" else method}
-    # options that belong to one method: (argument, flag, that method, the knob it sets, what it needs there)
-    for attr, flag, owner, knob, needed in (
-            ("draft_model", "--draft-model", "draft", "model", "NAME_OR_PATH"),
-            ("corpus", "--corpus", "retrieval", "corpus", "PATH (a text file or a folder of text files)"),
-            ("tree", "--tree", "draft", "tree_top_k", None)):
-        value = getattr(args, attr, None)
-        given = value is not None and value != ""
-        owners = (owner, "rasd")   # rasd takes the draft model's and retrieval's options
-        if method in owners and needed and not given:
-            raise InvalidParamsError(f"--spec {method} needs {flag} {needed}")
-        if given:
-            if method not in owners:
-                raise InvalidParamsError(f"{flag} is only used by --spec {' or '.join(owners)}, not --spec {method}")
-            spec[knob] = value
-    if num_draft is not None:
-        spec["num_draft"] = num_draft
-    return spec
-
-
 def _prompt(args) -> str:
     """The PROMPT argument, else stdin (with a hint on a terminal). Empty is an error; whitespace is a prompt."""
     if args.prompt is not None:
@@ -342,7 +221,7 @@ def _load(args):
     compiling = " and compiling its decode step (up to a few minutes the first time)" if getattr(args, "compile", False) else ""
     with _status(f"loading {args.model or 'smollm2-135m-instruct'}{compiling}"):
         llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                  speculative=_speculative(args), quantization=getattr(args, "quantization", None),
+                  speculative=speculative_spec(args), quantization=getattr(args, "quantization", None),
                   compile=getattr(args, "compile", False))
     weights = f", {llm.quantization} weights" if llm.quantization else ""
     compiled = f", compiled in {llm.compile_s:.1f}s" if llm.compile_s is not None else ""
@@ -375,7 +254,7 @@ def cmd_generate(args) -> int:
     if args.system is not None and not args.chat:
         raise InvalidParamsError("--system needs --chat (the system message goes into the chat template)")
     params = _sampling(args)  # validate before the (slow) load
-    _check_model_args(args)
+    check_model_args(args)
     prompt = _prompt(args)
     llm = _load(args)
     llm.compile_constraint(params)  # a schema the grammar engine cannot take fails here, before generating
@@ -412,7 +291,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     params = _sampling(args)
-    _check_model_args(args)
+    check_model_args(args)
     llm = _load(args)
     llm.compile_constraint(params)
     first = [{"role": "system", "content": args.system}] if args.system is not None else []
@@ -479,9 +358,9 @@ def cmd_profile(args) -> int:
 
     if args.out is not None and not args.verify_curve:
         raise InvalidParamsError("--out is only used with --verify-curve")
-    _at_least("--threads", args.threads, 1)
-    _at_least("--context", args.context, 1)
-    _check_model_args(args)
+    at_least("--threads", args.threads, 1)
+    at_least("--context", args.context, 1)
+    check_model_args(args)
     out = prepare_out_dir(args.out) if args.out is not None else None
     if args.threads:
         import torch
@@ -522,14 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--system", default=None, help="system message (needs --chat)")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
-    _add_model_args(g)
+    add_model_args(g)
     _add_sampling_args(g)
     _add_structured_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive streaming chat")
     c.add_argument("--system", default=None, help="system message")
-    _add_model_args(c)
+    add_model_args(c)
     _add_sampling_args(c)
     _add_structured_args(c)
     c.set_defaults(func=cmd_chat, temperature=0.0)
@@ -546,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--context", type=int, default=512, help="context length for --verify-curve (default 512)")
     pr.add_argument("--out", default=None,
                     help="with --verify-curve: folder for verify_curve.json and .png (created and checked first)")
-    _add_model_args(pr)
+    add_model_args(pr)
     pr.set_defaults(func=cmd_profile)
 
     try:

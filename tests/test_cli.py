@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from leaplm import cli
+from leaplm import cli, cli_common
 from leaplm.errors import InvalidParamsError
 
 from .structured_helpers import build_tiny_llm, tiny_tokenizer
@@ -146,7 +146,7 @@ def test_readme_command_lines_parse_and_pass_the_checks_before_the_load(no_model
     for argv in commands:
         args = parser.parse_args(argv[1:])
         if argv[1] == "generate":
-            cli._check_model_args(args)
+            cli_common.check_model_args(args)
             if args.json_schema is None:
                 stops += cli._sampling(args).stop
     assert "\n\n" in stops   # the --stop example means a blank line
@@ -262,7 +262,7 @@ def test_out_folder_that_cannot_be_made_fails_before_the_work(command, tmp_path,
 
 
 def test_prepare_out_dir_makes_nested_folders(tmp_path):
-    out = cli.prepare_out_dir(tmp_path / "a" / "b")
+    out = cli_common.prepare_out_dir(tmp_path / "a" / "b")
     assert out.is_dir() and list(out.iterdir()) == []
 
 
@@ -297,8 +297,8 @@ def test_rasd_takes_the_draft_model_and_the_corpus():
     from argparse import Namespace
 
     args = Namespace(spec="rasd", draft_model="d.gguf", corpus="src/", tree=3, num_draft=12)
-    assert cli._speculative(args) == {"method": "rasd", "model": "d.gguf", "corpus": "src/", "tree_top_k": 3,
-                                      "num_draft": 12}
+    assert cli_common.speculative_spec(args) == {"method": "rasd", "model": "d.gguf", "corpus": "src/",
+                                                 "tree_top_k": 3, "num_draft": 12}
 
 
 def test_corrupt_file_message(tmp_path):

@@ -13,6 +13,8 @@ results is the text as given, so one method can run with several knob settings s
 ``lossless=True`` claims greedy output identical to ``vanilla``: the report marks it NOT EXACT when not.
 
 ``vanilla`` (plain autoregressive decoding with leaplm's engine) always runs first and is the reference.
+Every drafter of ``leaplm.speculative.registry`` is a method under its name and each of its aliases
+(``DrafterMethod``): its knobs are the drafter class's, its description the registry's.
 
 ``load_target(model_path, ...)`` loads the model once: through ``LLM`` (tokenizer, chat template) when
 the folder/file has a tokenizer, else - only for token-id workloads - the model and ``Engine`` alone,
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..speculative import registry
 from . import BenchError
 
 # --------------------------------------------------------------------------- results of one generation
@@ -229,142 +232,91 @@ def vanilla(target: Target, prompt_ids: list[int], params) -> Generation:
     return _run_engine(target, prompt_ids, params)
 
 
-@register_method("prompt_lookup", lossless=True, description="n-gram drafts from the prompt and output (PLD), 2..3-grams")
-def prompt_lookup(target: Target, prompt_ids: list[int], params, num_draft: int = 8, max_ngram: int = 3,
-                  min_ngram: int = 2) -> Generation:
-    from ..speculative.drafters import PromptLookup
+# --------------------------------------------------------------------------- the drafters (from the registry)
+#
+# Every method of ``leaplm.speculative.registry`` is a bench method under each of its spellings ("draft" and
+# "draft_model" are one method) with the drafter class's knobs, except those the bench fills in: the draft
+# model comes from --draft-model, and nothing downloads or draws a progress bar. One drafter per --methods
+# entry and configuration for the whole run, bound to the target on first use: what it learns carries across
+# requests, never between two entries (two spellings of one configuration would otherwise share a drafter
+# that has already seen the sample).
 
-    return _run_engine(target, prompt_ids, params, PromptLookup(num_draft, max_ngram, min_ngram))
-
-
-@register_method("copyspec", lossless=True,
-                 description="CopySpec: copy the continuation of the last 3-gram from the context or earlier requests")
-def copyspec(target: Target, prompt_ids: list[int], params, num_draft: int = 10, gamma: int = 3,
-             max_store_tokens: int = 1_000_000) -> Generation:
-    from ..speculative.drafters import CopySpec
-
-    key = (target.contestant, "copyspec", num_draft, gamma, max_store_tokens)  # one store across the run's requests
-    if key not in target.cache:
-        target.cache[key] = CopySpec(num_draft, gamma, max_store_tokens)
-    return _run_engine(target, prompt_ids, params, target.cache[key])
+_FILLED_KNOBS = ("model", "tokenizer", "download", "progress")   # set by the bench, not by --methods knobs
 
 
-def _bound_drafter(target: Target, key: tuple, make):
-    """One drafter per ``--methods`` entry and configuration for the whole run (its learnt state carries
-    across requests, never between two entries: two spellings of one configuration would otherwise share
-    a drafter that has already seen the sample), bound to the target on first use."""
-    key = (target.contestant,) + key
-    if key not in target.cache:
-        drafter = make()
-        drafter.bind(target.model, getattr(target, "tokenizer", None))
-        target.cache[key] = drafter
-    return target.cache[key]
+def _make_draft_model(cls, target: Target, knobs: dict):
+    """``draft_model``: entries whose draft keeps its whole LM head share one loaded draft model (its weights;
+    each drafter keeps its own caches and learnt state): four draft:* entries used to load four copies of the
+    0.5B. A shrunk head (``draft_vocab``) loads its own. Returns the bound drafter."""
+    weights_key = ("draft weights", knobs.get("quantization", "int8"))
+    shared = target.cache.get(weights_key) if knobs.get("draft_vocab") is None else None
+    drafter = cls(shared[0] if shared else target.draft_model_path, **knobs,
+                  tokenizer=shared[1] if shared else None, download=False)
+    drafter.bind(target.model, target.tokenizer)
+    if knobs.get("draft_vocab") is None and not shared:
+        target.cache[weights_key] = (drafter.model, drafter.tokenizer)
+    return drafter
 
 
-@register_method("recycling", lossless=True,
-                 description="Token Recycling: a token tree from the target's own top-k candidates of earlier passes, "
-                             "a prompt-lookup chain first when there is one (lookup=false: the tree alone; "
-                             "context=1:prompt=false:lookup=false: the paper's one-token matrix alone)")
-def recycling(target: Target, prompt_ids: list[int], params, num_draft: int = 24, top_k: int = 8,
-              max_depth: int = 8, node_cost: float | None = None, lookup: bool | str = "first", context: int = 4,
-              prompt: bool | None = None) -> Generation:
-    from ..speculative.drafters import TokenRecycling
-
-    key = ("recycling", num_draft, top_k, max_depth, node_cost, lookup, context, prompt)   # one matrix per run
-    drafter = _bound_drafter(target, key, lambda: TokenRecycling(num_draft, top_k, max_depth, node_cost=node_cost,
-                                                                lookup=lookup, context=context, prompt=prompt))
-    return _run_engine(target, prompt_ids, params, drafter)
+# drafters the bench builds its own way: registry name -> make(cls, target, knobs) -> a bound drafter
+_MAKERS = {"draft_model": _make_draft_model}
 
 
-@register_method("aded", lossless=True,
-                 description="ADED: a token tree from tri-gram statistics of the outputs, adapting while decoding")
-def aded(target: Target, prompt_ids: list[int], params, num_draft: int = 24, max_depth: int = 8,
-         exploration: float = 0.1, node_cost: float | None = None) -> Generation:
-    from ..speculative.drafters import ADED
+class DrafterMethod:
+    """The bench method of one registered drafter, ``(target, prompt_ids, params, **knobs) -> Generation``.
+    Its signature (what ``MethodSpec.knob_names`` reads) is the drafter class's knobs minus ``_FILLED_KNOBS``,
+    read from the class when first asked: listing the methods (``leaplm bench --help``) imports no drafter."""
 
-    drafter = _bound_drafter(target, ("aded", num_draft, max_depth, exploration, node_cost),  # statistics per run
-                             lambda: ADED(num_draft=num_draft, max_depth=max_depth, exploration=exploration,
-                                          node_cost=node_cost))
-    return _run_engine(target, prompt_ids, params, drafter)
+    def __init__(self, info, spelling: str) -> None:
+        self.info, self.spelling = info, spelling   # a registry.DrafterInfo; the name or alias registered
 
+    def drafter_class(self) -> type:
+        from ..speculative.drafters import DRAFTERS
 
-@register_method("lookahead", lossless=True,
-                 description="Lookahead decoding: a Jacobi window in the verification pass harvests n-grams, verified as a trie")
-def lookahead(target: Target, prompt_ids: list[int], params, window: int = 4, ngram: int = 4,
-              max_candidates: int = 3, num_draft: int = 16, pool_size: int = 65536,
-              context_ngrams: bool = True, seed: int = 0) -> Generation:
-    from ..speculative.drafters import Lookahead
+        return DRAFTERS[self.info.name]
 
-    key = ("lookahead", window, ngram, max_candidates, num_draft, pool_size, context_ngrams, seed)  # one pool per run
-    drafter = _bound_drafter(target, key, lambda: Lookahead(window=window, ngram=ngram, max_candidates=max_candidates,
-                                                            num_draft=num_draft, pool_size=pool_size,
-                                                            context_ngrams=context_ngrams, seed=seed))
-    return _run_engine(target, prompt_ids, params, drafter)
+    @property
+    def __signature__(self) -> inspect.Signature:
+        fixed = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ("target", "prompt_ids", "params")]
+        knobs = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                 for name, p in inspect.signature(self.drafter_class()).parameters.items()
+                 if name not in _FILLED_KNOBS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return inspect.Signature(fixed + knobs)
 
+    def __call__(self, target: Target, prompt_ids: list[int], params, **knobs) -> Generation:
+        from ..speculative.registry import KNOBS, construct
 
-@register_method("retrieval", lossless=True,
-                 description="REST: a token tree of continuations found in a datastore (corpus=PATH) and the context")
-def retrieval(target: Target, prompt_ids: list[int], params, corpus: str = "", num_draft: int = 24,
-              max_occurrences: int = 64, depth: int = 10, tree: bool = True) -> Generation:
-    from ..speculative.drafters import Retrieval
-
-    if not corpus:
-        raise BenchError("method 'retrieval' needs a datastore: retrieval:corpus=PATH (a text file or folder)")
-    drafter = _bound_drafter(target, ("retrieval", corpus, num_draft, max_occurrences, depth, tree),
-                             lambda: Retrieval(corpus=corpus, num_draft=num_draft, max_occurrences=max_occurrences,
-                                               depth=depth, tree=tree, progress=False))
-    return _run_engine(target, prompt_ids, params, drafter)
-
-
-@register_method("rasd", lossless=True,
-                 description="RASD: the draft model's tree (--draft-model) fused with a retrieval tree (corpus=PATH) "
-                             "pruned by the draft's top-k")
-def rasd(target: Target, prompt_ids: list[int], params, corpus: str = "", num_draft: int = 16, prune_top_k: int = 8,
-         prune_min_prob: float = 0.0, draft_length: int = 6, confidence: float = 0.4, adaptive: bool = True,
-         quantization: str = "int8", tree_top_k: int = 2, tree_min_prob: float = 0.05, max_occurrences: int = 64,
-         depth: int = 10) -> Generation:
-    from ..speculative.drafters import RASD
-
-    if target.draft_model_path is None:
-        raise BenchError("method 'rasd' needs --draft-model")
-    if not corpus:
-        raise BenchError("method 'rasd' needs a datastore: rasd:corpus=PATH (a text file or folder)")
-    key = ("rasd", corpus, num_draft, prune_top_k, prune_min_prob, draft_length, confidence, adaptive, quantization,
-           tree_top_k, tree_min_prob, max_occurrences, depth)
-    drafter = _bound_drafter(target, key, lambda: RASD(
-        target.draft_model_path, corpus, num_draft=num_draft, prune_top_k=prune_top_k, prune_min_prob=prune_min_prob,
-        draft_length=draft_length, confidence=confidence, adaptive=adaptive,
-        quantization=None if quantization == "none" else quantization, tree_top_k=tree_top_k,
-        tree_min_prob=tree_min_prob, max_occurrences=max_occurrences, depth=depth, download=False, progress=False))
-    return _run_engine(target, prompt_ids, params, drafter)
+        info, name = self.info, self.spelling
+        if "model" in info.needs and target.draft_model_path is None:
+            raise BenchError(f"method {name!r} needs {KNOBS['model'].flag}")
+        for knob in (KNOBS[k] for k in info.needs if k != "model"):
+            if knobs.get(knob.name) in ("", None):
+                raise BenchError(f"method {name!r} needs {knob.what}: {name}:{knob.name}={knob.value} "
+                                 f"({knob.cli_hint or knob.hint})")
+        key = (target.contestant, info.cli_name) + tuple(sorted((k, repr(v)) for k, v in knobs.items()))
+        if key not in target.cache:
+            cls = self.drafter_class()
+            maker = _MAKERS.get(info.name)
+            if maker is not None:
+                drafter = maker(cls, target, knobs)
+            else:
+                taken = inspect.signature(cls).parameters
+                filled = {k: v for k, v in (("model", target.draft_model_path), ("download", False),
+                                            ("progress", False)) if k in taken}
+                drafter = construct(cls, info, {**knobs, **filled})
+                drafter.bind(target.model, target.tokenizer)
+            target.cache[key] = drafter
+        return _run_engine(target, prompt_ids, params, target.cache[key])
 
 
-@register_method("draft", lossless=True,
-                 description="a smaller model of the same family drafts (--draft-model; int8 by default, adaptive length)")
-def draft(target: Target, prompt_ids: list[int], params, num_draft: int = 6, confidence: float = 0.4,
-          adaptive: bool = True, quantization: str = "int8", lookup: bool = False,
-          draft_vocab: int | None = None, tree_top_k: int = 0, tree_extra: int = 6,
-          tree_min_prob: float = 0.05, tree_width: int = 1, node_cost: float | None = None,
-          staged: bool | str = True) -> Generation:
-    from ..speculative.drafters import DraftModel
+def _register_drafters() -> None:
+    unknown = set(_MAKERS) - set(registry.names())
+    if unknown:
+        raise RuntimeError(f"bench makers for drafters the registry does not have: {sorted(unknown)}")
+    for info in registry.DRAFTERS:
+        for spelling in info.spellings:
+            alias = f" (= {info.name})" if spelling != info.name else ""
+            register_method(spelling, DrafterMethod(info, spelling), lossless=True, description=info.description + alias)
 
-    if target.draft_model_path is None:
-        raise BenchError("method 'draft' needs --draft-model")
-    key = (target.contestant, "draft", num_draft, confidence, adaptive, quantization, lookup, draft_vocab, tree_top_k,
-           tree_extra, tree_min_prob, tree_width, node_cost, staged)
-    if key not in target.cache:
-        quant = None if quantization == "none" else quantization
-        # Entries whose draft keeps its whole LM head share one loaded draft model (its weights; each drafter
-        # keeps its own caches and learnt state): four draft:* entries used to load four copies of the 0.5B.
-        weights_key = ("draft weights", quant)
-        shared = target.cache.get(weights_key) if draft_vocab is None else None
-        drafter = DraftModel(shared[0] if shared else target.draft_model_path, num_draft=num_draft,
-                             confidence=confidence, adaptive=adaptive, quantization=quant, lookup=lookup,
-                             draft_vocab=draft_vocab, tree_top_k=tree_top_k, tree_extra=tree_extra,
-                             tree_min_prob=tree_min_prob, tree_width=tree_width, node_cost=node_cost, staged=staged,
-                             tokenizer=shared[1] if shared else None, download=False)
-        drafter.bind(target.model, target.tokenizer)
-        if draft_vocab is None and not shared:
-            target.cache[weights_key] = (drafter.model, drafter.tokenizer)
-        target.cache[key] = drafter
-    return _run_engine(target, prompt_ids, params, target.cache[key])
+
+_register_drafters()

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli_common import add_model_args, check_device, check_model_args, prepare_out_dir, speculative_spec
+
 SCHEMA = "leaplm-eval/1"
 
 
@@ -54,9 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     h = sub.add_parser("humaneval", conflict_handler="resolve", help="HumanEval pass@1, greedy, sandboxed execution",
                        description="Generate greedily for HumanEval problems and run their tests, each in a "
                                    "subprocess with a time limit, resource limits and no network.")
-    from ..cli import _add_model_args
-
-    _add_model_args(h)   # --model, --dtype, --device, --max-model-len, --spec and its options
+    add_model_args(h)   # --model, --dtype, --device, --max-model-len, --spec and its options
     h.add_argument("--limit", type=int, default=None, help="first N problems (default: all 164)")
     h.add_argument("--max-tokens", type=int, default=384, help="most new tokens per problem (default 384)")
     h.add_argument("--timeout", type=float, default=10.0, help="seconds per program run (default 10)")
@@ -114,7 +114,6 @@ def _setup(args):
     import torch
 
     from .. import hub
-    from ..cli import check_device
     from ..errors import InvalidParamsError
     from ..llm import parse_dtype
 
@@ -177,7 +176,6 @@ def _info(msg: str) -> None:
 def main_perplexity(args) -> int:
     import torch
 
-    from ..cli import prepare_out_dir
     from ..errors import InvalidParamsError, ModelNotFoundError
     from ..models.load import build_model
     from ..tokenizer import Tokenizer
@@ -248,7 +246,6 @@ def perplexity_rows(modes: dict) -> list[list[str]]:
 
 
 def main_humaneval(args) -> int:
-    from ..cli import _check_model_args, _speculative, prepare_out_dir
     from ..errors import InvalidParamsError
     from ..llm import LLM
     from .humaneval import CHAT_INSTRUCTION, STOP_SEQUENCES, evaluate, load_problems
@@ -258,11 +255,11 @@ def main_humaneval(args) -> int:
         raise InvalidParamsError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.timeout <= 0:
         raise InvalidParamsError(f"--timeout must be > 0 seconds, got {args.timeout}")
-    _check_model_args(args, quantization=False)   # --quantization is a list here: parse_modes
+    check_model_args(args, quantization=False)   # --quantization is a list here: parse_modes
     if args.out is not None:
         prepare_out_dir(args.out)   # fail now, not after the whole evaluation
     problems = load_problems(args.problems, args.limit)
-    spec = _speculative(args)
+    spec = speculative_spec(args)
     path, device, dtype = _setup(args)
     modes = resolve_modes(modes, path, device, dtype)
     modes_out, family = {}, None

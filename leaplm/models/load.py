@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
+from ..quant import check_quantization, quantize_model, resolve_quantization
 from .gguf_file import read_header
 
 GGUF_MAGIC = b"GGUF"
@@ -364,7 +365,6 @@ def build_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
                 quantization: str | None = None):
     """Load a checkpoint and return the ready ``Transformer`` (eval mode, no grad), its projections
     quantized when ``quantization`` names a mode of ``leaplm.quant``."""
-    from ..quant import check_quantization, quantize_model, resolve_quantization
     from .transformer import Transformer
 
     check_quantization(quantization, device)   # a bad name fails before the slow load

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidParamsError
+from ..models.gguf_file import read_header   # the file layer below models.load (which imports this package)
 
 QUANTIZATIONS = ("int8", "int4")
 FLOAT_BLOCK_TYPES = ("F32", "F16", "BF16", "F64")
@@ -37,13 +38,9 @@ def check_quantization(mode: str | None, device: torch.device | str | None = Non
 
 def gguf_is_low_bit(path) -> bool:
     """Whether most weight bytes of a GGUF file are quantized blocks (Q4_K, Q8_0, ...), not floats."""
-    from pathlib import Path
-
-    from ..models.load import open_gguf   # names a truncated or corrupt file
-
-    reader = open_gguf(Path(path))
-    low = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type.name not in FLOAT_BLOCK_TYPES)
-    return 2 * low > sum(int(t.n_bytes) for t in reader.tensors)
+    header = read_header(path)   # the tensor table only (cached per file version); names a truncated file
+    low = sum(t.n_bytes for t in header.tensors if t.tensor_type.name not in FLOAT_BLOCK_TYPES)
+    return 2 * low > sum(t.n_bytes for t in header.tensors)
 
 
 def resolve_quantization(mode: str | None, path, device: torch.device | str, dtype: torch.dtype) -> str | None:

@@ -242,10 +242,11 @@ def test_bad_knobs_are_refused():
 
 def test_cli_and_bench_know_lookahead():
     from leaplm.bench.methods import METHODS, parse_method
-    from leaplm.cli import _speculative, build_parser
+    from leaplm.cli import build_parser
+    from leaplm.cli_common import speculative_spec
 
     args = build_parser().parse_args(["generate", "--spec", "lookahead", "--num-draft", "12", "hi"])
-    assert _speculative(args) == {"method": "lookahead", "num_draft": 12}
+    assert speculative_spec(args) == {"method": "lookahead", "num_draft": 12}
     assert METHODS["lookahead"].lossless
     run = parse_method("lookahead:window=5:ngram=3:max_candidates=4")
     assert run.knobs == {"window": 5, "ngram": 3, "max_candidates": 4}

@@ -32,33 +32,39 @@ from torch import Tensor
 
 from ...errors import InvalidParamsError
 from ...sampling import top_ids
+from .. import registry
 from ..tree import chain_parents
 from .base import Drafter
+from .prompt_lookup import PromptLookup
+from .recycling import TokenRecycling
 
 if TYPE_CHECKING:   # pragma: no cover
     from .draft_model import DraftModel, _Row
 
-# inner drafters that follow a context that rolls back between rounds (ADED and CopySpec would re-count /
-# re-store the whole context at each rollback)
-INNER_DRAFTERS = ("recycling", "prompt_lookup")
+# inner drafters: training-free, and they follow a context that rolls back between rounds (ADED and CopySpec
+# would re-count / re-store the whole context at each rollback); imported here, not through the drafters
+# package, which imports draft_model (the user of this module)
+INNER_CLASSES: dict[str, type[Drafter]] = {cls.name: cls for cls in (TokenRecycling, PromptLookup)}
+INNER_DRAFTERS = tuple(INNER_CLASSES)   # their names (registered in leaplm.speculative.registry)
 
 
 def make_inner(spec) -> Drafter | None:
     """The inner drafter for ``draft_model``'s ``staged`` knob: False/None/"false" = off, True/"true" =
-    Token Recycling, a name from ``INNER_DRAFTERS``, a ``{"method": name, **knobs}`` dict, or a Drafter."""
-    from . import ALIASES, make_drafter
-
+    Token Recycling, a name (or alias) from ``INNER_DRAFTERS``, a ``{"method": name, **knobs}`` dict, or a
+    Drafter."""
     if spec in (None, False, "false", "none", "off"):
         return None
     if spec in (True, "true", "on"):
-        spec = "recycling"
+        spec = TokenRecycling.name
     if isinstance(spec, Drafter):
         return spec
     name = spec.get("method") if isinstance(spec, dict) else spec
-    if ALIASES.get(name, name) not in INNER_DRAFTERS:
+    info = registry.resolve(name)
+    if info is None or info.name not in INNER_CLASSES:
         raise InvalidParamsError(f"draft_model staged must be false, true or a training-free drafter that needs no "
                                  f"model ({', '.join(INNER_DRAFTERS)}); got {name!r}")
-    return make_drafter(spec)
+    info, knobs = registry.split_spec(spec)
+    return registry.construct(INNER_CLASSES[info.name], info, knobs)
 
 
 class StagedChain:
