@@ -49,36 +49,39 @@ def test_ragged_batch_equals_each_prompt_alone_compiled(smollm_gguf, quantizatio
     _check(LLM(str(smollm_gguf), quantization=quantization, compile=True), max_tokens=40)
 
 
-def test_prefill_is_per_row_so_padding_cannot_reach_a_row(tiny_model_dir):
-    """Unit check of the mechanism on a tiny model: each row's prefill is a batch-1 pass of exactly its
-    own tokens (no padded pass), so its cached keys and first-token logits are bit-identical to the row
-    prefilled alone."""
+def test_a_requests_keys_do_not_depend_on_what_shares_its_pass(tiny_model_dir):
+    """Unit check of the mechanism on a tiny int8 model: a request prefilled alone, or in one pass with another
+    request's prompt chunk, holds bit-identical keys and values, and its first token's logits match."""
     import torch
 
-    from leaplm.engine import Engine
+    from leaplm.engine import LLMEngine
     from leaplm.models.load import build_model
     from leaplm.quant import quantize_model
 
     model = quantize_model(build_model(tiny_model_dir("llama-gqa-untied")[0]), "int8")
-    engine = Engine(model, eos_token_ids=[2])
-    short, long = [5, 6, 7], list(range(3, 120))
-    p = SamplingParams(temperature=0, max_tokens=4)
-    shapes = []
-    forward = model.forward
+    short, long = [5, 6, 7, 9, 11], list(range(3, 120))
+    p = SamplingParams(temperature=0, max_tokens=8)
+    sizes = []
+    forward = model.forward_paged
 
     def spy(tokens, *args, **kwargs):
-        shapes.append(tuple(tokens.shape))
+        sizes.append(len(tokens))
         return forward(tokens, *args, **kwargs)
 
-    model.forward = spy
-    both = engine.start([short, long], [p, p])
-    logits_both = both._prefill()
-    assert shapes == [(1, len(short)), (1, len(long))]
-    model.forward = forward
-    alone = engine.start([short], [p])
-    logits_alone = alone._prefill()
-    assert torch.equal(logits_both[0], logits_alone[0])
-    for layer in range(model.config.num_layers):
-        k_both, v_both = both.cache.view(layer, len(short))
-        k_alone, v_alone = alone.cache.view(layer, len(short))
-        assert torch.equal(k_both[0], k_alone[0]) and torch.equal(v_both[0], v_alone[0])
+    def first_step(prompts):
+        engine = LLMEngine(model, eos_token_ids=[2], block_size=4)
+        batch = engine.start(prompts, [p] * len(prompts))
+        batch.step()
+        row = len(prompts) - 1
+        return batch.rows[row].output_ids, [batch.committed_kv(row, layer) for layer in range(model.config.num_layers)]
+
+    model.forward_paged = spy
+    try:
+        ids_both, kv_both = first_step([long, short])
+        assert sizes == [len(long) + len(short)]          # one flat pass, no padding
+        ids_alone, kv_alone = first_step([short])
+    finally:
+        model.forward_paged = forward
+    assert ids_both == ids_alone
+    for (k1, v1), (k2, v2) in zip(kv_both, kv_alone):
+        assert k1.shape[2] == len(short) and torch.equal(k1, k2) and torch.equal(v1, v2)

@@ -39,6 +39,7 @@ from ..speculative.tree import compaction
 from ..speculative.verify import (target_argmax, target_probabilities, verify_greedy, verify_sampling,
                                   verify_tree_greedy, verify_tree_sampling)
 from .batch import Batch
+from .goodput import GoodputController
 from .kv_pool import BlockManager, KVPool, slot_of
 from .request import Request, Status
 from .runner import Runner, StepResult
@@ -94,6 +95,8 @@ class LLMEngine:
         block_size: slots per KV block (the prefix cache's granularity).
         prefix_caching: reuse full blocks of identical token prefixes across requests.
         drafter_factory: ``fn(spec) -> Drafter`` for ``add_request(speculative=<name or dict>)``.
+        goodput: size each request's draft by measured cost and acceptance (``goodput.py``), so that speculation
+            never lowers throughput as the batch grows; False: every drafter drafts its own ``num_draft``.
     """
 
     def __init__(self, model, eos_token_ids: Sequence[int] = (), max_model_len: int | None = None,
@@ -101,7 +104,7 @@ class LLMEngine:
                  max_num_seqs: int = 32, max_num_batched_tokens: int | None = None,
                  kv_cache_memory: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                  prefix_caching: bool = True, drafter_factory: Callable[[object], Drafter | None] | None = None,
-                 draft_budget: Callable[[Request, int], int] | None = None) -> None:
+                 goodput: bool = True) -> None:
         self.model = model
         self.config = model.config
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -132,9 +135,10 @@ class LLMEngine:
         self.kv_cache_memory = num_blocks * block_size * per_token
         self.pool = KVPool(self.config, num_blocks, block_size, model.dtype, model.device)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.goodput = GoodputController() if goodput else None
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, prefill_chunk,
-                                   draft_budget or _full_draft)
-        self.runner = Runner(model, self.pool, self.constrain)
+                                   self.goodput.budgets if goodput else None)
+        self.runner = Runner(model, self.pool, self.constrain, self.goodput)
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self.steps = 0
@@ -381,6 +385,8 @@ class LLMEngine:
             r.target_passes += 1
         r.drafted += len(tokens)
         r.accepted += accepted
+        if self.goodput is not None and tokens:
+            self.goodput.observe_verdict(r, len(tokens), accepted, result.draft_s.get(r.request_id, 0.0))
         r.verify_s += time.perf_counter() - started
         if not r.finished:
             self._register_blocks(r)
@@ -406,6 +412,8 @@ class LLMEngine:
         r.masks = None
         if r.drafter is not None:
             r.drafter.reset(r.request_id)
+        if self.goodput is not None:
+            self.goodput.forget(r.request_id)
 
     def _finish(self, r: Request, reason: str) -> None:
         if not r.finished:
@@ -472,9 +480,3 @@ class LLMEngine:
         r.constraint_s += time.perf_counter() - t
         r.pruned += len(draft.tokens) - len(kept.tokens)
         return kept
-
-
-def _full_draft(request: Request, decoding: int) -> int:
-    """The default draft budget: the drafter's own ``num_draft``, within the tokens the request may still make."""
-    room = request.max_new - len(request.output_ids) - 1   # a verdict adds accepted + 1 tokens
-    return max(0, min(request.drafter.num_draft, room))

@@ -38,6 +38,7 @@ class StepResult:
     logits: dict[int, Tensor] = field(default_factory=dict)        # request id -> [rows, V]
     first_row: dict[int, int] = field(default_factory=dict)        # request id -> feed index of logits row 0
     observe: dict[int, tuple[list[int], tuple[int, int]]] = field(default_factory=dict)  # fed tokens, feed rows
+    draft_s: dict[int, float] = field(default_factory=dict)         # request id -> seconds its drafter took
 
 
 @dataclass
@@ -53,10 +54,11 @@ class _Part:
 
 
 class Runner:
-    def __init__(self, model, pool: KVPool, constrain: Callable[[Request, Draft], Draft]) -> None:
+    def __init__(self, model, pool: KVPool, constrain: Callable[[Request, Draft], Draft], goodput=None) -> None:
         self.model = model
         self.pool = pool
         self.constrain = constrain
+        self.goodput = goodput   # told the size and time of the passes drafts go through
         self.window = model.config.sliding_window if "sliding" in model.config.layer_types else None
 
     def run(self, items: list[Scheduled]) -> StepResult:
@@ -66,7 +68,7 @@ class Runner:
         split = self.model.compiled is not None
         for it in items:
             r = it.request
-            draft = self._draft(it)
+            draft = self._draft(it, result)
             result.drafts[r.request_id] = draft
             nc, take = r.num_computed, it.take
             fed_tokens = r.tokens[nc: nc + take] + list(draft.tokens)
@@ -104,7 +106,7 @@ class Runner:
         return result
 
     # ------------------------------------------------------------------ drafting
-    def _draft(self, it: Scheduled) -> Draft:
+    def _draft(self, it: Scheduled, result: StepResult) -> Draft:
         r = it.request
         if not it.reaches_end:
             return Draft([])
@@ -112,7 +114,8 @@ class Runner:
         if it.draft_budget > 0 and r.drafter is not None and r.decoding:
             t = time.perf_counter()
             draft = r.drafter.propose(r.request_id, r.tokens, it.draft_budget)
-            r.draft_s += time.perf_counter() - t
+            result.draft_s[r.request_id] = time.perf_counter() - t
+            r.draft_s += result.draft_s[r.request_id]
             if len(draft.tokens) > it.draft_budget:
                 raise ValueError(f"{r.drafter.name} drafted {len(draft.tokens)} tokens, more than the "
                                  f"{it.draft_budget} asked for")
@@ -150,4 +153,10 @@ class Runner:
             result.first_row[p.request.request_id] = p.rows[0]
 
     def _run(self, tokens: Tensor, step: PagedStep, logit_index: Tensor | None, compiled: bool) -> Tensor:
-        return self.model.forward_paged(tokens, step.positions[0], self.pool, step, logit_index, compiled=compiled)
+        t = time.perf_counter()
+        logits = self.model.forward_paged(tokens, step.positions[0], self.pool, step, logit_index, compiled=compiled)
+        # drafts go through the compiled pass of a compiled model, else the eager one: that pass's cost is what
+        # a draft token adds
+        if self.goodput is not None and compiled == (self.model.compiled is not None):
+            self.goodput.observe_pass(len(tokens), time.perf_counter() - t)
+        return logits

@@ -41,13 +41,14 @@ class Scheduled:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, prefill_chunk: int,
-                 draft_budget: Callable[[Request, int], int]) -> None:
+                 plan_drafts: Callable[[list[Request], list[int], int, int, int], list[int]] | None = None) -> None:
         self.blocks = blocks
         self.block_size = blocks.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk = prefill_chunk
-        self.draft_budget = draft_budget        # (request, decoding requests this step) -> draft tokens wanted
+        # (requests, caps, step tokens, step yield, budget) -> draft tokens each (goodput.py); None: the caps
+        self.plan_drafts = plan_drafts
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []        # in arrival order
         self.preemptions = 0
@@ -99,13 +100,20 @@ class Scheduler:
             self.running.append(r)
             items.append(Scheduled(r, take))
             budget -= take
-        # drafts from what is left of the budget, oldest first
+        # drafts from what is left of the budget
         decoders = [it for it in items if it.reaches_end and it.request.decoding and it.request.drafter is not None]
-        for it in decoders:
-            if budget <= 0:
-                break
-            it.draft_budget = max(0, min(self.draft_budget(it.request, len(decoders)), budget))
-            budget -= it.draft_budget
+        if decoders and budget > 0:
+            caps = [draft_cap(it.request) for it in decoders]
+            if self.plan_drafts is None:
+                shares = []
+                for cap in caps:
+                    shares.append(max(0, min(cap, budget - sum(shares))))
+            else:
+                shares = self.plan_drafts([it.request for it in decoders], caps,
+                                          self.max_num_batched_tokens - budget,
+                                          sum(1 for it in items if it.reaches_end), budget)
+            for it, share in zip(decoders, shares):
+                it.draft_budget = share
         return self._fit(items)
 
     def _fit(self, items: list[Scheduled]) -> list[Scheduled]:
@@ -168,3 +176,10 @@ class Scheduler:
         while index < len(self.waiting) and self.waiting[index].arrival <= r.arrival:
             index += 1
         self.waiting.insert(index, r)
+
+
+def draft_cap(r: Request) -> int:
+    """The most draft tokens ``r`` may take: its drafter's ``num_draft``, within the tokens it may still generate
+    (a verdict adds the accepted tokens + 1)."""
+    room = r.max_new - len(r.output_ids) - 1
+    return max(0, min(r.drafter.num_draft, room))

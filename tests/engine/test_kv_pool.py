@@ -1,0 +1,92 @@
+"""The block manager: allocation, reference counts, the prefix cache and its LRU eviction."""
+from __future__ import annotations
+
+import pytest
+
+from leaplm.engine.kv_pool import BlockManager, slot_of
+from leaplm.errors import InvalidParamsError
+
+
+def test_allocate_and_release_count_references():
+    bm = BlockManager(4, 2)
+    a = bm.allocate(3)
+    assert a == [0, 1, 2] and bm.free_blocks == 1
+    assert bm.allocate(2) is None and bm.free_blocks == 1      # nothing taken when short
+    bm.release(a)
+    assert bm.free_blocks == 4 and bm.used_blocks == 0
+    with pytest.raises(RuntimeError, match="released more often"):
+        bm.release([0])
+
+
+def test_released_blocks_are_reused_first():
+    bm = BlockManager(8, 2)
+    a = bm.allocate(2)
+    bm.release(a)
+    assert sorted(bm.allocate(2)) == sorted(a)   # the working set stays small (RSS flat)
+
+
+def test_prefix_cache_hits_full_blocks_only_and_counts_the_rate():
+    bm = BlockManager(8, 4)
+    tokens = list(range(10, 21))                 # 11 tokens: 2 full blocks
+    table = bm.allocate(3)
+    h0 = bm.register(table[0], None, tokens[0:4])
+    bm.register(table[1], h0, tokens[4:8])
+    bm.release(table)
+    assert bm.free_blocks == 8                   # cached blocks are free to reuse, and still findable
+    blocks, hashes = bm.match_prefix(tokens, len(tokens) - 1)
+    assert blocks == table[:2] and len(hashes) == 2
+    assert bm.ref[table[0]] == 1 and bm.hit_rate == 1.0
+    # a different second block: one hit, then a miss (and the rest of the prompt's blocks count as misses)
+    bm.release(blocks)
+    other = tokens[:4] + [99] * 8
+    blocks, _ = bm.match_prefix(other, len(other) - 1)
+    assert blocks == table[:1]
+    assert (bm.hits, bm.queries) == (3, 4)
+
+
+def test_the_same_prefix_after_a_different_first_block_misses():
+    bm = BlockManager(8, 2)
+    t = bm.allocate(2)
+    h = bm.register(t[0], None, [1, 2])
+    bm.register(t[1], h, [3, 4])
+    bm.release(t)
+    assert bm.match_prefix([9, 9, 3, 4, 5], 4)[0] == []    # block 2's hash chains on block 1's
+
+
+def test_least_recently_released_cached_block_is_evicted_first():
+    bm = BlockManager(3, 1)
+    a, b, c = bm.allocate(3)
+    for block, token in ((a, 1), (b, 2), (c, 3)):
+        bm.register(block, None, [token])
+    bm.release([a])
+    bm.release([b])
+    assert bm.allocate(1) == [a]                 # a was released first: evicted, its prefix forgotten
+    assert bm.match_prefix([1, 0], 1)[0] == []
+    assert bm.match_prefix([2, 0], 1)[0] == [b]  # b is still cached
+
+
+def test_a_referenced_cached_block_is_never_handed_out():
+    bm = BlockManager(2, 1)
+    a, b = bm.allocate(2)
+    bm.register(a, None, [7])
+    bm.release([a])
+    hit, _ = bm.match_prefix([7, 8], 1)
+    assert hit == [a] and bm.free_blocks == 0 and bm.allocate(1) is None
+
+
+def test_reset_prefix_cache_frees_cached_blocks():
+    bm = BlockManager(2, 1)
+    a = bm.allocate(1)
+    bm.register(a[0], None, [5])
+    bm.release(a)
+    bm.reset_prefix_cache()
+    assert bm.match_prefix([5, 6], 1)[0] == [] and bm.free_blocks == 2
+
+
+def test_slot_of_follows_the_block_table():
+    assert [slot_of([3, 0], 4, j) for j in range(8)] == [12, 13, 14, 15, 0, 1, 2, 3]
+
+
+def test_an_empty_pool_is_refused():
+    with pytest.raises(InvalidParamsError, match="at least one block"):
+        BlockManager(0, 16)
