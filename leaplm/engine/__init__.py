@@ -17,6 +17,12 @@ from .request import Request
 from .structured import constrain_draft, feed_parents
 
 
-Engine = LLMEngine   # the pre-serving name
+class Engine(LLMEngine):
+    """``LLMEngine`` for fixed groups of requests (``start(prompts, params, drafter).run()``: tests, per-method
+    benchmarks): every drafter drafts its own length (``goodput=False`` by default), so a drafter's behaviour does
+    not depend on measured timings."""
+
+    def __init__(self, *args, goodput: bool = False, **kwargs) -> None:
+        super().__init__(*args, goodput=goodput, **kwargs)
 
 __all__ = ["Batch", "Engine", "LLMEngine", "Request", "StepOutput", "constrain_draft", "feed_parents"]

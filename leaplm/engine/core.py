@@ -381,8 +381,7 @@ class LLMEngine:
             moves = compaction(verdict.path)
             self.pool.move([slot_of(table, bs, root + s) for s, _ in moves], [slot_of(table, bs, root + d) for _, d in moves])
         r.num_computed = nc + fed + accepted
-        if nc >= len(r.prompt_ids):   # a decode pass (the prefill's first token is not counted, as before)
-            r.target_passes += 1
+        r.target_passes += 1   # passes that gave this request tokens (its prefill counts once, however chunked)
         r.drafted += len(tokens)
         r.accepted += accepted
         if self.goodput is not None and tokens:

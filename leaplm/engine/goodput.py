@@ -7,7 +7,8 @@ extra token costs almost as much as a whole decode row, and a draft token that i
 compute for nothing. The controller prices both sides with measured numbers:
 
 - **cost**: a pass of ``n`` tokens takes ``a + b * n`` seconds, fitted online (exponentially weighted least squares
-  over the runner's passes), plus each drafter's own seconds per draft token (measured per drafter);
+  over the runner's passes), so each draft token costs ``b``; a request's first draft token also pays for its
+  drafter's call (seconds per ``propose``, measured per drafter: most drafters' time is per call, not per token);
 - **gain**: a request's draft token at depth ``j`` is accepted with probability ``alpha ** j``, where ``alpha`` is the
   request's acceptance rate (successes / (successes + failures): the geometric model's estimate, a failure being a
   step whose draft was cut short), started from its drafter's rate over all requests so far.
@@ -16,6 +17,8 @@ Draft tokens are then handed out greedily by expected gain per step (the next to
 ``alpha ** (k + 1)`` first) while the step's expected tokens per second still rise: a token of gain ``g`` is taken
 when ``(T + g) / (t + c) > T / t`` for the step's expected tokens ``T``, time ``t`` and the token's cost ``c``. Each
 request's drafter ``num_draft`` (and the tokens it may still generate) caps its share; ``budget`` caps the sum.
+A step with a single decoding request keeps the drafter's own length: the controller is about sharing a pass, and
+at batch 1 each drafter already sizes its draft by its own cost model.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ class GoodputController:
         self._w = self._n = self._t = self._nn = self._nt = 0.0
         self._drafters: dict[int, _Rate] = {}          # id(drafter) -> rate over its requests
         self._requests: dict[int, _Rate] = {}          # request id -> its own rate
-        self._draft_cost: dict[int, float] = {}        # id(drafter) -> seconds per draft token
+        self._call_cost: dict[int, float] = {}         # id(drafter) -> seconds per propose call
 
     # ------------------------------------------------------------------ measurements
     def observe_pass(self, tokens: int, seconds: float) -> None:
@@ -74,9 +77,8 @@ class GoodputController:
                      self._drafters.setdefault(key, _Rate())):
             rate.success += accepted
             rate.failure += failed
-        per_token = draft_seconds / drafted
-        old = self._draft_cost.get(key)
-        self._draft_cost[key] = per_token if old is None else 0.9 * old + 0.1 * per_token
+        old = self._call_cost.get(key)
+        self._call_cost[key] = draft_seconds if old is None else 0.9 * old + 0.1 * draft_seconds
 
     def _start_rate(self, key: int) -> _Rate:
         shared = self._drafters.get(key)
@@ -102,14 +104,15 @@ class GoodputController:
         (one per request that reaches the end of its tokens)."""
         out = [0] * len(requests)
         a, b = self.pass_cost()
-        if a == 0.0 and b == 0.0:   # nothing measured yet: the drafters' own lengths
+        if (a == 0.0 and b == 0.0) or step_yield <= 1:   # nothing measured yet, or batch 1: the drafters' own lengths
             left = budget
             for i, cap in enumerate(caps):
                 out[i] = max(0, min(cap, left))
                 left -= out[i]
             return out
         alphas = [self.alpha(r) for r in requests]
-        costs = [b + self._draft_cost.get(id(r.drafter), 0.0) for r in requests]
+        call = [self._call_cost.get(id(r.drafter), 0.0) for r in requests]
+        costs = [b + c for c in call]    # the first token pays for the call; later ones cost b each
         gains = list(alphas)             # the next draft token's chance of being accepted, per request
         expected = float(max(1, step_yield))
         seconds = a + b * step_tokens
@@ -127,4 +130,5 @@ class GoodputController:
             expected += gains[best]
             seconds += costs[best]
             gains[best] *= alphas[best]
+            costs[best] = b
         return out

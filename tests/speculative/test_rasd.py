@@ -233,7 +233,9 @@ class _Recorder:
             paths = _tree(draft)
             by_draft = _prefixes([found.chain] + [found.chain[:d] + [t] for _, d, t in found.alternatives])
             by_retrieval = _prefixes(c for c, _ in kept)
-            grown = tuple(sequences[row][len(context):])
+            # the engine's request ids are not batch rows: the row is the sequence this context starts
+            sequence = next(s for s in sequences if s[: len(context)] == list(context))
+            grown = tuple(sequence[len(context):])
             for p in paths:
                 if grown[:len(p)] == p:
                     counts["both" if p in by_draft and p in by_retrieval else "draft" if p in by_draft
@@ -260,7 +262,7 @@ def test_greedy_equals_vanilla_with_tokens_accepted_from_both_sources(tiny_model
     for kind, n in counts.items():   # the drafter's own counters miss only each row's last step
         assert 0 < drafter.stats[f"accepted_{kind}"] <= n
     for row, context, draft, found, _ in recorder.steps:   # the chain is the target's own greedy continuation
-        following = sequences[row][len(context):]
+        following = next(s for s in sequences if s[: len(context)] == list(context))[len(context):]
         n = min(len(found.chain), len(following))
         assert found.chain[:n] == following[:n]
     assert sum(r.target_passes for r in spec) < sum(r.target_passes for r in vanilla)
