@@ -19,7 +19,8 @@ import sys
 import time
 
 # check_device: re-exported while a committed leaplm/bench/cli.py may still import it from here (drop it then)
-from .cli_common import add_model_args, at_least, check_device, check_model_args, prepare_out_dir, speculative_spec  # noqa: F401
+from .cli_common import (add_model_args, at_least, check_device, check_model_args, parse_size,  # noqa: F401
+                         prepare_out_dir, speculative_spec)
 from .errors import InvalidParamsError, LeapLMError
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
@@ -222,7 +223,8 @@ def _load(args):
     with _status(f"loading {args.model or 'smollm2-135m-instruct'}{compiling}"):
         llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                   speculative=speculative_spec(args), quantization=getattr(args, "quantization", None),
-                  compile=getattr(args, "compile", False))
+                  compile=getattr(args, "compile", False), max_num_seqs=getattr(args, "max_num_seqs", None),
+                  kv_cache_memory=parse_size("--kv-cache-memory", getattr(args, "kv_cache_memory", None)))
     weights = f", {llm.quantization} weights" if llm.quantization else ""
     compiled = f", compiled in {llm.compile_s:.1f}s" if llm.compile_s is not None else ""
     _info(f"loaded {llm.model_path.name} ({llm.config.family}, {llm.dtype}{weights}, {llm.device}{compiled}) in "

@@ -96,6 +96,30 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"for --spec {_owners('tree_top_k')}: draft a token tree branching into the draft's TOP_K best tokens")
     p.add_argument("--num-draft", type=int, default=None,
                    help="most draft tokens (tree nodes) per step, >= 1 (default: the method's own; docs/usage.md)")
+    p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="memory of the paged KV pool shared by all requests, e.g. 2GiB, 500MB or bytes (default: a "
+                        "quarter of the free memory, at most what --max-num-seqs full-length requests need)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="most requests decoding together (continuous batching; default 32)")
+
+
+_UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "kib": 2 ** 10, "m": 10 ** 6, "mb": 10 ** 6, "mib": 2 ** 20,
+          "g": 10 ** 9, "gb": 10 ** 9, "gib": 2 ** 30}
+
+
+def parse_size(flag: str, text: str | None) -> int | None:
+    """``"2GiB"``, ``"500MB"``, ``"1.5g"``, ``"1048576"`` -> bytes (None stays None); ``InvalidParamsError`` naming the
+    flag otherwise."""
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+        raise InvalidParamsError(f"{flag}: {text!r} is not a size; give bytes or a number with a unit such as 500MB, "
+                                 "2GiB (units: B, KB, KiB, MB, MiB, GB, GiB)")
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def speculative_spec(args) -> dict | None:
@@ -138,6 +162,8 @@ def check_model_args(args, quantization: bool = True) -> None:
         check_quantization(args.quantization)
     at_least("--max-model-len", args.max_model_len, 2)   # a prompt token and a generated one
     at_least("--num-draft", getattr(args, "num_draft", None), 1)
+    at_least("--max-num-seqs", getattr(args, "max_num_seqs", None), 1)
+    parse_size("--kv-cache-memory", getattr(args, "kv_cache_memory", None))
     at_least("--tree", getattr(args, "tree", None), 1)
     if args.model is not None:
         check_model_name("--model", args.model)
@@ -149,4 +175,4 @@ def check_model_args(args, quantization: bool = True) -> None:
 
 
 __all__ = ["add_model_args", "at_least", "check_device", "check_model_args", "check_model_name",
-           "prepare_out_dir", "speculative_spec"]
+           "parse_size", "prepare_out_dir", "speculative_spec"]

@@ -128,6 +128,9 @@ class LLM:
         prefix_caching: reuse the KV blocks of a shared token prefix (system prompt, earlier chat turns,
             the same prompt sampled several times) instead of recomputing them.
         max_num_batched_tokens: most tokens in one engine step (prefill chunks + decode tokens + drafts).
+        goodput: with several requests decoding, size each request's draft from measured pass times and its
+            acceptance rate, so that speculation never lowers throughput (``engine/goodput.py``); False: every
+            request drafts its drafter's full length whatever the batch.
         speculative: a drafter for lossless speculative decoding, e.g. ``"prompt_lookup"``,
             ``{"method": "prompt_lookup", "num_draft": 8, "max_ngram": 3}`` or
             ``{"method": "draft_model", "model": "qwen2.5-coder-0.5b-instruct", "num_draft": 6}``.
@@ -157,7 +160,7 @@ class LLM:
                  download: bool = True, speculative: str | dict | None = None,
                  quantization: str | None = "auto", compile: bool = False, max_num_seqs: int | None = None,
                  kv_cache_memory: int | None = None, prefix_caching: bool = True,
-                 max_num_batched_tokens: int | None = None) -> None:
+                 max_num_batched_tokens: int | None = None, goodput: bool = True) -> None:
         from .models.load import build_model, check_checkpoint
         from .quant import check_quantization, resolve_quantization
 
@@ -190,13 +193,18 @@ class LLM:
         self.tokenizer = Tokenizer.from_path(self.model_path)
         self.quantization = resolve_quantization(quantization, self.model_path, self.device, self.dtype)
         self.model = build_model(self.model_path, dtype=self.dtype, device=self.device, quantization=self.quantization)
+        if self.quantization is None:   # float32 on CPU: leaplm's row-invariant GEMM (batching changes no bits)
+            from .quant.float32 import make_batch_invariant
+
+            make_batch_invariant(self.model)
         self.compile_s = self.model.compile() if compile else None
         self.drafter = self._bind(drafter)
         self.engine = LLMEngine(self.model, self.tokenizer.eos_token_ids, max_model_len=max_model_len,
                                 constrainer=self._new_constraint, max_num_seqs=self.max_num_seqs,
                                 kv_cache_memory=None if kv_cache_memory is None else int(kv_cache_memory),
                                 prefix_caching=bool(prefix_caching),
-                                max_num_batched_tokens=max_num_batched_tokens, drafter_factory=self.drafter_for)
+                                max_num_batched_tokens=max_num_batched_tokens, drafter_factory=self.drafter_for,
+                                goodput=bool(goodput))
 
     @property
     def config(self):
@@ -351,9 +359,8 @@ class LLM:
                     if i is None:
                         continue
                     self._take(out, texts[out.request_id])
-                    r = engine.get_request(out.request_id)
-                    if r.finish_emitted:
-                        done(i, self._output(r, texts[out.request_id]))
+                    if out.finish_reason is not None:   # its last output (a step may hold two: see LLMEngine.step)
+                        done(i, self._output(engine.get_request(out.request_id), texts[out.request_id]))
                         engine.release(out.request_id)
                         left -= 1
         finally:

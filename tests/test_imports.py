@@ -25,12 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "leaplm"
 
 # (importer, imported): edges of known cycles whose fix lies in a file this change could not edit
-PENDING = {
-    # leaplm/speculative/drafters/draft_model.py imports staged inside functions, and staged.StagedChain.start
-    # reads draft_model.COMPILED_FEED_MAX: define that constant below both (e.g. in staged.py) and import it
-    # in draft_model.py
-    ("leaplm.speculative.drafters.staged", "leaplm.speculative.drafters.draft_model"),
-}
+PENDING: set[tuple[str, str]] = set()
 
 
 def _modules(package: Path) -> dict[str, tuple[Path | None, bool]]:

@@ -180,8 +180,8 @@ class LLMEngine:
         return c
 
     def _drafter(self, speculative) -> Drafter | None:
-        if speculative is None or isinstance(speculative, Drafter):
-            return speculative
+        if speculative is None or isinstance(speculative, Drafter) or hasattr(speculative, "propose"):
+            return speculative   # a drafter (or an object that drafts like one)
         if speculative == "none":
             return None
         if self.drafter_factory is not None:

@@ -1,11 +1,11 @@
-"""Native (C++) CPU operators, built on this machine at first use: leaplm's int8 and int4 GEMMs (eager and
-compiled) and the compiled decode step's attention.
+"""Native (C++) CPU operators, built on this machine at first use: leaplm's int8, int4 and batch-invariant float32
+GEMMs (eager and compiled) and the compiled decode step's attention.
 
-``load()`` compiles ``decode_ops.cpp`` and ``recycling_ops.cpp`` with ``torch.utils.cpp_extension`` (gcc, ninja; ~1 minute once,
-then cached under ``~/.cache/torch_extensions``, or ``$TORCH_EXTENSIONS_DIR``) and returns whether the ops are usable;
-when it compiles it says so on stderr first (``needs_build()`` tells beforehand, cheaply). On failure
-(no compiler, ``LEAPLM_NATIVE=0``) it warns once and returns False; the compiled step then attends
-through the Python custom op (``leaplm::attend``), int8 weights run on fbgemm (``leaplm::int8_linear``
+``load()`` compiles ``decode_ops.cpp``, ``recycling_ops.cpp`` and ``f32_ops.cpp`` with ``torch.utils.cpp_extension``
+(gcc, ninja; ~1 minute once, then cached under ``~/.cache/torch_extensions``, or ``$TORCH_EXTENSIONS_DIR``) and
+returns whether the ops are usable; when it compiles it says so on stderr first (``needs_build()`` tells
+beforehand, cheaply). On failure (no compiler, ``LEAPLM_NATIVE=0``) it warns once and returns False; the compiled
+step then attends through the Python custom op (``leaplm::attend``), int8 weights run on fbgemm (``leaplm::int8_linear``
 when compiled; another activation grid, so other last bits) and int4 weights on a float fallback.
 
 Ops (``torch.ops.leaplm_native``; see the C++ file for contracts):
@@ -16,6 +16,10 @@ Ops (``torch.ops.leaplm_native``; see the C++ file for contracts):
 - ``int4_linear(x [M, K], qweight [N/16, K/32, 256] uint8, scale, minv [N/16, K/32, 16], N) -> [M, N]``:
   4-bit weights in groups of 32 (``w = q * scale + minv``), packed in blocks of 16 outputs
   (``quant/int4.py``), activations quantized to int8 per row and group inside.
+- ``f32_linear(x [M, K], wpacked [N/16, K, 16] float32, bias [N] or None, N) -> [M, N]``: float32 weights packed
+  in blocks of 16 outputs (``quant/float32.py``); each output is one fused multiply-add chain over k in order
+  (then ``+ bias``), so a row's result is bit-identical whatever M, its place in the batch or the thread split
+  (``F.linear`` is not). ``f32_portable(on) -> bool`` runs the portable loop instead of AVX-512 (for tests).
 - ``bind_step(k, v, slots [N], T, spans...)`` / ``unbind_step()``, and
   ``attend(q [1, N, H, D], k, v [1, N, KV, D], layer, kind, scale) -> [1, N, H * D]``: exact per-query
   attention over the bound cache (batch-invariant), float32.
@@ -42,7 +46,7 @@ from torch import Tensor
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 _NAME = "leaplm_native_ops"
-_SOURCES = ("decode_ops.cpp", "recycling_ops.cpp")
+_SOURCES = ("decode_ops.cpp", "recycling_ops.cpp", "f32_ops.cpp")
 # -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers (serial without it); the loader resolves
 # libgomp.so.1 to the copy torch already loaded, so there is one thread pool
 _CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
@@ -158,6 +162,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("leaplm_native::int4_linear")
     def _int4_linear(x: Tensor, qweight: Tensor, scale: Tensor, minv: Tensor, out_features: int) -> Tensor:
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("leaplm_native::f32_linear")
+    def _f32_linear(x: Tensor, wpacked: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
         return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("leaplm_native::attend")

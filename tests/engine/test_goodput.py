@@ -33,6 +33,13 @@ def test_before_any_measurement_every_request_drafts_its_cap_within_the_budget()
     assert ctrl.budgets(_requests(3, object()), [4, 4, 4], 3, 3, 10) == [4, 4, 2]
 
 
+def test_a_lone_request_keeps_its_drafters_length():
+    ctrl = GoodputController()
+    _fit(ctrl, 0.002, 0.002)                  # compute-bound: a batch would draft nothing
+    _learn(ctrl, _requests(1, object()), accepted=0)
+    assert ctrl.budgets(_requests(1, object()), [5], 1, 1, 10) == [5]
+
+
 def test_drafting_is_taken_when_a_pass_is_memory_bound_and_refused_when_compute_bound():
     drafter = object()
     cheap, costly = GoodputController(), GoodputController()
@@ -63,6 +70,6 @@ def test_a_slow_drafter_drafts_less():
     rf, rs = SimpleNamespace(request_id=1, drafter=fast), SimpleNamespace(request_id=2, drafter=slow)
     for _ in range(20):
         ctrl.observe_verdict(rf, 4, 2, 0.0001)
-        ctrl.observe_verdict(rs, 4, 2, 0.08)     # 20 ms a draft token: more than the pass it would save
+        ctrl.observe_verdict(rs, 4, 2, 0.08)     # 80 ms a proposal: more than the passes it could save
     out = ctrl.budgets([rf, rs], [6, 6], 2, 2, 12)
     assert out[0] > 0 and out[1] == 0

@@ -132,6 +132,9 @@ def test_loading_consumes_the_tensors_and_quantizes_block_by_block(tiny_model_di
 
     monkeypatch.setattr(transformer.Transformer, "__init__", remember)
     monkeypatch.setattr(quant, "quantize_model", spy)
+    import leaplm.models.load as load_module
+
+    monkeypatch.setattr(load_module, "quantize_model", spy)   # load.py imports it by name
     by_block = build_model(folder, quantization="int8")
     assert [m for m, _ in seen] == list(by_block.blocks) and all(unread for _, unread in seen)
     reference = original(build_model(folder), "int8")

@@ -58,11 +58,9 @@ rule compile
   command = $cxx -c $in -o $out $cflags
 rule link
   command = $cxx $in -shared -o $out
-build decode_ops.o: compile {sources[0]}
-build recycling_ops.o: compile {sources[1]}
-build leaplm_native_ops.so: link decode_ops.o recycling_ops.o
-default leaplm_native_ops.so
-""")
+""" + "".join(f"build {Path(src).stem}.o: compile {src}\n" for src in sources)
+        + f"build leaplm_native_ops.so: link {' '.join(Path(src).stem + '.o' for src in sources)}\n"
+        + "default leaplm_native_ops.so\n")
     ninja = shutil.which("ninja", path=native._ninja_path())
     if ninja is None:
         pytest.skip("ninja is not installed")

@@ -209,13 +209,13 @@ class ChainAsTree(Drafter):
 def test_a_chain_shaped_tree_takes_the_chain_pass(tiny_model_dir, monkeypatch):
     folder = tiny_model_dir("llama-gqa-untied")[0]
     engine = Engine(build_model(folder), eos_token_ids=[2])
-    widths, forward = [], engine.model.forward
+    widths, forward = [], engine.model.forward_paged
 
-    def spy(*args, **kwargs):
-        widths.append((args[0].shape[1], kwargs.get("tree") is not None))
-        return forward(*args, **kwargs)
+    def spy(tokens, positions, pool, step, *args, **kwargs):   # (width of the pass, whether any segment is a tree)
+        widths.append((len(tokens), any(seg.parents is not None for seg in step.segments)))
+        return forward(tokens, positions, pool, step, *args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "forward", spy)
+    monkeypatch.setattr(engine.model, "forward_paged", spy)
     prompts = [[5, 6, 7, 8, 9] * 4]
     params = [SamplingParams(temperature=0, max_tokens=20)]
     vanilla = run(engine, prompts, params)

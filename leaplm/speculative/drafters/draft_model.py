@@ -78,9 +78,7 @@ from ..cost import best_prefix, drafter_cost, pass_cost
 from ..tree import ancestor_matrix, compaction, depths
 from .base import Draft, Drafter
 
-# widest feed that takes a compiled draft's compiled step (which computes every fed position's logits, so
-# a long catch-up would pay the LM head for each token; wider feeds run eager with one logit row)
-COMPILED_FEED_MAX = 4
+from .staged import COMPILED_FEED_MAX  # noqa: E402  (defined beside its other user, no import cycle)
 
 
 @dataclass

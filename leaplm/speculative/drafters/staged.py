@@ -38,6 +38,10 @@ from .base import Drafter
 from .prompt_lookup import PromptLookup
 from .recycling import TokenRecycling
 
+# widest feed that takes a compiled draft's compiled step (which computes every fed position's logits, so
+# a long catch-up would pay the LM head for each token; wider feeds run eager with one logit row)
+COMPILED_FEED_MAX = 4
+
 if TYPE_CHECKING:   # pragma: no cover
     from .draft_model import DraftModel, _Row
 
@@ -91,7 +95,6 @@ class StagedChain:
         """``DraftModel._sync`` with the first inner tree in the same pass: roll the draft cache back to its
         longest prefix shared with ``ids``, feed the rest (as a chain ending in the tree's root), and return
         the logits after ``ids``. A long catch-up (a prompt) is fed as ``_sync`` does, without a tree."""
-        from .draft_model import COMPILED_FEED_MAX
 
         catch = self.owner._rollback(self.st, ids)
         if len(catch) > COMPILED_FEED_MAX:
