@@ -5,7 +5,6 @@ peers (``serving_peers.py``), which use the loop's types, and this driver, which
 from __future__ import annotations
 
 import datetime as _dt
-import inspect
 import os
 import sys
 import time
@@ -18,16 +17,9 @@ from .serving_peers import make_peer_sweep
 
 
 def _llm_kwargs(cfg: ServingConfig, most: int) -> dict:
-    """``LLM(...)`` arguments: the bench's model options, with room for ``most`` requests when LLM takes it."""
-    from ..llm import LLM
-
-    kwargs = dict(dtype=cfg.dtype, device=cfg.device, download=False, quantization=cfg.quantization,
-                  compile=cfg.compile)
-    accepted = inspect.signature(LLM.__init__).parameters
-    for name in ("max_num_seqs", "max_batch_size"):
-        if name in accepted:
-            kwargs[name] = most
-    return kwargs
+    """``LLM(...)`` arguments: the bench's model options, with room for ``most`` requests decoding together."""
+    return dict(dtype=cfg.dtype, device=cfg.device, download=False, quantization=cfg.quantization,
+                compile=cfg.compile, max_num_seqs=most)
 
 
 def run_serving(cfg: ServingConfig) -> dict:

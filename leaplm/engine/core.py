@@ -283,6 +283,10 @@ class LLMEngine:
             return self.requests.pop(request_id)
         return None
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (e.g. between benchmark runs); blocks in use are untouched."""
+        self.blocks.reset_prefix_cache()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or any(
             r.finished and not r.finish_emitted for r in self.requests.values())
@@ -344,6 +348,7 @@ class LLMEngine:
         if not it.reaches_end:   # a prefill chunk: commit it, nothing to verify
             r.num_computed = nc + it.take
             self._register_blocks(r)
+            self._tell_committed(r, result, r.tokens[nc: nc + it.take], list(range(it.take)))
             return
         started = result.started
         logits = result.logits[r.request_id]     # [rows, V]: rows from result.first_row[r] of the feed
@@ -381,6 +386,9 @@ class LLMEngine:
             moves = compaction(verdict.path)
             self.pool.move([slot_of(table, bs, root + s) for s, _ in moves], [slot_of(table, bs, root + d) for _, d in moves])
         r.num_computed = nc + fed + accepted
+        path = verdict.path[:accepted] if parents is not None else list(range(accepted))
+        self._tell_committed(r, result, r.tokens[nc: nc + fed] + [tokens[i] for i in path],
+                             list(range(fed)) + [fed + i for i in path])
         r.target_passes += 1   # passes that gave this request tokens (its prefill counts once, however chunked)
         r.drafted += len(tokens)
         r.accepted += accepted
@@ -393,6 +401,20 @@ class LLMEngine:
                 self._jump_forward(r)
         if r.finished:
             self._retire(r)
+
+    @staticmethod
+    def _tell_committed(r: Request, result: StepResult, tokens: list[int], feed_rows: list[int]) -> None:
+        """Drafter contract v2: the tokens committed this step (and, for ``needs_hidden``, their final hidden
+        states, found by feed index in the passes' hidden rows)."""
+        if r.drafter is None or not tokens:
+            return
+        hidden = None
+        if r.drafter.needs_hidden:
+            parts = result.hidden.get(r.request_id, [])
+            rows = torch.cat([h for _, h in parts]) if parts else None
+            first = parts[0][0] if parts else 0
+            hidden = rows[[f - first for f in feed_rows]] if rows is not None else None
+        r.drafter.committed(r.request_id, tokens, hidden)
 
     def _register_blocks(self, r: Request) -> None:
         """Put ``r``'s newly full, committed blocks in the prefix cache."""

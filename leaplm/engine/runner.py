@@ -39,6 +39,8 @@ class StepResult:
     first_row: dict[int, int] = field(default_factory=dict)        # request id -> feed index of logits row 0
     observe: dict[int, tuple[list[int], tuple[int, int]]] = field(default_factory=dict)  # fed tokens, feed rows
     draft_s: dict[int, float] = field(default_factory=dict)         # request id -> seconds its drafter took
+    hidden: dict[int, list[tuple[int, Tensor]]] = field(default_factory=dict)   # request id -> (first feed index,
+    #                                                                   final hidden states [n, H]) per pass
 
 
 @dataclass
@@ -51,6 +53,7 @@ class _Part:
     positions: list[int]
     parents: list[int] | None      # tree parents (feed_parents numbering), only for a whole decode feed
     rows: tuple[int, int] | None   # feed rows whose logits are wanted, if they lie in this part
+    hidden: bool = False           # its drafter wants the final hidden states of these tokens
 
 
 class Runner:
@@ -66,9 +69,10 @@ class Runner:
         eager: list[_Part] = []
         compiled: list[_Part] = []
         split = self.model.compiled is not None
+        proposed = self._propose(items, result)
         for it in items:
             r = it.request
-            draft = self._draft(it, result)
+            draft = self._check(it, proposed.get(r.request_id, Draft([])))
             result.drafts[r.request_id] = draft
             nc, take = r.num_computed, it.take
             fed_tokens = r.tokens[nc: nc + take] + list(draft.tokens)
@@ -92,13 +96,14 @@ class Runner:
             # (the last pending token on) are then output tokens too, unless nothing is compiled.
             cut = max(0, min(len(fed_tokens), len(r.prompt_ids) - nc)) if split else len(fed_tokens)
             whole = cut == len(fed_tokens)
+            hidden = r.drafter is not None and r.drafter.needs_hidden
             if cut:
                 eager.append(_Part(r, nc, 0, fed_tokens[:cut], positions[:cut], parents if whole else None,
-                                   rows if whole else None))
+                                   rows if whole else None, hidden))
             if not whole:
                 assert rows is None or rows[0] >= cut, "a request's verified rows straddle its two passes"
                 compiled.append(_Part(r, nc + cut, cut, fed_tokens[cut:], positions[cut:],
-                                      parents if cut == 0 else None, rows))
+                                      parents if cut == 0 else None, rows, hidden))
         if eager:
             self._pass(eager, result, compiled=False)
         if compiled:
@@ -106,26 +111,46 @@ class Runner:
         return result
 
     # ------------------------------------------------------------------ drafting
-    def _draft(self, it: Scheduled, result: StepResult) -> Draft:
+    def _propose(self, items: list[Scheduled], result: StepResult) -> dict[int, Draft]:
+        """Every speculating request's draft, one ``propose_batch`` call per drafter (request id -> draft). A
+        batch call's time is shared evenly by its requests (``draft_s``)."""
+        by_drafter: dict[int, list[Scheduled]] = {}
+        for it in items:
+            r = it.request
+            if it.reaches_end and it.draft_budget > 0 and r.drafter is not None and r.decoding:
+                by_drafter.setdefault(id(r.drafter), []).append(it)
+        drafts: dict[int, Draft] = {}
+        for group in by_drafter.values():
+            drafter = group[0].request.drafter
+            t = time.perf_counter()
+            out = drafter.propose_batch([it.request.request_id for it in group], [it.request.tokens for it in group],
+                                        [it.draft_budget for it in group])
+            share = (time.perf_counter() - t) / len(group)
+            if len(out) != len(group):
+                raise ValueError(f"{drafter.name} returned {len(out)} drafts for {len(group)} requests")
+            for it, draft in zip(group, out):
+                r = it.request
+                result.draft_s[r.request_id] = share
+                r.draft_s += share
+                if len(draft.tokens) > it.draft_budget:
+                    raise ValueError(f"{drafter.name} drafted {len(draft.tokens)} tokens, more than the "
+                                     f"{it.draft_budget} asked for")
+                drafts[r.request_id] = draft
+        return drafts
+
+    def _check(self, it: Scheduled, draft: Draft) -> Draft:
+        """A tree is checked (and sent as a chain when it is one); a constrained request's draft is pruned to its
+        grammar and its masks filled (also with no draft: the masks apply to the verified token)."""
         r = it.request
         if not it.reaches_end:
             return Draft([])
-        draft = Draft([])
-        if it.draft_budget > 0 and r.drafter is not None and r.decoding:
-            t = time.perf_counter()
-            draft = r.drafter.propose(r.request_id, r.tokens, it.draft_budget)
-            result.draft_s[r.request_id] = time.perf_counter() - t
-            r.draft_s += result.draft_s[r.request_id]
-            if len(draft.tokens) > it.draft_budget:
-                raise ValueError(f"{r.drafter.name} drafted {len(draft.tokens)} tokens, more than the "
-                                 f"{it.draft_budget} asked for")
-            if draft.is_tree:
-                check_tree(draft.tokens, draft.parents)
-                room = r.max_new - len(r.output_ids) - 1
-                if max(depths(draft.parents), default=0) > room:
-                    raise ValueError(f"{r.drafter.name} drafted a tree deeper than the {room} tokens left")
-                if draft.parents == chain_parents(len(draft.parents)):   # a chain after all (no tree mask)
-                    draft = Draft(draft.tokens, draft.probs)
+        if draft.is_tree:
+            check_tree(draft.tokens, draft.parents)
+            room = r.max_new - len(r.output_ids) - 1
+            if max(depths(draft.parents), default=0) > room:
+                raise ValueError(f"{r.drafter.name} drafted a tree deeper than the {room} tokens left")
+            if draft.parents == chain_parents(len(draft.parents)):   # a chain after all (no tree mask)
+                draft = Draft(draft.tokens, draft.probs)
         if r.constraint is not None:
             draft = self.constrain(r, draft)
         return draft
@@ -137,26 +162,39 @@ class Runner:
         step = PagedStep(segments, self.pool.block_size, self.window, device)
         tokens = torch.tensor([t for p in parts for t in p.tokens], dtype=torch.long, device=device)
         index: list[int] = []
+        hidden_index: list[int] = []
         wanted: list[tuple[_Part, int, int]] = []   # part, first row in the logits, count
+        hidden_of: list[tuple[_Part, int]] = []     # part, first row in the hidden states
         offset = 0
         for p in parts:
             if p.rows is not None:
                 lo, hi = p.rows[0] - p.feed_start, p.rows[1] - p.feed_start
                 wanted.append((p, len(index), hi - lo))
                 index += range(offset + lo, offset + hi)
+            if p.hidden:
+                hidden_of.append((p, len(hidden_index)))
+                hidden_index += range(offset, offset + len(p.tokens))
             offset += len(p.tokens)
-        if not wanted and compiled:
-            return self._run(tokens, step, None, compiled)
-        logits = self._run(tokens, step, torch.tensor(index, dtype=torch.long, device=device), compiled)
+        hidden_rows = torch.tensor(hidden_index, dtype=torch.long, device=device) if hidden_of else None
+        if not wanted and compiled and hidden_rows is None:
+            self._run(tokens, step, None, compiled, None)
+            return
+        out = self._run(tokens, step, torch.tensor(index, dtype=torch.long, device=device), compiled, hidden_rows)
+        logits, hidden = out if hidden_rows is not None else (out, None)
         for p, start, count in wanted:
             result.logits[p.request.request_id] = logits[start: start + count]
             result.first_row[p.request.request_id] = p.rows[0]
+        for p, start in hidden_of:
+            result.hidden.setdefault(p.request.request_id, []).append(
+                (p.feed_start, hidden[start: start + len(p.tokens)]))
 
-    def _run(self, tokens: Tensor, step: PagedStep, logit_index: Tensor | None, compiled: bool) -> Tensor:
+    def _run(self, tokens: Tensor, step: PagedStep, logit_index: Tensor | None, compiled: bool,
+             hidden_index: Tensor | None):
         t = time.perf_counter()
-        logits = self.model.forward_paged(tokens, step.positions[0], self.pool, step, logit_index, compiled=compiled)
+        out = self.model.forward_paged(tokens, step.positions[0], self.pool, step, logit_index, compiled=compiled,
+                                       hidden_index=hidden_index)
         # drafts go through the compiled pass of a compiled model, else the eager one: that pass's cost is what
         # a draft token adds
         if self.goodput is not None and compiled == (self.model.compiled is not None):
             self.goodput.observe_pass(len(tokens), time.perf_counter() - t)
-        return logits
+        return out

@@ -34,7 +34,8 @@ compiled int8 model therefore reproduces the compiled model's own greedy decodin
 Compiled and eager passes are not bit-identical to each other (fused arithmetic rounds differently);
 a model is either compiled or not for a whole generation.
 
-Shapes: ``CompiledStep`` maps ``tokens, positions [B, T]`` to logits ``[B, T, vocab]`` float32 (the graph
+Shapes: ``CompiledStep`` maps ``tokens, positions [B, T]`` to logits ``[B, T, vocab]`` float32, keeping the final hidden
+states ``[B, T, hidden]`` in ``last_hidden`` (the graph
 itself: ``[N]`` -> ``[1, N, vocab]``).
 """
 from __future__ import annotations
@@ -146,10 +147,13 @@ class CompiledStep:
         self._fn = torch.compile(types.MethodType(body, self), dynamic=True, fullgraph=True,
                                  options=_inductor_options(model, self.native))
         self.direct = None   # the compiled graph's entry, called without dynamo (``_find_direct``)
+        self.last_hidden: Tensor | None = None   # [B, T, hidden]: the last call's final hidden states
 
-    def _body(self, tokens: Tensor, positions: Tensor) -> Tensor:
+    def _body(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         torch._check(tokens.shape[0] >= 1)   # lets shape checks on the unbacked size resolve statically
-        return self.model.layers_forward(tokens[None], positions[None], None, None, None)
+        # the final hidden states come out too (the LM head's input, computed anyway): drafters with trained
+        # heads draft from them (``Drafter.needs_hidden``)
+        return self.model.layers_forward(tokens[None], positions[None], None, None, None, all_hidden=True)
 
     def run(self, tokens: Tensor, positions: Tensor, cache, step) -> Tensor:
         """The step's logits ``[B, T, vocab]`` with ``cache`` and ``step`` (a ``_Step``) active."""
@@ -184,8 +188,7 @@ class CompiledStep:
         # Fresh inference tensors: a tensor made outside inference mode would compile another graph.
         flat = [t.reshape(-1).clone() for t in (tokens, positions)]
         if self.direct is not None:   # compiled: the graph's own entry, no dynamo in between
-            out = self.direct(*flat)
-            return out.view(B, T, out.shape[-1])
+            return self._split(self.direct(*flat), B, T)
         for t in flat:
             mark_unbacked(t, 0)
         if self.compile_s is None:   # the first call compiles
@@ -200,7 +203,13 @@ class CompiledStep:
             # compiling (the model's modules and weights are fixed).
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 out = self._fn(*flat)
-        return out.view(B, T, out.shape[-1])
+        return self._split(out, B, T)
+
+    def _split(self, out: tuple[Tensor, Tensor], B: int, T: int) -> Tensor:
+        """The graph's ``(logits [1, N, V], hidden [1, N, H])`` -> logits ``[B, T, V]``; keeps the hidden states."""
+        logits, hidden = out
+        self.last_hidden = hidden.view(B, T, hidden.shape[-1])
+        return logits.view(B, T, logits.shape[-1])
 
     def _find_direct(self):
         """The bytecode dynamo generated for ``_body`` (argument handling, then the compiled graph), as a

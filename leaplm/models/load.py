@@ -148,6 +148,8 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, Mapping[str, Tensor], Non
 
 
 def _read_safetensor(source: tuple) -> Tensor:
+    from safetensors import SafetensorError
+
     handle, key, f = source
     try:
         return handle.get_tensor(key)

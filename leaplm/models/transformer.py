@@ -322,27 +322,37 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward_paged(self, tokens: Tensor, positions: Tensor, pool, step, logit_index: Tensor | None = None,
-                      compiled: bool = False) -> Tensor:
+                      compiled: bool = False, hidden_index: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """One flat pass of many sequences over a paged KV pool (``leaplm/engine``): ``tokens``, ``positions``
         ``[N]``, ``step`` a ``models.paged.PagedStep`` -> logits ``[K, vocab]`` float32 of the tokens
-        ``logit_index [K]`` (default: all N). ``compiled``: through the compiled step (every token's logits)."""
+        ``logit_index [K]`` (default: all N). ``compiled``: through the compiled step (every token's logits).
+        ``hidden_index [M]``: also return the final hidden states (after the last norm) of those tokens,
+        ``(logits, hidden [M, hidden_size])``."""
         if compiled and self.compiled is not None:
             logits = self.compiled.run_paged(tokens, positions, pool, step)[0]
-            return logits if logit_index is None else logits[logit_index]
+            logits = logits if logit_index is None else logits[logit_index]
+            if hidden_index is None:
+                return logits
+            return logits, self.compiled.last_hidden.reshape(-1, self.config.hidden_size)[hidden_index]
         from .compiled import _use_native
 
         if _use_native(self):
             step.bind(pool)
         try:
             index = None if logit_index is None else logit_index[None]
-            return self.layers_forward(tokens[None], positions[None], pool, step, index)[0]
+            out = self.layers_forward(tokens[None], positions[None], pool, step, index,
+                                      None if hidden_index is None else hidden_index[None])
+            return out[0] if hidden_index is None else (out[0][0], out[1][0])
         finally:
             step.unbind()
 
     def layers_forward(self, tokens: Tensor, positions: Tensor, cache: KVCache | None, step: _Step | None,
-                       logit_index: Tensor | None) -> Tensor:
+                       logit_index: Tensor | None, hidden_index: Tensor | None = None,
+                       all_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Embedding, blocks, norm and LM head -> logits ``[B, K, vocab]`` float32; ``cache=None``: the
-        compiled step (attention through ``leaplm::attend`` on the active step)."""
+        compiled step (attention through ``leaplm::attend`` on the active step). ``hidden_index [B, M]``: also the
+        final hidden states (after the last norm) of those tokens, ``(logits, hidden [B, M, hidden])``;
+        ``all_hidden``: of every token (``[B, T, hidden]``, the compiled step's second output)."""
         cfg = self.config
         x = F.embedding(tokens, self.embed)
         if cfg.embed_scale is not None:
@@ -351,13 +361,19 @@ class Transformer(nn.Module):
         ropes.setdefault("sliding", ropes["full"])
         for block in self.blocks:
             x = block(x, ropes, cache, step)
+        hidden = None
+        if hidden_index is not None:
+            hidden = self.norm(torch.gather(x, 1, hidden_index[:, :, None].expand(-1, -1, x.shape[-1])))
         if logit_index is not None:
             x = torch.gather(x, 1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))
             if x.shape[1] == 0:   # a pass that only fills the cache (a prefill chunk)
-                return x.new_zeros(x.shape[0], 0, cfg.vocab_size, dtype=torch.float32)
+                logits = x.new_zeros(x.shape[0], 0, cfg.vocab_size, dtype=torch.float32)
+                return logits if hidden is None else (logits, hidden)
         x = self.norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else linear(x, self.embed)
-        return logits.float()
+        if all_hidden:
+            return logits.float(), x
+        return logits.float() if hidden is None else (logits.float(), hidden)
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, tensors: Mapping[str, Tensor], dtype: torch.dtype, device,

@@ -18,6 +18,18 @@ in order). With probs, siblings share that distribution and must have been drawn
 replacement, in the order they appear. Chains and trees stay within ``k`` nodes, which also
 bounds their depth by the tokens the row may still generate.
 
+Contract v2 (the serving engine, ``leaplm/engine``; ``row`` is the engine's request id):
+
+- ``committed(row, tokens, hidden)``: after each verification the engine says which of the row's tokens it
+  committed this step, in order: the fed pending token(s), then the accepted draft tokens (a tree's accepted path).
+  The verdict's last token (sampled, not yet fed) is committed by the next step. A drafter no longer has to diff
+  contexts to learn what was accepted (the older drafters still may; they ignore this call).
+- ``needs_hidden = True`` asks for ``hidden`` ``[len(tokens), hidden_size]``: the target's final hidden states
+  (after the last norm, the LM head's input) of exactly those committed tokens - what EAGLE/Medusa-style heads
+  draft from. Otherwise ``hidden`` is None.
+- ``propose_batch(rows, contexts, ks) -> [Draft]``: every speculating request of one drafter in a step, in one
+  call (the default loops over ``propose``); a trained head batches its forward passes here.
+
 ``observe_topk > 0`` asks the engine to call ``observe(row, fed, topk)`` after each target pass:
 ``fed`` the tokens of that pass (the pending token, then every draft node in order; the last prompt
 token after a prefill) and ``topk`` ``[len(fed), observe_topk]`` the target's highest-scoring next
@@ -48,9 +60,18 @@ class Drafter:
     name = "none"
     num_draft: int = 0
     observe_topk: int = 0
+    needs_hidden: bool = False
 
     def propose(self, row: int, context: Sequence[int], k: int) -> Draft:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def propose_batch(self, rows: Sequence[int], contexts: Sequence[Sequence[int]], ks: Sequence[int]) -> list[Draft]:
+        """Drafts for several rows at once (one per row, each within its ``k``); by default one ``propose`` each."""
+        return [self.propose(row, context, k) for row, context, k in zip(rows, contexts, ks)]
+
+    def committed(self, row: int, tokens: Sequence[int], hidden: Tensor | None = None) -> None:
+        """``tokens`` of ``row`` were committed this step (fed pending tokens, then accepted draft tokens);
+        ``hidden [len(tokens), H]`` their final hidden states when ``needs_hidden``, else None."""
 
     def observe(self, row: int, fed: Sequence[int], topk: Tensor) -> None:
         """The target's top ``observe_topk`` next tokens ``[len(fed), observe_topk]`` after each fed token."""
