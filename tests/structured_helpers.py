@@ -86,11 +86,13 @@ class RandomLogitsModel:
         self.compiled = None
         self.passes = 0
 
-    def forward_paged(self, tokens, positions, pool, step, logit_index=None, compiled=False):
-        """The engine's pass: ``tokens``, ``positions [N]`` -> logits ``[K, V]`` of ``logit_index``."""
+    def forward_paged(self, tokens, positions, pool, step, logit_index=None, compiled=False, hidden_index=None):
+        """The engine's pass: ``tokens``, ``positions [N]`` -> logits ``[K, V]`` of ``logit_index`` (and, with
+        ``hidden_index``, stand-in hidden states: the logits rows)."""
         self.passes += 1
         logits = self.table[tokens] + self.by_pos[positions]             # [N, V]
-        return logits if logit_index is None else logits[logit_index]
+        out = logits if logit_index is None else logits[logit_index]
+        return out if hidden_index is None else (out, logits[hidden_index])
 
     def __call__(self, tokens, positions, cache, *, logit_index=None, kv_len=None, contiguous_start=None, tree=None):
         self.passes += 1

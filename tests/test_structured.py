@@ -518,3 +518,52 @@ def test_real_json_schema_test_suite_subset_validates(smol_llm):
         else:
             assert smol_llm.compile_constraint(p).new().validate(o.token_ids) == len(o.token_ids)
     assert finished >= 10
+
+
+def test_constrained_requests_arriving_into_a_busy_small_pool_give_their_output_alone(tiny_dir, tok):
+    """Continuous batching with grammars: constrained (jump-forward on and off) and free requests arrive at
+    different steps into a KV pool small enough to preempt; half speculate. Each output equals its output alone
+    and is grammar-valid."""
+    import random
+
+    from leaplm.engine import LLMEngine
+    from leaplm.engine.kv_pool import KVPool
+    from leaplm.speculative.drafters import PromptLookup
+
+    model = build_model(tiny_dir)
+    names = ["person", "nested", "any-of", "consts", None, "person"]
+    params = [SamplingParams(temperature=0, max_tokens=40, jump_forward=i % 2 == 0,
+                             **({"json_schema": SCHEMAS[n]} if n else {"ignore_eos": True}))
+              for i, n in enumerate(names)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
+
+    def new_engine(tokens_of_kv=None):
+        memory = None if tokens_of_kv is None else tokens_of_kv * KVPool.bytes_per_token(model.config)
+        return LLMEngine(model, eos_token_ids=[EOS], constrainer=constrainer(tok), kv_cache_memory=memory,
+                         block_size=4, max_num_seqs=4)
+
+    alone = []
+    for p, s in zip(prompts, params):
+        e = new_engine()
+        rid = e.add_request(p, s)
+        while e.has_unfinished():
+            e.step()
+        alone.append(e.get_request(rid).output_ids)
+    engine = new_engine(tokens_of_kv=84)
+    rng = random.Random(4)
+    arrive = {i: rng.randrange(0, 4) for i in range(len(names))}
+    rids: dict[int, int] = {}
+    step = 0
+    while len(rids) < len(names) or engine.has_unfinished():
+        for i in range(len(names)):
+            if i not in rids and arrive[i] <= step:
+                rids[i] = engine.add_request(prompts[i], params[i],
+                                             speculative=PromptLookup(num_draft=4, min_ngram=1) if i % 2 else None)
+        engine.step()
+        step += 1
+    for i, rid in rids.items():
+        r = engine.get_request(rid)
+        assert r.output_ids == alone[i], (i, names[i])
+        if names[i]:
+            valid_output(tok, params[i], r.output_ids, r.finish_reason)
+    assert engine.stats()["preemptions"] > 0 and engine.stats()["kv_blocks_used"] == 0

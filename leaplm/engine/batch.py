@@ -38,6 +38,8 @@ class Batch:
             if b is not None:
                 out.row = b
                 outputs.append(out)
+                if out.finish_reason is not None:   # the batch keeps the Request; the engine forgets it
+                    self.engine.release(out.request_id)
         return outputs
 
     def run(self) -> list[Request]:
@@ -47,12 +49,22 @@ class Batch:
         return self.rows
 
     def finish(self, row: int, reason: str = "stop") -> None:
-        self.engine.finish_request(self.request_ids[row], None, reason)
+        self.truncate(row, None, reason)
 
-    def truncate(self, row: int, n: int, reason: str = "stop") -> None:
-        """Keep the first ``n`` output tokens of ``row`` and finish it with ``reason`` (a stop string found in its
-        text after token ``n``: a speculative step may have accepted tokens past it)."""
-        self.engine.finish_request(self.request_ids[row], n, reason)
+    def truncate(self, row: int, n: int | None, reason: str = "stop") -> None:
+        """Keep the first ``n`` output tokens of ``row`` (None: all) and finish it with ``reason`` (a stop string
+        found in its text after token ``n``: a speculative step may have accepted tokens past it)."""
+        rid = self.request_ids[row]
+        if rid in self.engine.requests:
+            self.engine.finish_request(rid, n, reason)
+            return
+        r = self.rows[row]   # already finished and released: only its record changes
+        if n is not None:
+            if not 0 <= n <= len(r.output_ids):
+                raise ValueError(f"cannot keep {n} of row {row}'s {len(r.output_ids)} output tokens")
+            del r.output_ids[n:]
+            del r.tokens[len(r.prompt_ids) + n:]
+        r.finish_reason = reason
 
     def committed_kv(self, row: int, layer: int) -> tuple[Tensor, Tensor]:
         """Keys and values of ``row``'s committed slots ``[1, kv_heads, length, D]``: read from the pool while it runs,

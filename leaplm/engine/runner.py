@@ -123,8 +123,12 @@ class Runner:
         for group in by_drafter.values():
             drafter = group[0].request.drafter
             t = time.perf_counter()
-            out = drafter.propose_batch([it.request.request_id for it in group], [it.request.tokens for it in group],
-                                        [it.draft_budget for it in group])
+            rows, contexts, ks = ([it.request.request_id for it in group], [it.request.tokens for it in group],
+                                  [it.draft_budget for it in group])
+            if getattr(type(drafter), "propose_batch", None) is not None:
+                out = drafter.propose_batch(rows, contexts, ks)
+            else:   # an object that only drafts like a Drafter (a wrapper): its own propose, one by one
+                out = [drafter.propose(row, context, k) for row, context, k in zip(rows, contexts, ks)]
             share = (time.perf_counter() - t) / len(group)
             if len(out) != len(group):
                 raise ValueError(f"{drafter.name} returned {len(out)} drafts for {len(group)} requests")

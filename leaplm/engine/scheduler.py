@@ -118,27 +118,20 @@ class Scheduler:
 
     def _fit(self, items: list[Scheduled]) -> list[Scheduled]:
         """Give every item the blocks its feed and draft need, preempting the newest running requests (and
-        dropping their items) when the pool runs out."""
-        i = 0
-        while i < len(items):
-            it = items[i]
+        dropping their items, wherever they are in the list) when the pool runs out."""
+        for it in items:
             r = it.request
-            need = r.num_computed + it.take + it.draft_budget
-            while not self._ensure(r, need):
+            if r.status is not Status.RUNNING:   # preempted for an earlier item
+                continue
+            while not self._ensure(r, r.num_computed + it.take + it.draft_budget):
                 if it.draft_budget:   # first give up the draft
                     it.draft_budget = 0
-                    need = r.num_computed + it.take
                     continue
                 victim = self.running[-1]
                 self._preempt(victim)
-                items = [x for x in items if x.request is not victim]
                 if victim is r:
                     break
-            else:
-                i += 1
-                continue
-            # r itself was preempted: items[i] is now the next one
-        return items
+        return [it for it in items if it.request.status is Status.RUNNING]
 
     # ------------------------------------------------------------------ memory
     def _ensure(self, r: Request, slots: int) -> bool:
