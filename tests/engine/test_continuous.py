@@ -132,6 +132,51 @@ def test_prefix_cache_hits_skip_the_shared_prefix_and_change_nothing(tiny_model_
     assert stats["prefix_cache_hits"] == 21 and stats["prefix_cache_hit_rate"] == 21 / stats["prefix_cache_queries"]
 
 
+def test_a_chat_turn_reuses_the_previous_answer_but_never_its_uncomputed_last_token(tiny_model_dir):
+    """Multi-turn chat: the next prompt is the previous prompt + answer + a new message, so it hits the blocks
+    the first request filled - except the one holding the answer's last token, which was sampled but never fed
+    (its keys do not exist). The second turn equals its output alone."""
+    model = _model("llama-gqa-untied-int8", tiny_model_dir)
+    params = SamplingParams(temperature=0, max_tokens=13, ignore_eos=True)   # prompt 15 + 13: the last token ends block 7
+    first = _prompts(1, seed=12, shared=15)[0][:15]
+    engine = _engine(model)
+    rid = engine.add_request(first, params)
+    while engine.has_unfinished():
+        engine.step()
+    answer = engine.get_request(rid).output_ids
+    assert (len(first) + len(answer)) % 4 == 0   # the answer's last token closes a block
+    second = first + answer + [7, 8, 9]
+    expected = _alone(model, second, params)
+    rid2 = engine.add_request(second, params)
+    while engine.has_unfinished():
+        engine.step()
+    r = engine.get_request(rid2)
+    assert r.output_ids == expected
+    assert r.cached_tokens == len(first) + len(answer) - 4   # every full block but the one with the unfed token
+
+
+def test_a_block_is_cached_only_once_every_slot_is_committed(tiny_model_dir):
+    """A request whose committed length ends one short of a block boundary (its pending token goes in that
+    block's last slot) is aborted: that block must not be in the prefix cache, or a later prompt starting with
+    the same tokens would read a slot that was never written."""
+    model = _model("llama-gqa-untied-int8", tiny_model_dir)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first = _prompts(1, seed=21, shared=15)[0][:15]   # 15 tokens: after the prefill, slot 15 (block 3's last) pends
+    engine = _engine(model)
+    rid = engine.add_request(first, params)
+    engine.step()
+    pending = engine.get_request(rid).output_ids
+    assert engine.get_request(rid).num_computed == 15 and len(pending) == 1
+    engine.abort(rid)
+    second = first + pending + [7, 8, 9, 10]
+    expected = _alone(model, second, params)
+    rid2 = engine.add_request(second, params)
+    while engine.has_unfinished():
+        engine.step()
+    r = engine.get_request(rid2)
+    assert r.cached_tokens == 12 and r.output_ids == expected
+
+
 def test_n_samples_of_one_prompt_share_its_blocks(tiny_model_dir):
     """The same prompt sampled several times (different seeds): later copies admitted after the first one's
     prefill reuse its blocks; each sample equals that seed's sample alone."""

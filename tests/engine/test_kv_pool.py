@@ -90,3 +90,16 @@ def test_slot_of_follows_the_block_table():
 def test_an_empty_pool_is_refused():
     with pytest.raises(InvalidParamsError, match="at least one block"):
         BlockManager(0, 16)
+
+
+def test_a_second_block_is_not_found_at_the_start_of_another_prompt():
+    """Block 2 of one prompt holds the keys of positions 16..31: a prompt that *starts* with the same tokens must
+    not get it (its hash chains on block 1's)."""
+    bm = BlockManager(8, 2)
+    x, y = [1, 2], [3, 4]
+    t = bm.allocate(2)
+    h = bm.register(t[0], None, x)
+    bm.register(t[1], h, y)
+    bm.release(t)
+    assert bm.match_prefix(y + [5, 6, 7], 4)[0] == []
+    assert bm.match_prefix(x + y + [5], 4)[0] == t
