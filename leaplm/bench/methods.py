@@ -166,7 +166,7 @@ class MethodRun:
         return self.spec.fn(target, prompt_ids, params, **self.knobs)
 
 
-def _value(text: str):
+def knob_value(text: str):
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -188,7 +188,7 @@ def parse_method(text: str) -> MethodRun:
         key, eq, val = piece.partition("=")
         if not eq or not key:
             raise BenchError(f"bad knob {piece!r} in method {text!r}: write name:key=value[:key=value...]")
-        knobs[key] = _value(val)
+        knobs[key] = knob_value(val)
     allowed = spec.knob_names()
     if allowed is not None:
         bad = [k for k in knobs if k not in allowed]

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import BenchError
+from .methods import knob_value
 
 SCHEMA = "leaplm-bench-serving/1"
 SERVING_PEERS = ("llamacpp-server", "hf-serve")
@@ -447,25 +448,13 @@ def parse_serving_methods(text: str | None, draft_model: str | None = None) -> l
             key, eq, value = part.partition("=")
             if not eq or not key:
                 raise BenchError(f"method knob {part!r} in {entry!r} must be name=value")
-            knobs[key] = _knob_value(value)
+            knobs[key] = knob_value(value)
         if name in ("draft", "draft_model", "rasd") and "model" not in knobs:
             if draft_model is None:
                 raise BenchError(f"method {name!r} needs --draft-model")
             knobs["model"] = draft_model
         out.append((entry, {"method": name, **knobs} if knobs else name))
     return out
-
-
-def _knob_value(text: str):
-    """A knob's value as on ``--methods`` of the batch-1 bench: true/false, int, float, else the string."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def requests_for(concurrency: int, requests: int | None, n_prompts: int) -> int:

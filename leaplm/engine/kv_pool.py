@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidParamsError
+from ..models.paged import slot_of  # noqa: F401  (the mapping lives with the pass geometry)
 
 
 class KVPool:
@@ -62,11 +63,6 @@ class KVPool:
         """Keys and values of pool ``slots`` in order: ``[1, kv_heads, len(slots), D]`` each (copies)."""
         index = torch.tensor(list(slots), dtype=torch.long, device=self.k[0].device)
         return self.k[layer][:, :, index], self.v[layer][:, :, index]
-
-
-def slot_of(table: Sequence[int], block_size: int, logical: int) -> int:
-    """The pool slot of logical slot ``logical`` of a request with block table ``table``."""
-    return table[logical // block_size] * block_size + logical % block_size
 
 
 class BlockManager:

@@ -28,6 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def slot_of(table: Sequence[int], block_size: int, logical: int) -> int:
+    """The pool slot of logical slot ``logical`` of a sequence with block table ``table``."""
+    return table[logical // block_size] * block_size + logical % block_size
+
+
 @dataclass
 class Segment:
     table: list[int]              # block table of the request
@@ -53,8 +58,7 @@ class PagedStep:
         for seg in self.segments:
             self.starts.append(len(pos))
             pos += seg.positions
-            bs, table = block_size, seg.table
-            slots += [table[j // bs] * bs + j % bs for j in range(seg.base, seg.base + len(seg.positions))]
+            slots += [slot_of(seg.table, block_size, j) for j in range(seg.base, seg.base + len(seg.positions))]
         self.num_tokens = len(pos)
         self.positions = torch.tensor(pos, dtype=torch.long, device=device)[None]
         self.slots = torch.tensor(slots, dtype=torch.long, device=device)
@@ -132,8 +136,7 @@ class PagedStep:
             T = len(seg.positions)
             lo = min(span[2 * n] for n in range(start, start + T))
             hi = seg.base + T
-            table = seg.table
-            index = torch.tensor([table[j // bs] * bs + j % bs for j in range(lo, hi)], device=q.device)
+            index = torch.tensor([slot_of(seg.table, bs, j) for j in range(lo, hi)], device=q.device)
             keys, values = pool.k[layer][:, :, index], pool.v[layer][:, :, index]   # [1, KV, L, D]
             mask = torch.zeros(T, hi - lo, dtype=torch.bool)
             for t in range(T):
