@@ -17,6 +17,7 @@ import os
 import string
 import sys
 import time
+from pathlib import Path
 
 # check_device: re-exported while a committed leaplm/bench/cli.py may still import it from here (drop it then)
 from .cli_common import (add_model_args, at_least, check_device, check_model_args, parse_size,  # noqa: F401
@@ -390,6 +391,43 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def served_model_name(args) -> str:
+    """The name a server answers to: ``--served-model-name``, else the ``--model`` name (a file or folder: its name
+    without ``.gguf``), else the default model's name."""
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model is None:
+        return "smollm2-135m-instruct"
+    p = Path(args.model)
+    return p.name[: -len(".gguf")] if p.name.endswith(".gguf") else (p.name or args.model)
+
+
+def cmd_serve(args) -> int:
+    check_model_args(args)
+    at_least("--port", args.port, 0)
+    if args.port > 65535:
+        raise InvalidParamsError(f"--port must be <= 65535, got {args.port}")
+    at_least("--max-queue", args.max_queue, 0)
+    if not args.shutdown_timeout >= 0:
+        raise InvalidParamsError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
+    at_least("--default-max-tokens", args.default_max_tokens, 1)
+    body = parse_size("--max-body-size", args.max_body_size)
+    key = args.api_key if args.api_key is not None else os.environ.get("LEAPLM_API_KEY") or None
+    origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()]
+    try:
+        from .serve import launch
+    except ImportError as e:  # pragma: no cover - installed with leaplm
+        raise InvalidParamsError(f"leaplm serve needs fastapi and uvicorn ({e}); pip install 'fastapi' 'uvicorn'") from None
+    llm = _load(args)
+    spec = speculative_spec(args)
+    config = launch.ServeConfig(served_model_name=served_model_name(args), api_key=key,
+                                speculative=spec["method"] if spec else None, max_queue=args.max_queue,
+                                max_body_bytes=body, allowed_origins=origins,
+                                default_max_tokens=args.default_max_tokens)
+    return launch.run(llm, config, host=args.host, port=args.port, log_level=args.log_level,
+                      graceful_s=args.shutdown_timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leaplm", description="Fast and faithful LLM text generation.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
@@ -429,6 +467,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --verify-curve: folder for verify_curve.json and .png (created and checked first)")
     add_model_args(pr)
     pr.set_defaults(func=cmd_profile)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat page at /)",
+                        description="Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions, "
+                                    "/v1/models), Prometheus /metrics and a chat page at /. Prints one line when ready. "
+                                    "See docs/serving.md.")
+    add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LEAPLM_API_KEY, else no key)")
+    sv.add_argument("--served-model-name", default=None,
+                    help="the model name clients send and /v1/models lists (default: the --model name or file name)")
+    sv.add_argument("--allowed-origins", default=None,
+                    help="comma-separated origins allowed by CORS, e.g. http://localhost:3000 (default: none)")
+    sv.add_argument("--max-queue", type=int, default=256,
+                    help="requests waiting beyond the --max-num-seqs running ones before answering 429 (default 256)")
+    sv.add_argument("--max-body-size", default="4MiB", metavar="SIZE", help="request body cap, answered 413 (default 4MiB)")
+    sv.add_argument("--default-max-tokens", type=int, default=None,
+                    help="max_tokens when a request gives none (default: the rest of the context window)")
+    sv.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="on SIGTERM/Ctrl-C, how long in-flight requests may run on before they are aborted (default 30)")
+    sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level (default warning)")
+    sv.set_defaults(func=cmd_serve)
 
     try:
         from .bench.cli import add_parser as add_bench

@@ -44,7 +44,8 @@ class RequestOutput:
     text: str
     token_ids: list[int]
     finish_reason: str            # "stop" (EOS, stop token, stop string, grammar complete) | "length"
-    metrics: dict = field(default_factory=dict)   # see LLM._output; "forced_tokens": jump-forward tokens
+    metrics: dict = field(default_factory=dict)   # see LLM.request_output; "forced_tokens": jump-forward tokens
+    logprobs: list | None = None  # SamplingParams(logprobs=k): one leaplm.engine.TokenLogprob per token in token_ids
 
     @property
     def outputs(self) -> list["RequestOutput"]:
@@ -312,16 +313,16 @@ class LLM:
         prompt_ids = self.encode(prompt)
         engine = self.engine
         rid = engine.add_request(prompt_ids, params, speculative=self.drafter_for(speculative))
-        tracker = _TextTracker(self.tokenizer, params, prompt_ids)
+        tracker = TextTracker(self.tokenizer, params, prompt_ids)
         try:
             while not engine.get_request(rid).finish_emitted:
                 for out in engine.step():
                     if out.request_id == rid:
-                        self._take(out, tracker)
+                        self.take_output(out, tracker)
                 piece = tracker.take_visible(final=engine.get_request(rid).finish_emitted)
                 if piece:
                     yield piece
-            self.last_output = self._output(engine.get_request(rid), tracker)
+            self.last_output = self.request_output(engine.get_request(rid), tracker)
         finally:
             engine.abort(rid)
             engine.release(rid)
@@ -351,16 +352,16 @@ class LLM:
             for ids, p in zip(prompts, params):
                 rids.append(engine.add_request(ids, p, speculative=drafter))
             index = {rid: i for i, rid in enumerate(rids)}
-            texts = {rid: _TextTracker(self.tokenizer, p, ids) for rid, p, ids in zip(rids, params, prompts)}
+            texts = {rid: TextTracker(self.tokenizer, p, ids) for rid, p, ids in zip(rids, params, prompts)}
             left = len(rids)
             while left:
                 for out in engine.step():
                     i = index.get(out.request_id)
                     if i is None:
                         continue
-                    self._take(out, texts[out.request_id])
+                    self.take_output(out, texts[out.request_id])
                     if out.finish_reason is not None:   # its last output (a step may hold two: see LLMEngine.step)
-                        done(i, self._output(engine.get_request(out.request_id), texts[out.request_id]))
+                        done(i, self.request_output(engine.get_request(out.request_id), texts[out.request_id]))
                         engine.release(out.request_id)
                         left -= 1
         finally:
@@ -368,7 +369,7 @@ class LLM:
                 engine.abort(rid)
                 engine.release(rid)
 
-    def _take(self, out, tracker: "_TextTracker") -> None:
+    def take_output(self, out, tracker: "TextTracker") -> None:
         """Feed a step's tokens to the request's text; a stop string found ends the request there."""
         tracker.add(out.new_token_ids, finished=out.finish_reason is not None)
         if tracker.stopped:
@@ -378,13 +379,14 @@ class LLM:
             self.engine.finish_request(out.request_id, tracker.kept_tokens, "stop")
 
     @staticmethod
-    def _output(r: Request, tracker: "_TextTracker") -> RequestOutput:
+    def request_output(r: Request, tracker: "TextTracker") -> RequestOutput:
         end = r.finished_at or time.perf_counter()
         decode_s = end - (r.first_token_at or end)
         n = len(r.output_ids)
         return RequestOutput(
             prompt=None, prompt_token_ids=r.prompt_ids, text=tracker.final_text(), token_ids=list(r.output_ids),
             finish_reason=r.finish_reason or "length",
+            logprobs=list(r.logprobs) if r.logprobs is not None else None,
             metrics={
                 "prompt_tokens": len(r.prompt_ids), "output_tokens": n, "target_passes": r.target_passes,
                 "ttft_s": (r.first_token_at or end) - r.started, "total_s": end - r.started,
@@ -398,7 +400,7 @@ class LLM:
         )
 
 
-class _TextTracker:
+class TextTracker:
     """Incremental text of one row plus stop-string handling (text is cut before the stop string).
 
     Tokens are detokenized and checked one at a time, whatever a step delivered at once, so a step that

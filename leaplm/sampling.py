@@ -27,6 +27,7 @@ from .errors import InvalidParamsError
 
 MIN_TEMPERATURE = 1e-5      # the smallest temperature > 0 accepted (SamplingParams.validate)
 MAX_SEED = 2 ** 64 - 1      # torch.Generator.manual_seed's range (negative seeds alias it modulo 2**64)
+MAX_LOGPROBS = 20           # most alternatives per token ``logprobs`` may ask for (OpenAI's cap)
 
 
 @dataclass
@@ -49,6 +50,12 @@ class SamplingParams:
     on): where the grammar allows exactly one continuation, its tokens are appended without being
     sampled (the model still reads them). They are the grammar's canonical tokenization of that text,
     which can differ from the tokens the model would have picked; turn it off to let the model choose.
+
+    ``logprobs=k`` records, for every output token, its log-probability and the ``k`` likeliest tokens'
+    (``RequestOutput.logprobs``): log-softmax of the model's raw logits at that position, after the grammar mask
+    and before penalties, temperature and top-k/top-p/min-p (vLLM's default, ``raw_logprobs``). Speculative
+    decoding gives the same numbers: an accepted draft token is scored by the verification pass's logits.
+    A token forced by jump-forward has log-probability 0 (it is the only one the grammar allows there).
     """
 
     temperature: float = 1.0
@@ -70,6 +77,7 @@ class SamplingParams:
     grammar: str | None = None
     json_object: bool = False
     jump_forward: bool = True
+    logprobs: int | None = None         # None: none; k >= 0: each output token's log-probability and the k likeliest
 
     def __post_init__(self) -> None:
         self.validate()
@@ -128,6 +136,10 @@ class SamplingParams:
             if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
                 raise bad("seed", self.seed, "must be None or an integer in [0, 2**64 - 1]")
             self.seed = int(self.seed)
+        if self.logprobs is not None:
+            if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise bad("logprobs", self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+            self.logprobs = int(self.logprobs)
         given = [k for k in CONSTRAINT_KINDS if getattr(self, k) not in (None, False) or
                  (k == "json_schema" and self.json_schema is False)]
         if len(given) > 1:

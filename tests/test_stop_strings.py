@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from leaplm.llm import _TextTracker
+from leaplm.llm import TextTracker
 from leaplm.sampling import SamplingParams
 
 
@@ -36,7 +36,7 @@ class _PieceTokenizer:
 
 
 def _track(steps, stop, include=False):
-    t = _TextTracker(_PieceTokenizer(), SamplingParams(stop=stop, include_stop_str_in_output=include))
+    t = TextTracker(_PieceTokenizer(), SamplingParams(stop=stop, include_stop_str_in_output=include))
     for n, step in enumerate(steps):
         t.add(step, finished=n == len(steps) - 1)
         if t.stopped:

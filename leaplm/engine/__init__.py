@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .batch import Batch
 from .core import LLMEngine, StepOutput
-from .request import Request
+from .request import Request, TokenLogprob
 from .structured import constrain_draft, feed_parents
 
 
@@ -25,4 +25,4 @@ class Engine(LLMEngine):
     def __init__(self, *args, goodput: bool = False, **kwargs) -> None:
         super().__init__(*args, goodput=goodput, **kwargs)
 
-__all__ = ["Batch", "Engine", "LLMEngine", "Request", "StepOutput", "constrain_draft", "feed_parents"]
+__all__ = ["Batch", "Engine", "LLMEngine", "Request", "StepOutput", "TokenLogprob", "constrain_draft", "feed_parents"]

@@ -41,7 +41,7 @@ from ..speculative.verify import (target_argmax, target_probabilities, verify_gr
 from .batch import Batch
 from .goodput import GoodputController
 from .kv_pool import BlockManager, KVPool, slot_of
-from .request import Request, Status
+from .request import Request, Status, TokenLogprob
 from .runner import Runner, StepResult
 from .scheduler import Scheduler
 from .structured import clear_ids, constrain_draft
@@ -57,6 +57,16 @@ class StepOutput:
 
 
 DEFAULT_BLOCK_SIZE = 16
+
+
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """``token``'s log-probability under ``logits [V]`` (raw, grammar-masked) and the ``k`` likeliest tokens'."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top: list[tuple[int, float]] = []
+    if k:
+        values, ids = torch.topk(lp, k)
+        top = [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v != float("-inf")]
+    return TokenLogprob(float(lp[token]), top)
 
 
 def default_kv_memory(bytes_per_token: int, max_num_seqs: int, max_model_len: int) -> int:
@@ -219,6 +229,8 @@ class LLMEngine:
                     history=TokenHistory(self.config.vocab_size, prompt_ids, device) if params.uses_penalties else None,
                     constraint=cursor, drafter=drafter, arrival=time.perf_counter())
         r.started = r.arrival
+        if params.logprobs is not None:
+            r.logprobs = []
         if drafter is not None:
             drafter.start(rid, params)
         self.requests[rid] = r
@@ -267,6 +279,8 @@ class LLMEngine:
                 raise ValueError(f"cannot keep {keep} of request {request_id}'s {len(r.output_ids)} output tokens")
             del r.output_ids[keep:]
             del r.tokens[len(r.prompt_ids) + keep:]
+            if r.logprobs is not None:
+                del r.logprobs[keep:]
         was = r.finished
         self._finish(r, reason)
         r.finish_reason = reason
@@ -375,6 +389,9 @@ class LLMEngine:
         jump = r.constraint is not None and r.params.jump_forward
         for i, token in enumerate(verdict.tokens):
             kept += 1
+            if r.logprobs is not None:   # scored by its parent's row: the root's, or the accepted node before it
+                row = 0 if i == 0 else 1 + (verdict.path[i - 1] if parents is not None else i - 1)
+                r.logprobs.append(token_logprob(scores[row], token, r.params.logprobs))
             if not self._append(r, token):
                 break
             if jump and i + 1 < len(verdict.tokens) and self._forces(r):
@@ -472,6 +489,8 @@ class LLMEngine:
         r.constraint_s += time.perf_counter() - t
         for token in forced[: max(0, r.max_new - len(r.output_ids))]:
             r.forced_tokens += 1
+            if r.logprobs is not None:   # the only token the grammar allows here
+                r.logprobs.append(TokenLogprob(0.0, [(token, 0.0)][: r.params.logprobs]))
             if not self._append(r, token):
                 break
 

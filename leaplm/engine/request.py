@@ -23,6 +23,14 @@ if TYPE_CHECKING:
     from ..speculative.drafters.base import Drafter
 
 
+@dataclass
+class TokenLogprob:
+    """One output token's log-probability (``SamplingParams.logprobs``) and the ``k`` likeliest tokens' at its
+    position, ``[(token_id, logprob), ...]`` best first (-inf, a token the grammar forbids, is left out)."""
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 class Status(enum.Enum):
     WAITING = "waiting"      # not admitted yet, or preempted (no blocks)
     RUNNING = "running"      # holds blocks, scheduled every step
@@ -59,6 +67,7 @@ class Request:
     mask_times: list[float] = field(default_factory=list)   # seconds per next-token mask computed
     cached_tokens: int = 0            # prompt tokens found in the prefix cache (at the last admission)
     preemptions: int = 0              # times its blocks were taken back and its tokens recomputed
+    logprobs: list[TokenLogprob] | None = None   # one per output token when params.logprobs is not None
     # KV
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)   # prefix hashes of its first full committed blocks
