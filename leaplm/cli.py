@@ -498,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench = None
     if add_bench is not None:
         add_bench(sub)
+        from .bench.serve_load_cli import add_parser as add_bench_serve
+
+        add_bench_serve(sub)
 
     from .evals.cli import add_parser as add_eval
 

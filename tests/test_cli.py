@@ -194,6 +194,12 @@ def test_readme_command_lines_parse_and_pass_the_checks_before_the_load(no_model
     (["profile", "--device", "tpu"], "--device: unknown device"),
     (["eval", "perplexity", "--device", "tpu"], "--device: unknown device"),
     (["bench", "--workload", "builtin", "--device", "tpu", "--out", "o"], "--device: unknown device"),
+    (["serve", "--port", "70000"], "--port must be <= 65535"),
+    (["serve", "--max-body-size", "big"], "--max-body-size: 'big' is not a size"),
+    (["serve", "--max-queue", "-1"], "--max-queue must be >= 0"),
+    (["serve", "--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0"),
+    (["serve", "--default-max-tokens", "0"], "--default-max-tokens must be >= 1"),
+    (["serve", "--model", "/no/such/model.gguf"], "/no/such/model.gguf"),
 ])
 def test_bad_input_is_one_line_exit_2_before_the_load(args, message, no_model_load, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # a relative --out stays in the test's folder
@@ -318,7 +324,7 @@ def test_version():
     assert out.returncode == 0 and out.stdout.strip() == f"leaplm {importlib.metadata.version('leaplm')}"
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "profile"])
+@pytest.mark.parametrize("command", ["generate", "chat", "profile", "serve"])
 def test_every_flag_has_help(command):
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]

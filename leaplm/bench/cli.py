@@ -157,14 +157,20 @@ def serving_main(args) -> int:
 
 def run(argv: list[str]) -> int:
     """Parse ``argv`` (without the program name) and run, as ``leaplm bench`` would."""
+    return run_command("bench", add_arguments, main, argv)
+
+
+def run_command(name: str, add_args, command, argv: list[str]) -> int:
+    """``leaplm NAME ARGV`` without the entry point: parse with ``add_args(parser)``, run ``command(args)``; a
+    ``LeapLMError`` is one ``error:`` line and exit status 2 (raised with ``LEAPLM_DEBUG`` set)."""
     from ..errors import LeapLMError
 
-    parser = argparse.ArgumentParser(prog="leaplm bench")
-    add_arguments(parser)
+    parser = argparse.ArgumentParser(prog=f"leaplm {name}")
+    add_args(parser)
     args = parser.parse_args(argv)
-    args.argv = ["leaplm", "bench"] + list(argv)
+    args.argv = ["leaplm", name] + list(argv)
     try:
-        return main(args)
+        return command(args)
     except LeapLMError as e:
         if os.environ.get("LEAPLM_DEBUG"):
             raise

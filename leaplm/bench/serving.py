@@ -252,38 +252,61 @@ def run_metrics(result: LoopResult, reference: dict[int, list[int]] | None = Non
 
 class RssSampler:
     """Samples the RSS of process ``pid`` (None: this process) every ``interval`` s in a thread, from ``start()``
-    to ``stop()``; ``peak_mb`` is the largest sample (None when nothing could be read)."""
+    to ``stop()``; ``peak_mb`` is the largest sample (None when nothing could be read).
 
-    def __init__(self, pid: int | None = None, interval: float = 0.02) -> None:
+    ``tree=True``: the RSS of ``pid`` plus all its descendants (a server whose model runs in a child process,
+    e.g. ``transformers serve``; pages shared between them count once per process; needs psutil, else ``pid``
+    alone). ``keep_series=True``: every sample is kept in ``series`` as ``(clock(), bytes)``. ``sample()`` takes
+    one sample now (also kept) and returns it in bytes."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.02, *, tree: bool = False,
+                 keep_series: bool = False, clock: Callable[[], float] = time.perf_counter) -> None:
         self.pid = pid if pid is not None else os.getpid()
-        self.interval = interval
+        self.interval, self.tree, self.keep_series, self.clock = interval, tree, keep_series, clock
         self.peak: int | None = None
+        self.series: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _read(self) -> int | None:
+    def _read_one(self, pid: int) -> int | None:
         try:
-            with open(f"/proc/{self.pid}/statm") as f:
+            with open(f"/proc/{pid}/statm") as f:
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
             try:
                 import psutil
 
-                return psutil.Process(self.pid).memory_info().rss
+                return psutil.Process(pid).memory_info().rss
             except Exception:  # noqa: BLE001
                 return None
 
-    def _sample(self) -> None:
+    def _read(self) -> int | None:
+        rss = self._read_one(self.pid)
+        if rss is None or not self.tree:
+            return rss
+        try:
+            import psutil
+
+            children = [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
+        except Exception:  # noqa: BLE001 - no psutil, or the process is gone: the process alone
+            return rss
+        return rss + sum(r for r in map(self._read_one, children) if r is not None)
+
+    def sample(self) -> int | None:
         rss = self._read()
-        if rss is not None and (self.peak is None or rss > self.peak):
-            self.peak = rss
+        if rss is not None:
+            if self.peak is None or rss > self.peak:
+                self.peak = rss
+            if self.keep_series:
+                self.series.append((self.clock(), rss))
+        return rss
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self._sample()
+            self.sample()
 
     def start(self) -> "RssSampler":
-        self._sample()
+        self.sample()
         self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
         self._thread.start()
         return self
@@ -292,7 +315,7 @@ class RssSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._sample()
+        self.sample()
         return self.peak_mb
 
     @property
@@ -462,6 +485,18 @@ def requests_for(concurrency: int, requests: int | None, n_prompts: int) -> int:
     return min(requests if requests is not None else 2 * concurrency, n_prompts)
 
 
+def interleave_categories(samples: list) -> list:
+    """``samples`` reordered one of each category in turn (categories in order of first appearance, each
+    category's samples in their order), so that the first ``n`` mix the categories."""
+    by_cat: dict[str, list] = {}
+    for s in samples:
+        by_cat.setdefault(s.category, []).append(s)
+    order = []
+    for i in range(max((len(v) for v in by_cat.values()), default=0)):
+        order += [v[i] for v in by_cat.values() if i < len(v)]
+    return order
+
+
 def serving_prompts(target, workload, max_tokens: int) -> tuple[list[list[int]], list[str]]:
     """Token ids of the workload's prompts (first turn, the model's chat template as ``runner.render_prompt``),
     in a fixed order that interleaves the categories (one of each in turn, each in file order), so the first
@@ -469,15 +504,9 @@ def serving_prompts(target, workload, max_tokens: int) -> tuple[list[list[int]],
     Returns ``(prompts, sample ids)``."""
     from .runner import render_prompt
 
-    by_cat: dict[str, list] = {}
-    for s in workload.samples:
-        by_cat.setdefault(s.category, []).append(s)
-    order = []
-    for i in range(max(len(v) for v in by_cat.values())):
-        order += [v[i] for v in by_cat.values() if i < len(v)]
     prompts, ids = [], []
     window = target.engine.max_model_len
-    for s in order:
+    for s in interleave_categories(workload.samples):
         p = render_prompt(target, s, 0, [])
         if 0 < len(p) and len(p) + max_tokens <= window:
             prompts.append(p)

@@ -99,22 +99,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LlamaServerProcess:
-    """``llama-server`` as a subprocess on a free local port. ``start()`` waits until ``GET /health`` answers 200
-    (raises ``BenchError`` with the log's tail when the process exits or ``startup_timeout`` passes); ``stop()``
-    terminates it. The server's output goes to ``log_path`` (a temporary file when None)."""
+class ServerSubprocess:
+    """A local HTTP server as a subprocess on a free 127.0.0.1 port; subclasses give ``command(port)`` and
+    ``label`` (the name error messages use). ``start()`` waits until ``GET /health`` answers 200 - and, when
+    ``ready_text`` is set, until that text is in the server's output too - (raises ``BenchError`` with the log's
+    tail when the process exits or ``startup_timeout`` passes); ``stop()`` terminates it. The server's output
+    goes to ``log_path`` (a temporary file when None); ``env``: its environment (None: this process's)."""
 
-    def __init__(self, binary: Path, model: Path, parallel: int, ctx: int, threads: int,
-                 log_path: Path | None = None, extra_args: tuple[str, ...] = (), startup_timeout: float = 300.0) -> None:
-        self.binary, self.model, self.parallel, self.ctx, self.threads = binary, model, parallel, ctx, threads
-        self.log_path, self.extra_args, self.startup_timeout = log_path, tuple(extra_args), startup_timeout
+    label = "server"
+
+    def __init__(self, log_path: Path | None = None, startup_timeout: float = 300.0, env: dict | None = None,
+                 ready_text: str | None = None) -> None:
+        self.log_path, self.startup_timeout, self.env, self.ready_text = log_path, startup_timeout, env, ready_text
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
 
     def command(self, port: int) -> list[str]:
-        return [str(self.binary), "-m", str(self.model), "--host", "127.0.0.1", "--port", str(port),
-                "--parallel", str(self.parallel), "--cont-batching", "-c", str(self.ctx),
-                "-t", str(self.threads), "-tb", str(self.threads), *self.extra_args]
+        raise NotImplementedError
 
     @property
     def url(self) -> str:
@@ -124,14 +125,16 @@ class LlamaServerProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    def _log_tail(self, n: int = 15) -> str:
+    def _log_text(self) -> str:
         try:
-            lines = Path(self._log.name).read_text(errors="replace").splitlines()
+            return Path(self._log.name).read_text(errors="replace")
         except (OSError, AttributeError):
             return ""
-        return " | ".join(lines[-n:])
 
-    def start(self) -> "LlamaServerProcess":
+    def _log_tail(self, n: int = 15) -> str:
+        return " | ".join(self._log_text().splitlines()[-n:])
+
+    def start(self) -> "ServerSubprocess":
         import tempfile
 
         self.port = free_port()
@@ -139,20 +142,20 @@ class LlamaServerProcess:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "w")
         else:
-            self._log = tempfile.NamedTemporaryFile("w", prefix="llama-server-", suffix=".log", delete=False)
+            self._log = tempfile.NamedTemporaryFile("w", prefix=f"{self.label}-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(self.command(self.port), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 tail = self._log_tail()
                 self.stop()
-                raise BenchError(f"llama-server exited with code {self.proc.returncode} while starting: {tail}")
-            if self._healthy():
+                raise BenchError(f"{self.label} exited with code {self.proc.returncode} while starting: {tail}")
+            if (self.ready_text is None or self.ready_text in self._log_text()) and self._healthy():
                 return self
             time.sleep(0.1)
         self.stop()
-        raise BenchError(f"llama-server did not answer /health within {self.startup_timeout:g} s: {self._log_tail()}")
+        raise BenchError(f"{self.label} did not answer /health within {self.startup_timeout:g} s: {self._log_tail()}")
 
     def _healthy(self) -> bool:
         try:
@@ -175,6 +178,23 @@ class LlamaServerProcess:
         log = getattr(self, "_log", None)
         if log is not None and not log.closed:
             log.close()
+
+
+class LlamaServerProcess(ServerSubprocess):
+    """``llama-server`` as a subprocess (``ServerSubprocess``): ``--parallel``, ``-c``, threads as given."""
+
+    label = "llama-server"
+
+    def __init__(self, binary: Path, model: Path, parallel: int, ctx: int, threads: int,
+                 log_path: Path | None = None, extra_args: tuple[str, ...] = (), startup_timeout: float = 300.0) -> None:
+        super().__init__(log_path, startup_timeout)
+        self.binary, self.model, self.parallel, self.ctx, self.threads = binary, model, parallel, ctx, threads
+        self.extra_args = tuple(extra_args)
+
+    def command(self, port: int) -> list[str]:
+        return [str(self.binary), "-m", str(self.model), "--host", "127.0.0.1", "--port", str(port),
+                "--parallel", str(self.parallel), "--cont-batching", "-c", str(self.ctx),
+                "-t", str(self.threads), "-tb", str(self.threads), *self.extra_args]
 
 
 # --------------------------------------------------------------------------- llama-server: the client
@@ -311,6 +331,13 @@ def _error_message(text: str) -> str:
 # --------------------------------------------------------------------------- transformers' continuous batching
 
 
+def hf_kv_pages(concurrency: int, longest_prompt: int, max_tokens: int, page_size: int = 64) -> tuple[int, int]:
+    """``(num_blocks, max_batch_tokens)`` of transformers' continuous batching for ``concurrency`` requests of
+    ``longest_prompt + max_tokens`` tokens: one page of slack per request, 512 prefill tokens per batch."""
+    per_request = -(-(longest_prompt + max_tokens + 1) // page_size) + 1
+    return concurrency * per_request, 512 + concurrency
+
+
 class HFServeBackend:
     """transformers' ``ContinuousBatchingManager`` in this process (``serving.Backend``), greedy. ``model``: a
     loaded ``PreTrainedModel``; KV pages for ``concurrency`` requests of ``longest_prompt + max_tokens``."""
@@ -325,9 +352,9 @@ class HFServeBackend:
 
         self.clock, self.pid = clock, None
         self.eos = [int(t) for t in eos_token_ids]
-        per_request = -(-(longest_prompt + max_tokens + 1) // page_size) + 1
+        num_blocks, max_batch_tokens = hf_kv_pages(concurrency, longest_prompt, max_tokens, page_size)
         self.cb_config = ContinuousBatchingConfig(
-            page_size=page_size, num_blocks=concurrency * per_request, max_batch_tokens=512 + concurrency,
+            page_size=page_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
             max_requests_per_batch=concurrency, allow_block_sharing=False)
         gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=self.eos or None,
                                pad_token_id=self.eos[0] if self.eos else 0)

@@ -48,10 +48,7 @@ def render_markdown(results: dict) -> str:
              f"transformers {m.get('transformers')}, leaplm {m.get('leaplm')} ({m.get('git_commit')})",
              f"- command: `{shlex.join(results['command'])}`" if results.get("command") else "- command: (library call)",
              f"- date: {results['date']}", ""]
-    rows = table_rows(results)
-    lines.append("| " + " | ".join(rows[0]) + " |")
-    lines.append("|" + "|".join("---" if i in (0, len(rows[0]) - 1) else "---:" for i in range(len(rows[0]))) + "|")
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    lines += markdown_table(table_rows(results))
     infos = {}
     for r in results["rows"]:
         if r["info"] and r["method"] not in infos:
@@ -80,12 +77,25 @@ def write_all(results: dict, out_dir: Path) -> list[Path]:
 
 
 def print_table(results: dict) -> None:
+    w = results["workload"]
+    print_rows(table_rows(results), f"leaplm serving bench: {w['name']}, max {results['max_tokens']} tokens, greedy, "
+                                    "closed loop")
+
+
+def markdown_table(rows: list[list[str]]) -> list[str]:
+    """``rows`` (header first) as markdown table lines; the first and last columns left-aligned, the rest right."""
+    n = len(rows[0])
+    lines = ["| " + " | ".join(rows[0]) + " |",
+             "|" + "|".join("---" if i in (0, n - 1) else "---:" for i in range(n)) + "|"]
+    return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows[1:]]
+
+
+def print_rows(rows: list[list[str]], title: str) -> None:
+    """``rows`` (header first) as a rich table on stdout (200 columns wide when stdout is not a terminal)."""
     from rich.console import Console
     from rich.table import Table
 
-    rows = table_rows(results)
-    w = results["workload"]
-    table = Table(title=f"leaplm serving bench: {w['name']}, max {results['max_tokens']} tokens, greedy, closed loop")
+    table = Table(title=title)
     for i, h in enumerate(rows[0]):
         table.add_column(h, justify="left" if i in (0, len(rows[0]) - 1) else "right", overflow="fold")
     for r in rows[1:]:

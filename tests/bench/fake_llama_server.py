@@ -75,12 +75,18 @@ def serve(port: int = 0, delay: float = 0.001):
     return server, thread
 
 
-if __name__ == "__main__":
-    argv = sys.argv[1:]
+def run_as_binary(serve, name: str, argv: list[str], after_start=lambda port, argv: None) -> None:
+    """What a fake server binary does: ``--version`` prints a version line; else ``serve(port)`` on ``--port P``
+    (its arguments printed first), ``after_start(port, argv)``, then serve until killed."""
     if "--version" in argv:
         print("version: 1 (fake)\nbuilt with test")
         sys.exit(0)
     port = int(argv[argv.index("--port") + 1])
-    print("fake llama-server args:", " ".join(argv), flush=True)
+    print(f"fake {name} args:", " ".join(argv), flush=True)
     server, thread = serve(port)
+    after_start(port, argv)
     thread.join()
+
+
+if __name__ == "__main__":
+    run_as_binary(serve, "llama-server", sys.argv[1:])
