@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--llama-server", default=None,
                    help="llama.cpp llama-server binary for the llamacpp-server peer (default: the newest "
                         "~/.cache/leaplm/llama-server/*/llama-server built by scripts/build-llama-server, else PATH)")
+    g.add_argument("--long-prompt", type=int, default=None, metavar="TOKENS",
+                   help="also run every level above 1 with one TOKENS-token prompt arriving mid-run (rows '+long': its "
+                        "TTFT and how much the other streams' ITL p99 grows, against one prefill chunk's time)")
     g.add_argument("--request-timeout", type=float, default=900.0,
                    help="seconds before an unfinished serving request is aborted and counted as an error")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar / log lines")
@@ -146,7 +149,9 @@ def serving_main(args) -> int:
         methods=args.methods, peers=args.peers, threads=args.threads, warmup=args.warmup, dtype=args.dtype,
         quantization=args.quantization, device=args.device, compile=getattr(args, "compile", False),
         llama_server=args.llama_server, request_timeout=args.request_timeout, out=args.out,
-        command=_command(args), progress=getattr(args, "progress", True))
+        command=_command(args), progress=getattr(args, "progress", True), long_prompt=args.long_prompt)
+    if args.long_prompt is not None and args.long_prompt < 1:
+        raise BenchError(f"--long-prompt must be >= 1 tokens, got {args.long_prompt}")
     results = run_serving(cfg)
     files = write_all(results, args.out)
     print_table(results)

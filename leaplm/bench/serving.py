@@ -56,7 +56,8 @@ SERVING_PEERS = ("llamacpp-server", "hf-serve")
 DEFAULT_REQUEST_TIMEOUT_S = 900.0
 ROW_METRICS = ("requests", "completed", "errors", "output_tokens", "wall_s", "output_tokens_per_s", "ttft_p50_s",
                "ttft_p99_s", "itl_p50_s", "itl_p99_s", "peak_rss_mb", "prefix_cache_hit_rate",
-               "exact_match_vs_alone", "exact_match_compared", "max_in_flight")
+               "exact_match_vs_alone", "exact_match_compared", "max_in_flight", "long_prompt_tokens",
+               "long_prompt_ttft_s", "itl_p99_growth_s")
 
 
 # --------------------------------------------------------------------------- the backend interface
@@ -118,23 +119,31 @@ class LoopResult:
     wall_s: float
     max_in_flight: int
     concurrency: int
+    extra: RequestRecord | None = None   # the injected request (``inject``), kept out of ``records``
 
 
 def run_closed_loop(backend: Backend, prompts: list[list[int]], concurrency: int, params, *,
                     clock: Callable[[], float] = time.perf_counter, poll_timeout: float = 0.05,
                     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S,
-                    on_finish: Callable[[RequestRecord], None] | None = None) -> LoopResult:
+                    on_finish: Callable[[RequestRecord], None] | None = None,
+                    inject: tuple[int, list[int]] | None = None) -> LoopResult:
     """Run ``prompts`` (all of them, in order) through ``backend`` with ``concurrency`` requests in flight.
 
     Never more than ``concurrency`` requests are in flight; after each poll the finished requests' places are
     refilled with the next prompts at once. A request still unfinished ``request_timeout`` seconds after its
-    submission is aborted and counted as an error. Returns every request's record, in prompt order."""
+    submission is aborted and counted as an error. Returns every request's record, in prompt order.
+
+    ``inject=(k, prompt)``: right after the ``k``-th submission, one more request with ``prompt`` arrives on top of
+    the ``concurrency`` in flight (e.g. a 4,000-token prompt mid-run); its record is ``LoopResult.extra``, outside
+    ``records`` and their metrics."""
     if concurrency < 1:
         raise BenchError(f"concurrency must be >= 1, got {concurrency}")
     pending = list(range(len(prompts)))[::-1]          # popped from the end: prompt order
     in_flight: dict[Any, RequestRecord] = {}
     records: dict[int, RequestRecord] = {}
     max_in_flight = 0
+    submitted = 0
+    extra: RequestRecord | None = None
 
     def finish(rec: RequestRecord, t: float, reason: str | None = None, error: str | None = None) -> None:
         rec.finished, rec.finish_reason = t, reason
@@ -145,7 +154,7 @@ def run_closed_loop(backend: Backend, prompts: list[list[int]], concurrency: int
 
     started = clock()
     while pending or in_flight:
-        while pending and len(in_flight) < concurrency:
+        while pending and len(in_flight) - (extra is not None and extra.finished is None) < concurrency:
             i = pending.pop()
             rec = records[i] = RequestRecord(i, len(prompts[i]), clock())
             try:
@@ -154,6 +163,13 @@ def run_closed_loop(backend: Backend, prompts: list[list[int]], concurrency: int
                 finish(rec, clock(), error=error_text(e))
                 continue
             in_flight[handle] = rec
+            submitted += 1
+            if inject is not None and extra is None and submitted >= inject[0]:
+                extra = RequestRecord(-1, len(inject[1]), clock())
+                try:
+                    in_flight[backend.submit(list(inject[1]), params)] = extra
+                except Exception as e:  # noqa: BLE001
+                    finish(extra, clock(), error=error_text(e))
             max_in_flight = max(max_in_flight, len(in_flight))
         if not in_flight:
             continue
@@ -184,7 +200,7 @@ def run_closed_loop(backend: Backend, prompts: list[list[int]], concurrency: int
                     del in_flight[handle]
                     finish(rec, now, error=f"timed out after {request_timeout:g} s")
     wall = clock() - started
-    return LoopResult([records[i] for i in sorted(records)], wall, max_in_flight, concurrency)
+    return LoopResult([records[i] for i in sorted(records)], wall, max_in_flight, concurrency, extra)
 
 
 def _abort(backend: Backend, handle: Any) -> None:
@@ -247,6 +263,10 @@ def run_metrics(result: LoopResult, reference: dict[int, list[int]] | None = Non
         "ttft_p50_s": percentile(t, 50), "ttft_p99_s": percentile(t, 99),
         "itl_p50_s": percentile(g, 50), "itl_p99_s": percentile(g, 99),
         "exact_match_vs_alone": em, "exact_match_compared": compared, "max_in_flight": result.max_in_flight,
+        "long_prompt_tokens": result.extra.prompt_tokens if result.extra is not None else None,
+        "long_prompt_ttft_s": (result.extra.deliveries[0][0] - result.extra.submitted
+                               if result.extra is not None and result.extra.ok and result.extra.deliveries else None),
+        "itl_p99_growth_s": None,
     }
 
 
@@ -427,6 +447,7 @@ class ServingConfig:
     out: Path | None = None
     command: list[str] = field(default_factory=list)
     progress: bool = True
+    long_prompt: int | None = None     # tokens of a prompt arriving mid-run at each level > 1 (extra "+long" rows)
 
 
 def parse_concurrency(text: str | int | list) -> list[int]:
@@ -536,9 +557,13 @@ class Sweep:
 def run_sweep(sweep: Sweep, prompts: list[list[int]], levels: list[int], n_requests: Callable[[int], int], params, *,
               warmup: int = 1, request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S,
               clock: Callable[[], float] = time.perf_counter, log: Callable[[str], None] | None = None,
-              records_out: list[dict] | None = None) -> list[dict]:
+              records_out: list[dict] | None = None, long_prompt: list[int] | None = None) -> list[dict]:
     """The rows of one backend, one per level (ascending). The level-1 run covers the prompts of every level
-    (it is the exact-match reference). A level whose backend cannot be made gets a ``failed: ...`` row."""
+    (it is the exact-match reference). A level whose backend cannot be made gets a ``failed: ...`` row.
+
+    ``long_prompt``: at every level above 1, a second run of the same requests into which that prompt arrives
+    after half of them were submitted (``run_closed_loop``'s ``inject``); its row is named ``"NAME +long"`` and
+    has ``long_prompt_ttft_s`` and ``itl_p99_growth_s`` (its ITL p99 minus the plain run's)."""
     rows: list[dict] = []
     reference: dict[int, list[int]] | None = None
     most = max(n_requests(c) for c in levels)
@@ -563,12 +588,31 @@ def run_sweep(sweep: Sweep, prompts: list[list[int]], levels: list[int], n_reque
             row.pop("_outputs", None)
             rows.append(row)
             if log:
-                log(f"{sweep.name} C={c}: {fmt_num(row.get('output_tokens_per_s'), '{:.1f}')} tok/s, TTFT p50 "
-                    f"{fmt_num(row.get('ttft_p50_s'), '{:.3f}')} s, ITL p50 {fmt_num(row.get('itl_p50_s'), '{:.4f}')} s, "
-                    f"{row.get('errors')} errors, exact {fmt_num(row.get('exact_match_vs_alone'), '{:.2f}')}")
+                _log_row(log, sweep.name, c, row)
+            if long_prompt is not None and c > 1 and row["status"] == "ok":
+                backend = sweep.make(c)
+                try:
+                    extra = _run_level(sweep, backend, prompts[:n], c, params, reference, 0, request_timeout, clock,
+                                       records_out, inject=(max(1, n // 2), long_prompt), label=f"{sweep.name} +long")
+                finally:
+                    sweep.done(backend)
+                extra.pop("_outputs", None)
+                if extra["itl_p99_s"] is not None and row["itl_p99_s"] is not None:
+                    extra["itl_p99_growth_s"] = extra["itl_p99_s"] - row["itl_p99_s"]
+                rows.append(extra)
+                if log:
+                    _log_row(log, extra["method"], c, extra)
     finally:
         sweep.finish()
     return rows
+
+
+def _log_row(log: Callable[[str], None], name: str, c: int, row: dict) -> None:
+    log(f"{name} C={c}: {fmt_num(row.get('output_tokens_per_s'), '{:.1f}')} tok/s, TTFT p50 "
+        f"{fmt_num(row.get('ttft_p50_s'), '{:.3f}')} s, ITL p50 {fmt_num(row.get('itl_p50_s'), '{:.4f}')} s, "
+        f"ITL p99 {fmt_num(row.get('itl_p99_s'), '{:.4f}')} s, {row.get('errors')} errors, exact "
+        f"{fmt_num(row.get('exact_match_vs_alone'), '{:.2f}')}"
+        + (f", long prompt TTFT {fmt_num(row.get('long_prompt_ttft_s'), '{:.3f}')} s" if row.get("long_prompt_tokens") else ""))
 
 
 def _status(e: BaseException) -> str:
@@ -576,8 +620,9 @@ def _status(e: BaseException) -> str:
 
 
 def _run_level(sweep: Sweep, backend: Backend, prompts, c, params, reference, warmup, request_timeout, clock,
-               records_out) -> dict:
+               records_out, inject: tuple[int, list[int]] | None = None, label: str | None = None) -> dict:
     info = dict(getattr(backend, "info", {}) or {})
+    name = label or sweep.name
     try:
         if warmup > 0:   # untimed: the first prompt(s) alone
             run_closed_loop(backend, prompts[:warmup], 1, params, clock=clock, request_timeout=request_timeout)
@@ -585,13 +630,14 @@ def _run_level(sweep: Sweep, backend: Backend, prompts, c, params, reference, wa
         before = backend.stats()
         sampler = RssSampler(backend.pid).start()
         try:
-            result = run_closed_loop(backend, prompts, c, params, clock=clock, request_timeout=request_timeout)
+            result = run_closed_loop(backend, prompts, c, params, clock=clock, request_timeout=request_timeout,
+                                     inject=inject)
         finally:
             peak = sampler.stop()
         after = backend.stats()
     except Exception as e:  # noqa: BLE001 - the run itself broke (not one request)
         return empty_row(sweep.name, sweep.kind, c, f"failed: {error_text(e)}", info)
-    row = {"method": sweep.name, "kind": sweep.kind, "concurrency": c, "status": "ok", **run_metrics(result, reference),
+    row = {"method": name, "kind": sweep.kind, "concurrency": c, "status": "ok", **run_metrics(result, reference),
            "peak_rss_mb": peak, "prefix_cache_hit_rate": prefix_hit_rate(before, after) if sweep.kind == "method" else None,
            "error_messages": sorted({r.error for r in result.records if r.error})[:5], "info": info}
     if after and sweep.kind == "method":
@@ -601,7 +647,7 @@ def _run_level(sweep: Sweep, backend: Backend, prompts, c, params, reference, wa
     row["_outputs"] = {r.index: r.token_ids for r in result.records if r.ok}
     if records_out is not None:
         for r in result.records:
-            records_out.append({"method": sweep.name, "concurrency": c, "index": r.index, "prompt_tokens": r.prompt_tokens,
+            records_out.append({"method": name, "concurrency": c, "index": r.index, "prompt_tokens": r.prompt_tokens,
                                 "submitted": r.submitted, "finished": r.finished, "finish_reason": r.finish_reason,
                                 "ttft_s": r.deliveries[0][0] - r.submitted if r.deliveries else None,
                                 "deliveries": [[t - r.submitted, n] for t, n in r.deliveries],

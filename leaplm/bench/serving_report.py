@@ -49,6 +49,20 @@ def render_markdown(results: dict) -> str:
              f"- command: `{shlex.join(results['command'])}`" if results.get("command") else "- command: (library call)",
              f"- date: {results['date']}", ""]
     lines += markdown_table(table_rows(results))
+    long_rows = [r for r in results["rows"] if r.get("long_prompt_tokens")]
+    if long_rows:
+        chunk = results.get("prefill_chunk_s")
+        lines += ["", f"## A {results.get('long_prompt_tokens')}-token prompt arriving mid-run", "",
+                  f"One prefill chunk ({results.get('prefill_chunk_tokens')} tokens) alone: "
+                  f"{_fmt(chunk * 1000 if chunk else None, '{:.1f}')} ms.", ""]
+        table = [["backend", "C", "long prompt TTFT ms", "ITL p99 ms", "ITL p99 growth ms", "growth / chunk"]]
+        for r in long_rows:
+            g = r.get("itl_p99_growth_s")
+            table.append([r["method"], str(r["concurrency"]), _fmt(r["long_prompt_ttft_s"] * 1000 if r["long_prompt_ttft_s"] else None, "{:.0f}"),
+                          _fmt(r["itl_p99_s"] * 1000 if r["itl_p99_s"] else None, "{:.1f}"),
+                          _fmt(g * 1000 if g is not None else None, "{:+.1f}"),
+                          _fmt(g / chunk if g is not None and chunk else None, "{:.2f}")])
+        lines += markdown_table(table)
     infos = {}
     for r in results["rows"]:
         if r["info"] and r["method"] not in infos:

@@ -76,9 +76,14 @@ def _run(cfg: ServingConfig, threads: int) -> dict:
         return requests_for(c, cfg.requests, len(prompts))
 
     log = (lambda text: print(f"[serving] {text}", file=sys.stderr, flush=True)) if cfg.progress else None
+    long_prompt, chunk_s, chunk_tokens = None, None, None
+    if cfg.long_prompt:
+        chunk_tokens = llm.engine.prefill_chunk
+        long_prompt = make_long_prompt(prompts, cfg.long_prompt, llm.engine.max_model_len - cfg.max_tokens)
+        chunk_s = prefill_chunk_seconds(llm.engine)
     records: list[dict] = []
     started = time.perf_counter()
-    rows = _method_rows(llm.engine, methods, prompts, levels, n_requests, params, cfg, log, records)
+    rows = _method_rows(llm.engine, methods, prompts, levels, n_requests, params, cfg, log, records, long_prompt)
     del llm, target   # peers' in-process RSS (hf-serve) should not carry leaplm's model and KV pool
     import gc
 
@@ -93,7 +98,7 @@ def _run(cfg: ServingConfig, threads: int) -> dict:
                 log(f"{name}: {sweep}")
             continue
         rows += run_sweep(sweep, prompts, levels, n_requests, params, warmup=cfg.warmup,
-                          request_timeout=cfg.request_timeout, log=log, records_out=records)
+                          request_timeout=cfg.request_timeout, log=log, records_out=records, long_prompt=long_prompt)
     elapsed = time.perf_counter() - started
     most = max(n_requests(c) for c in levels)
     return {
@@ -107,12 +112,47 @@ def _run(cfg: ServingConfig, threads: int) -> dict:
                      "n_prompts": len(prompts), "prompt_ids": prompt_ids[:most], "turns": "first"},
         "concurrency": levels, "requests": {str(c): most if c == 1 else n_requests(c) for c in levels},
         "max_tokens": cfg.max_tokens, "temperature": 0.0, "greedy": True, "warmup": cfg.warmup, "threads": threads,
-        "elapsed_s": elapsed, "rows": rows, "notes": _notes(levels, model["quantization"]),
+        "elapsed_s": elapsed, "rows": rows, "notes": _notes(levels, model["quantization"], cfg.long_prompt),
+        "long_prompt_tokens": len(long_prompt) if long_prompt else None, "prefill_chunk_tokens": chunk_tokens,
+        "prefill_chunk_s": chunk_s,
         "_records": records,
     }
 
 
-def _method_rows(engine, methods, prompts, levels, n_requests, params, cfg: ServingConfig, log, records) -> list[dict]:
+def make_long_prompt(prompts: list[list[int]], tokens: int, room: int) -> list[int]:
+    """A ``tokens``-token prompt made of the workload's prompts one after another (real text, as a user pasting a
+    long document would send), cut to ``tokens``; ``BenchError`` when the context window (``room`` tokens left for
+    the prompt) cannot hold it."""
+    if tokens > room:
+        raise BenchError(f"--long-prompt {tokens}: the context window leaves room for {room} prompt tokens with "
+                         "--max-tokens; lower one of them")
+    out: list[int] = []
+    while len(out) < tokens:
+        for p in prompts:
+            out += p
+    return out[:tokens]
+
+
+def prefill_chunk_seconds(engine, repeats: int = 3) -> float:
+    """Median seconds of one engine step that prefills one full chunk (``engine.prefill_chunk`` tokens) of a fresh
+    prompt alone: the most a long prompt arriving mid-run may add to a running stream's inter-token gap."""
+    from ..sampling import SamplingParams
+
+    times = []
+    for i in range(repeats + 1):
+        engine.reset_prefix_cache()
+        prompt = [(i * 7919 + j * 31) % (engine.config.vocab_size - 1) + 1 for j in range(engine.prefill_chunk + 1)]
+        rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1))
+        t = time.perf_counter()
+        engine.step()   # the first chunk
+        times.append(time.perf_counter() - t)
+        engine.abort(rid)
+        engine.release(rid)
+    return sorted(times[1:])[len(times[1:]) // 2]   # the first one warms up
+
+
+def _method_rows(engine, methods, prompts, levels, n_requests, params, cfg: ServingConfig, log, records,
+                 long_prompt=None) -> list[dict]:
     """The rows of leaplm's methods, each a ``LeapLMBackend`` on ``engine`` swept over the levels."""
     rows: list[dict] = []
     for label, spec in methods:
@@ -123,11 +163,11 @@ def _method_rows(engine, methods, prompts, levels, n_requests, params, cfg: Serv
             continue
         rows += run_sweep(Sweep(label, "method", lambda c, b=backend: b, finish=backend.close), prompts, levels,
                           n_requests, params, warmup=cfg.warmup, request_timeout=cfg.request_timeout, log=log,
-                          records_out=records)
+                          records_out=records, long_prompt=long_prompt)
     return rows
 
 
-def _notes(levels: list[int], quantization: str | None) -> list[str]:
+def _notes(levels: list[int], quantization: str | None, long_prompt: int | None = None) -> list[str]:
     notes = [
         "closed loop: C requests in flight, the next prompt submitted as soon as one finishes; every backend gets "
         "the same prompts (first turn, chat template, categories interleaved) in the same order; greedy",
@@ -143,6 +183,11 @@ def _notes(levels: list[int], quantization: str | None) -> list[str]:
         "peers run without prompt caching across requests (llama-server cache_prompt=false; hf-serve block "
         "sharing off)",
     ]
+    if long_prompt:
+        notes.append(f"'+long' rows: the same requests again, with one {long_prompt}-token prompt (the workload's "
+                     "prompts one after another) arriving after half of them were submitted, on top of the C in "
+                     "flight; its TTFT is long_prompt_ttft_s and itl_p99_growth_s is the other streams' ITL p99 minus "
+                     "the plain row's. prefill_chunk_s: one engine step prefilling one chunk of a fresh prompt alone")
     if quantization:
         notes.append(f"leaplm runs {quantization} weights; llamacpp-server runs the GGUF file's own quantized "
                      "weights and hf-serve its dequantized float weights")

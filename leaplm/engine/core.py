@@ -307,7 +307,8 @@ class LLMEngine:
 
     def stats(self) -> dict:
         return {"kv_blocks_total": self.blocks.num_blocks, "kv_blocks_free": self.blocks.free_blocks,
-                "kv_blocks_used": self.blocks.used_blocks, "block_size": self.block_size,
+                "kv_blocks_used": self.blocks.used_blocks, "kv_blocks_touched": self.blocks.touched_blocks,
+                "block_size": self.block_size,
                 "kv_cache_memory": self.kv_cache_memory, "prefix_cache_hit_rate": self.blocks.hit_rate,
                 "prefix_cache_queries": self.blocks.queries, "prefix_cache_hits": self.blocks.hits,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),

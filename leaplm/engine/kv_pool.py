@@ -13,8 +13,13 @@ nodes) and are garbage after it.
 nano-vllm's scheme): a block whose ``block_size`` slots are all committed is registered under
 ``hash((hash of the previous block, its tokens))``; a later request whose tokens start with the same blocks reuses
 them (``match_prefix``) instead of recomputing them. A block nobody references keeps its contents and its hash in an
-LRU list and is reused (its hash dropped) only when no never-used block is left. Cached blocks are read-only: a
-request writes only at logical slots >= its ``num_computed``, which lie past every block it shares.
+LRU list until it is reused (its hash dropped). Cached blocks are read-only: a request writes only at logical slots
+>= its ``num_computed``, which lie past every block it shares.
+
+Allocation order keeps memory at the working set: first a released block that holds no cached prefix, then the
+least recently used cached block, and only then a never-used block. The pool's tensors are ``torch.empty``, so a
+never-used block costs no memory until it is first written: resident memory grows to the peak number of blocks in
+use at once and stays there (cached prefixes live in the part of it not in use), however many requests pass.
 
 Why this is exact: the key/value of token ``j`` depends only on tokens ``0..j`` (leaplm's kernels are row-invariant
 and attention is computed per query), so a block computed by another request holds bit for bit what this request
@@ -78,9 +83,8 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.prefix_caching = prefix_caching
         self.ref = [0] * num_blocks
-        # free blocks, pop() first: released blocks are reused before never-used ones (memory stays at the working
-        # set; their pages are warm), the lowest never-used first
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self._free: list[int] = []                               # released, holding no cached prefix: reused first
+        self._fresh = list(range(num_blocks - 1, -1, -1))        # never used (not resident yet), lowest first
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced blocks, oldest first
         self._hash_of: dict[int, int] = {}                      # block -> its prefix hash
         self._tokens_of: dict[int, tuple[int, ...]] = {}        # block -> its tokens (checked on a hit)
@@ -91,7 +95,12 @@ class BlockManager:
     # ------------------------------------------------------------------ allocation
     @property
     def free_blocks(self) -> int:
-        return len(self._free) + len(self._evictable)
+        return len(self._free) + len(self._fresh) + len(self._evictable)
+
+    @property
+    def touched_blocks(self) -> int:
+        """Blocks ever handed out: the pool's resident part (its high-water mark)."""
+        return self.num_blocks - len(self._fresh)
 
     @property
     def used_blocks(self) -> int:
@@ -105,9 +114,11 @@ class BlockManager:
         for _ in range(count):
             if self._free:
                 block = self._free.pop()
-            else:   # the least recently released cached block loses its cache entry
+            elif self._evictable:   # the least recently used cached block loses its cache entry
                 block, _ = self._evictable.popitem(last=False)
                 self._forget(block)
+            else:                   # only now new memory
+                block = self._fresh.pop()
             self.ref[block] = 1
             out.append(block)
         return out

@@ -146,13 +146,16 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def create_app(llm: LLM, config: ServeConfig, alm: AsyncLLM | None = None) -> FastAPI:
-    """The app serving ``llm``; its engine thread starts with the app (lifespan) and stops with it."""
+def create_app(llm: LLM, config: ServeConfig, alm: AsyncLLM | None = None, engine_thread: bool = True) -> FastAPI:
+    """The app serving ``llm``. ``engine_thread``: its engine thread starts with the app (lifespan); False: the
+    caller runs ``app.state.leaplm.alm.run()`` in a thread of its own (``launch.run``: the main thread). Either way
+    the engine stops when the app does."""
     state = _State(llm, config, alm)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.alm.start()
+        if engine_thread:
+            state.alm.start()
         try:
             yield
         finally:

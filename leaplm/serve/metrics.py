@@ -6,7 +6,8 @@ routes as requests finish and tokens arrive. Names:
 - ``leaplm_requests_running`` / ``leaplm_requests_waiting``: the engine's scheduler right now;
 - ``leaplm_requests_total{status}``: finished requests, ``status`` one of ok, error, aborted, rejected;
 - ``leaplm_generated_tokens_total`` and ``leaplm_prompt_tokens_total``;
-- ``leaplm_kv_blocks_used`` / ``leaplm_kv_blocks_total`` and ``leaplm_prefix_cache_hit_rate``;
+- ``leaplm_kv_blocks_used`` / ``leaplm_kv_blocks_total`` / ``leaplm_kv_blocks_touched`` (ever written: resident) and
+  ``leaplm_prefix_cache_hit_rate``;
 - ``leaplm_ttft_seconds`` (request received -> first token) and ``leaplm_itl_seconds`` (gap between tokens; a
   delivery of k tokens is k gaps of gap/k) histograms;
 - ``leaplm_spec_drafted_tokens_total{method}`` / ``leaplm_spec_accepted_tokens_total{method}``.
@@ -29,10 +30,13 @@ class Metrics:
         self.waiting = Gauge("leaplm_requests_waiting", "requests queued for admission (or preempted)", registry=r)
         self.kv_used = Gauge("leaplm_kv_blocks_used", "KV blocks held by requests", registry=r)
         self.kv_total = Gauge("leaplm_kv_blocks_total", "KV blocks in the pool", registry=r)
+        self.kv_touched = Gauge("leaplm_kv_blocks_touched", "KV blocks ever written (the pool's resident part)",
+                                registry=r)
         self.hit_rate = Gauge("leaplm_prefix_cache_hit_rate", "prompt blocks found in the prefix cache / looked up",
                               registry=r)
         for gauge, key in ((self.running, "running"), (self.waiting, "waiting"), (self.kv_used, "kv_blocks_used"),
-                           (self.kv_total, "kv_blocks_total"), (self.hit_rate, "prefix_cache_hit_rate")):
+                           (self.kv_total, "kv_blocks_total"), (self.kv_touched, "kv_blocks_touched"),
+                           (self.hit_rate, "prefix_cache_hit_rate")):
             gauge.set_function(lambda key=key: float(self._stats().get(key) or 0.0))
         self.requests = Counter("leaplm_requests", "finished requests by status", ["status"], registry=r)
         self.generated = Counter("leaplm_generated_tokens", "output tokens generated", registry=r)

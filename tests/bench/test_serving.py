@@ -500,3 +500,23 @@ def test_real_smollm2_engine_and_llama_server(tmp_path):
         assert 0 <= row["prefix_cache_hit_rate"] <= 1 if row["kind"] == "method" else row["prefix_cache_hit_rate"] is None
         assert math.isfinite(row["output_tokens_per_s"])
     assert rc == 0
+
+
+def test_a_long_prompt_injected_mid_run_is_extra_and_measured_apart():
+    clock = FakeClock()
+    eng = FakeEngine(lambda dt: setattr(clock, "t", clock.t + dt))
+    prompts = [[p] for p in range(10, 18)]
+    params = SamplingParams(temperature=0.0, max_tokens=3)
+    result = run_closed_loop(fake_backend(eng, clock), prompts, 2, params, clock=clock, inject=(4, [40] * 50))
+    assert [r.index for r in result.records] == list(range(8)) and all(r.ok for r in result.records)
+    assert result.extra is not None and result.extra.ok and result.extra.prompt_tokens == 50
+    assert eng.added.index([40] * 50) == 4                    # arrived right after the 4th submission
+    assert result.max_in_flight == 3                          # on top of the C=2 in flight, not in place of one
+    m = run_metrics(result)
+    assert m["requests"] == 8 and m["long_prompt_tokens"] == 50
+    assert m["long_prompt_ttft_s"] == result.extra.deliveries[0][0] - result.extra.submitted
+    rows = run_sweep(Sweep("vanilla", "method", lambda c: fake_backend(eng, clock)), prompts, [1, 2],
+                     lambda c: 4, params, warmup=0, clock=clock, long_prompt=[40] * 50)
+    assert [(r["method"], r["concurrency"]) for r in rows] == [("vanilla", 1), ("vanilla", 2), ("vanilla +long", 2)]
+    assert rows[2]["itl_p99_growth_s"] == pytest.approx(rows[2]["itl_p99_s"] - rows[1]["itl_p99_s"])
+    assert rows[1]["long_prompt_tokens"] is None and rows[2]["exact_match_vs_alone"] == 1.0

@@ -103,3 +103,27 @@ def test_a_second_block_is_not_found_at_the_start_of_another_prompt():
     bm.release(t)
     assert bm.match_prefix(y + [5, 6, 7], 4)[0] == []
     assert bm.match_prefix(x + y + [5], 4)[0] == t
+
+
+def test_cached_blocks_are_reused_before_new_memory_is_touched():
+    """1,000 requests of 3 distinct cached blocks each, at most 4 at once: the pool touches only the peak working
+    set (12 blocks), never the rest of its 1,000 blocks, and the most recent prompts stay cached."""
+    bm = BlockManager(1000, 4)
+    live: list[list[int]] = []
+    for i in range(1000):
+        if len(live) == 4:
+            bm.release(live.pop(0))
+        blocks = bm.allocate(3)
+        parent = None
+        for j, b in enumerate(blocks):
+            parent = bm.register(b, parent, [i, j, 0, 0])
+        live.append(blocks)
+    assert bm.touched_blocks == 12 and bm.free_blocks == 1000 - 12
+    for blocks in live:
+        bm.release(blocks)
+    found, _ = bm.match_prefix([999, 0, 0, 0, 999, 1, 0, 0], 8)   # the last request's prompt is still cached
+    assert len(found) == 2
+    bm.release(found)
+    taken = bm.allocate(10)                       # ten more: cached blocks are evicted, no new memory
+    assert len(taken) == 10 and max(taken) < 12 and bm.touched_blocks == 12
+    assert len(bm.match_prefix([999, 0, 0, 0, 999, 1, 0, 0], 8)[0]) == 2   # the most recent survived (LRU)
