@@ -227,7 +227,8 @@ class Bench:
         if sampler is not None:
             sampler.sample()
         t0, cpu0 = time.perf_counter(), time.process_time()
-        result = run_level_sync(url, self.messages, c, a.level_requests[c], on_finish=on_finish, **common)
+        result = run_level_sync(url, level_prompts(self.messages, a.level_requests, c), c, a.level_requests[c],
+                                on_finish=on_finish, **common)
         t1 = time.perf_counter()
         info["client_cpu_s"] = round(time.process_time() - cpu0, 3)   # this process: the client's own CPU
         if sampler is not None:
@@ -446,6 +447,14 @@ def write_all(results: dict, records: list[dict], rss_series: dict, out_dir: Pat
 
 
 # --------------------------------------------------------------------------- the command
+
+
+def level_prompts(messages: list, level_requests: dict[int, int], c: int) -> list:
+    """The prompts of level ``c``: the list rotated past the prompts the lower levels used, so that a server kept
+    running across levels (leaplm serve) finds no earlier level's prompt in its prefix cache; every server gets the
+    same prompts at the same level."""
+    offset = sum(n for level, n in level_requests.items() if level < c) % max(1, len(messages))
+    return messages[offset:] + messages[:offset]
 
 
 def level_requests(concurrency: str, requests: str) -> dict[int, int]:

@@ -383,6 +383,20 @@ def test_requests_per_level():
             level_requests("1,16,64", bad)
 
 
+def test_each_level_gets_prompts_no_lower_level_used():
+    """A server kept running across levels (leaplm serve) must not find a lower level's prompts in its prefix
+    cache: level C starts past every prompt the lower levels sent."""
+    from leaplm.bench.serve_load_cli import level_prompts
+
+    prompts = list(range(100))
+    levels = {1: 16, 16: 64, 64: 128}
+    assert level_prompts(prompts, levels, 1)[:3] == [0, 1, 2]
+    assert level_prompts(prompts, levels, 16)[:64] == list(range(16, 80))
+    assert level_prompts(prompts, levels, 64)[0] == 80 and len(level_prompts(prompts, levels, 64)) == 100
+    used_before = set(range(80))
+    assert not used_before & set(level_prompts(prompts, levels, 64)[:20])
+
+
 def test_checks_compare_leaplm_with_llama_server():
     from leaplm.bench.serve_load_cli import checks
 
