@@ -53,8 +53,9 @@ def render_markdown(results: dict) -> str:
     if long_rows:
         chunk = results.get("prefill_chunk_s")
         lines += ["", f"## A {results.get('long_prompt_tokens')}-token prompt arriving mid-run", "",
-                  f"One prefill chunk ({results.get('prefill_chunk_tokens')} tokens) alone: "
-                  f"{_fmt(chunk * 1000 if chunk else None, '{:.1f}')} ms.", ""]
+                  f"The slowest step prefilling one chunk ({results.get('prefill_chunk_tokens')} tokens) of that prompt "
+                  f"alone: {_fmt(chunk * 1000 if chunk else None, '{:.1f}')} ms (every chunk's step, ms: "
+                  + ", ".join(_fmt(t * 1000, "{:.0f}") for t in results.get("prefill_chunk_steps_s") or []) + ").", ""]
         table = [["backend", "C", "long prompt TTFT ms", "ITL p99 ms", "ITL p99 growth ms", "growth / chunk"]]
         for r in long_rows:
             g = r.get("itl_p99_growth_s")

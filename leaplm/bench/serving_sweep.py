@@ -76,11 +76,13 @@ def _run(cfg: ServingConfig, threads: int) -> dict:
         return requests_for(c, cfg.requests, len(prompts))
 
     log = (lambda text: print(f"[serving] {text}", file=sys.stderr, flush=True)) if cfg.progress else None
-    long_prompt, chunk_s, chunk_tokens = None, None, None
+    long_prompt, chunk_s, chunk_tokens, chunk_times = None, None, None, None
     if cfg.long_prompt:
         chunk_tokens = llm.engine.prefill_chunk
         long_prompt = make_long_prompt(prompts, cfg.long_prompt, llm.engine.max_model_len - cfg.max_tokens)
-        chunk_s = prefill_chunk_seconds(llm.engine)
+        prefill_chunk_seconds(llm.engine, long_prompt)   # warm-up
+        chunk_times = prefill_chunk_seconds(llm.engine, long_prompt)
+        chunk_s = max(chunk_times)
     records: list[dict] = []
     started = time.perf_counter()
     rows = _method_rows(llm.engine, methods, prompts, levels, n_requests, params, cfg, log, records, long_prompt)
@@ -114,7 +116,7 @@ def _run(cfg: ServingConfig, threads: int) -> dict:
         "max_tokens": cfg.max_tokens, "temperature": 0.0, "greedy": True, "warmup": cfg.warmup, "threads": threads,
         "elapsed_s": elapsed, "rows": rows, "notes": _notes(levels, model["quantization"], cfg.long_prompt),
         "long_prompt_tokens": len(long_prompt) if long_prompt else None, "prefill_chunk_tokens": chunk_tokens,
-        "prefill_chunk_s": chunk_s,
+        "prefill_chunk_s": chunk_s, "prefill_chunk_steps_s": chunk_times if cfg.long_prompt else None,
         "_records": records,
     }
 
@@ -133,22 +135,25 @@ def make_long_prompt(prompts: list[list[int]], tokens: int, room: int) -> list[i
     return out[:tokens]
 
 
-def prefill_chunk_seconds(engine, repeats: int = 3) -> float:
-    """Median seconds of one engine step that prefills one full chunk (``engine.prefill_chunk`` tokens) of a fresh
-    prompt alone: the most a long prompt arriving mid-run may add to a running stream's inter-token gap."""
+def prefill_chunk_seconds(engine, prompt: list[int]) -> list[float]:
+    """Seconds of each engine step that prefills one chunk (``engine.prefill_chunk`` tokens) of ``prompt`` alone,
+    in order (the last chunk's step also samples the first token). Later chunks attend to more keys and cost more:
+    the slowest is what one chunk may add to a running stream's inter-token gap."""
     from ..sampling import SamplingParams
 
+    engine.reset_prefix_cache()
+    rid = engine.add_request(list(prompt), SamplingParams(temperature=0, max_tokens=1))
     times = []
-    for i in range(repeats + 1):
-        engine.reset_prefix_cache()
-        prompt = [(i * 7919 + j * 31) % (engine.config.vocab_size - 1) + 1 for j in range(engine.prefill_chunk + 1)]
-        rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1))
-        t = time.perf_counter()
-        engine.step()   # the first chunk
-        times.append(time.perf_counter() - t)
+    try:
+        while not engine.get_request(rid).finished:
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+    finally:
         engine.abort(rid)
         engine.release(rid)
-    return sorted(times[1:])[len(times[1:]) // 2]   # the first one warms up
+        engine.reset_prefix_cache()
+    return times
 
 
 def _method_rows(engine, methods, prompts, levels, n_requests, params, cfg: ServingConfig, log, records,
@@ -187,7 +192,8 @@ def _notes(levels: list[int], quantization: str | None, long_prompt: int | None 
         notes.append(f"'+long' rows: the same requests again, with one {long_prompt}-token prompt (the workload's "
                      "prompts one after another) arriving after half of them were submitted, on top of the C in "
                      "flight; its TTFT is long_prompt_ttft_s and itl_p99_growth_s is the other streams' ITL p99 minus "
-                     "the plain row's. prefill_chunk_s: one engine step prefilling one chunk of a fresh prompt alone")
+                     "the plain row's. prefill_chunk_s: the slowest engine step prefilling one chunk of that prompt alone (the last "
+                     "chunks attend to the most keys); prefill_chunk_steps_s: every chunk's step")
     if quantization:
         notes.append(f"leaplm runs {quantization} weights; llamacpp-server runs the GGUF file's own quantized "
                      "weights and hf-serve its dequantized float weights")
