@@ -424,8 +424,12 @@ def cmd_serve(args) -> int:
                                 speculative=spec["method"] if spec else None, max_queue=args.max_queue,
                                 max_body_bytes=body, allowed_origins=origins,
                                 default_max_tokens=args.default_max_tokens)
-    return launch.run(llm, config, host=args.host, port=args.port, log_level=args.log_level,
+    code = launch.run(llm, config, host=args.host, port=args.port, log_level=args.log_level,
                       graceful_s=args.shutdown_timeout)
+    if code != 0:
+        print(f"error: the server did not start on {args.host}:{args.port} (see above: a port in use? pick another "
+              "with --port)", file=sys.stderr)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -240,3 +240,18 @@ def test_sigterm_stops_accepting_aborts_what_runs_and_exits_0(start_server):
     assert "shutting down" in data[-2] and data[-1] == "data: [DONE]"   # the stream ends cleanly, saying why
     with pytest.raises(httpx.HTTPError):
         httpx.get(s.url + "/health", timeout=5)
+
+
+def test_a_port_in_use_is_a_clear_error_and_exit_1(smollm_gguf):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "leaplm.cli", "serve", "--model", str(smollm_gguf), "--port",
+                              str(port)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert f"the server did not start on 127.0.0.1:{port}" in out.stderr and "address already in use" in out.stderr
