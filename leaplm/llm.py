@@ -380,24 +380,27 @@ class LLM:
 
     @staticmethod
     def request_output(r: Request, tracker: "TextTracker") -> RequestOutput:
-        end = r.finished_at or time.perf_counter()
-        decode_s = end - (r.first_token_at or end)
-        n = len(r.output_ids)
         return RequestOutput(
             prompt=None, prompt_token_ids=r.prompt_ids, text=tracker.final_text(), token_ids=list(r.output_ids),
             finish_reason=r.finish_reason or "length",
-            logprobs=list(r.logprobs) if r.logprobs is not None else None,
-            metrics={
-                "prompt_tokens": len(r.prompt_ids), "output_tokens": n, "target_passes": r.target_passes,
-                "ttft_s": (r.first_token_at or end) - r.started, "total_s": end - r.started,
-                "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
-                "drafted": r.drafted, "accepted": r.accepted,
-                "mean_accepted_tokens": n / r.target_passes if r.target_passes else None,
-                "draft_s": r.draft_s, "verify_s": r.verify_s,
-                "forced_tokens": r.forced_tokens, "pruned_draft_tokens": r.pruned, "constraint_s": r.constraint_s,
-                "cached_prompt_tokens": r.cached_tokens, "preemptions": r.preemptions,
-            },
-        )
+            logprobs=list(r.logprobs) if r.logprobs is not None else None, metrics=request_metrics(r))
+
+
+def request_metrics(r: Request) -> dict:
+    """An engine request's timings and counters (``RequestOutput.metrics``; the server's ``leaplm`` stats)."""
+    end = r.finished_at or time.perf_counter()
+    decode_s = end - (r.first_token_at or end)
+    n = len(r.output_ids)
+    return {
+        "prompt_tokens": len(r.prompt_ids), "output_tokens": n, "target_passes": r.target_passes,
+        "ttft_s": (r.first_token_at or end) - r.started, "total_s": end - r.started,
+        "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+        "drafted": r.drafted, "accepted": r.accepted,
+        "mean_accepted_tokens": n / r.target_passes if r.target_passes else None,
+        "draft_s": r.draft_s, "verify_s": r.verify_s,
+        "forced_tokens": r.forced_tokens, "pruned_draft_tokens": r.pruned, "constraint_s": r.constraint_s,
+        "cached_prompt_tokens": r.cached_tokens, "preemptions": r.preemptions,
+    }
 
 
 class TextTracker:

@@ -42,11 +42,11 @@ import ipaddress
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 from urllib.parse import urlparse
 
 from . import BenchError
-from .serving import RssSampler, error_text, itl_gaps, percentile, ttfts
+from .serving import RssSampler, error_message, error_text, itl_gaps, percentile, ttfts
 
 DEFAULT_MAX_TOKENS = 128
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
@@ -124,17 +124,10 @@ class HttpRecord:
         return self.error is None and not self.truncated and self.finished is not None
 
 
-def _error_message(obj: Any) -> str:
-    err = obj.get("error") if isinstance(obj, dict) else None
-    if isinstance(err, dict):
-        return str(err.get("message") or err)[:300]
-    return str(err if err is not None else obj)[:300]
-
-
 def _apply_event(rec: HttpRecord, event: dict, now: float) -> None:
     """One parsed SSE ``data:`` object into ``rec`` (choice 0's text and finish, usage, leaplm stats, errors)."""
     if "error" in event:
-        rec.error = f"SSE error: {_error_message(event)}"
+        rec.error = f"SSE error: {error_message(event)}"
         return
     for choice in event.get("choices") or []:
         if choice.get("index", 0) != 0:
@@ -159,11 +152,7 @@ async def stream_chat(client, url: str, body: dict, rec: HttpRecord, clock: Call
         async with client.stream("POST", url, json=body, headers=headers) as resp:
             if resp.status_code != 200:
                 raw = (await resp.aread())[:4000].decode(errors="replace")
-                try:
-                    msg = _error_message(json.loads(raw))
-                except ValueError:
-                    msg = raw.strip()[:300]
-                rec.error = f"HTTP {resp.status_code}: {msg}"
+                rec.error = f"HTTP {resp.status_code}: {error_message(raw)}"
                 return
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):

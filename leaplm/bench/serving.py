@@ -40,6 +40,7 @@ it, ``report.md`` and ``requests.jsonl``, and prints the table). A backend that 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -91,6 +92,23 @@ class Backend(Protocol):
 def error_text(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}"[:300]
+
+
+def error_message(body: str | dict) -> str:
+    """What a server's error body says, at most 300 characters: ``error.message`` of an OpenAI- or llama.cpp-style
+    body (JSON text or its parsed object), else its ``error`` value, else the body itself."""
+    obj = body
+    if isinstance(body, str):
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return body.strip()[:300]
+        if not isinstance(obj, dict):
+            return body.strip()[:300]
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, dict):
+        return str(err.get("message") or err)[:300]
+    return str(err or body)[:300]
 
 
 # --------------------------------------------------------------------------- the closed loop

@@ -38,7 +38,7 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from . import BenchError
-from .serving import Delivery, Sweep, error_text
+from .serving import Delivery, Sweep, error_message, error_text
 
 CTX_SLACK = 16                  # tokens of context per slot beyond prompt + max tokens
 FINISH = {"eos": "stop", "word": "stop", "limit": "length"}
@@ -249,7 +249,7 @@ class LlamaServerBackend:
             resp = conn.getresponse()
             if resp.status != 200:
                 text = resp.read(2000).decode(errors="replace")
-                self._put(handle, error=f"HTTP {resp.status}: {_error_message(text)}")
+                self._put(handle, error=f"HTTP {resp.status}: {error_message(text)}")
                 return
             for raw in resp:
                 line = raw.strip()
@@ -260,7 +260,7 @@ class LlamaServerBackend:
                     break
                 event = json.loads(payload)
                 if "error" in event:
-                    self._put(handle, error=f"server error: {_error_message(json.dumps(event))}")
+                    self._put(handle, error=f"server error: {error_message(event)}")
                     return
                 tokens = [int(t) for t in event.get("tokens") or []]
                 cut = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
@@ -316,16 +316,6 @@ class LlamaServerBackend:
             self.abort(h)
         for t in threads:
             t.join(timeout=10)
-
-
-def _error_message(text: str) -> str:
-    try:
-        err = json.loads(text).get("error")
-        if isinstance(err, dict):
-            return str(err.get("message") or err)[:300]
-        return str(err or text)[:300]
-    except (ValueError, AttributeError):
-        return text.strip()[:300]
 
 
 # --------------------------------------------------------------------------- transformers' continuous batching

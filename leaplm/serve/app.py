@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import InvalidParamsError, LeapLMError, PromptTooLongError, UnsupportedModelError
+from ..errors import InvalidParamsError, LeapLMError, PromptTooLongError
 from ..llm import LLM
 from ..speculative import registry
 from .async_engine import AsyncLLM, Delta, QueueFullError, RequestGroup, ShuttingDownError
@@ -85,9 +85,7 @@ def api_error(e: BaseException) -> APIError:
         return APIError(503, str(e), "service_unavailable", code="shutting_down", headers={"Retry-After": "5"})
     if isinstance(e, PromptTooLongError):
         return APIError(400, str(e), param="messages", code="context_length_exceeded")
-    if isinstance(e, (InvalidParamsError, UnsupportedModelError)):
-        return APIError(400, str(e))
-    if isinstance(e, LeapLMError):
+    if isinstance(e, LeapLMError):   # bad params, a grammar that does not compile, a model without a chat template
         return APIError(400, str(e))
     log.exception("unexpected error while taking a request")
     return APIError(500, f"internal error: {type(e).__name__}", "server_error")
@@ -308,16 +306,13 @@ class _State:
                 await run_in_threadpool(self.llm.compile_constraint, params[0])
             jobs = [(ids, p) for ids in prompts for p in params]
             group = await self.alm.submit(jobs, speculative, method)
-        except BaseException as e:
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            err = api_error(e)
+        except Exception as e:   # (a cancelled request is not rejected: CancelledError passes)
             self.metrics.finished("rejected")
-            raise err from None
-        self.metrics.prompt.inc(sum(len(ids) for ids in prompts))
-        kind = "chat.completion" if chat else "text_completion"
+            raise api_error(e) from None
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        self.metrics.prompt.inc(prompt_tokens)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        out = _Output(self, rid, kind, body, chat, prompt_tokens=sum(len(ids) for ids in prompts), received=received)
+        out = _Output(self, rid, body, chat, prompt_tokens=prompt_tokens, received=received)
         if body.stream:
             return StreamingResponse(self._sse(group, out, request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -365,14 +360,14 @@ class _State:
         watcher = asyncio.create_task(self._watch(request, group))
         try:
             for chunk in out.first_chunks():
-                yield _sse(chunk)
+                yield sse_event(chunk)
             async for delta in group:
                 for chunk in out.take(delta):
-                    yield _sse(chunk)
+                    yield sse_event(chunk)
             if out.error is not None:
-                yield _sse(error_body(out.error, "server_error"))
+                yield sse_event(error_body(out.error, "server_error"))
             elif out.body.include_usage:
-                yield _sse(out.usage_chunk())
+                yield sse_event(out.usage_chunk())
             yield "data: [DONE]\n\n"
         finally:
             watcher.cancel()
@@ -386,7 +381,7 @@ class _State:
         return text
 
 
-def _sse(obj: dict) -> str:
+def sse_event(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"
 
 
@@ -397,9 +392,9 @@ def _finite(x: float) -> float:
 class _Output:
     """One HTTP request's choices as they are built: text, logprobs, finish reasons, usage and stats."""
 
-    def __init__(self, state: _State, rid: str, kind: str, body, chat: bool, prompt_tokens: int,
+    def __init__(self, state: _State, rid: str, body, chat: bool, prompt_tokens: int,
                  received: float) -> None:
-        self.state, self.id, self.kind, self.body, self.chat = state, rid, kind, body, chat
+        self.state, self.id, self.body, self.chat = state, rid, body, chat
         self.created = int(time.time())
         self.model = state.config.served_model_name
         self.prompt_tokens = prompt_tokens
@@ -416,7 +411,7 @@ class _Output:
 
     # -- per delta
     def take(self, d: Delta) -> list[dict]:
-        """Record ``d``; returns the stream chunks it makes (none for an error: see ``_sse``)."""
+        """Record ``d``; returns the stream chunks it makes (none for an error: ``_State._sse`` sends it last)."""
         if d.error is not None:
             self.error = self.error or d.error
             return []

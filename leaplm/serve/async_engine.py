@@ -24,12 +24,11 @@ import concurrent.futures
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from ..errors import LeapLMError
-from ..llm import LLM, TextTracker
+from ..llm import LLM, TextTracker, request_metrics
 from ..sampling import SamplingParams
 
 log = logging.getLogger("leaplm.serve")
@@ -112,27 +111,23 @@ class _Live:
 
 
 def request_stats(r, method: str | None) -> dict:
-    """The ``leaplm`` stats of a finished engine request: speculation counters and decode speed."""
-    end = r.finished_at or time.perf_counter()
-    n = len(r.output_ids)
-    decode_s = end - (r.first_token_at or end)
-    return {"speculative": method, "drafted": r.drafted, "accepted": r.accepted, "target_passes": r.target_passes,
-            "mean_accepted_tokens": n / r.target_passes if r.target_passes else None,
-            "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
-            "ttft_s": (r.first_token_at or end) - r.arrival, "cached_prompt_tokens": r.cached_tokens,
-            "preemptions": r.preemptions}
+    """The ``leaplm`` stats of a finished engine request (from ``request_metrics``): speculation counters, decode
+    speed, time to first token, prefix-cache hits."""
+    m = request_metrics(r)
+    return {"speculative": method, "drafted": m["drafted"], "accepted": m["accepted"],
+            "target_passes": m["target_passes"], "mean_accepted_tokens": m["mean_accepted_tokens"],
+            "tokens_per_s": m["decode_tokens_per_s"], "ttft_s": m["ttft_s"],
+            "cached_prompt_tokens": m["cached_prompt_tokens"], "preemptions": m["preemptions"]}
 
 
 class AsyncLLM:
     """See the module docstring. ``max_queue``: most requests waiting beyond ``llm.max_num_seqs`` running ones
-    (more: ``QueueFullError``). ``on_step(stats)``: called on the engine thread after every step with
-    ``engine.stats()`` (metrics)."""
+    (more: ``QueueFullError``). ``stats``: ``engine.stats()`` after the last step or command (metrics read it)."""
 
-    def __init__(self, llm: LLM, max_queue: int = 256, on_step: Callable[[dict], None] | None = None) -> None:
+    def __init__(self, llm: LLM, max_queue: int = 256) -> None:
         self.llm = llm
         self.engine = llm.engine
         self.max_in_flight = llm.max_num_seqs + max_queue
-        self.on_step = on_step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[int, _Live] = {}
         self._in_flight = 0          # submitted and not yet finished (event-loop side count)
@@ -234,8 +229,6 @@ class AsyncLLM:
             for out in outputs:
                 self._deliver(out)
             self.stats = engine.stats()
-            if self.on_step is not None:
-                self.on_step(self.stats)
         self._fail_all("the server is shutting down", pending=True)
 
     def _drain(self, block: bool) -> bool:

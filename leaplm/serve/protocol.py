@@ -18,10 +18,9 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from ..errors import InvalidParamsError
-from ..sampling import SamplingParams
+from ..sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 16                  # most choices per request (``n``)
-MAX_TOP_LOGPROBS = 20       # chat ``top_logprobs`` (OpenAI's cap)
 MAX_COMPLETION_LOGPROBS = 5  # completions ``logprobs`` (OpenAI's cap)
 MAX_STOP = 4                # most stop strings (OpenAI's cap)
 MAX_PROMPTS = 64            # most prompts in one /v1/completions request
@@ -170,8 +169,8 @@ class ChatCompletionRequest(_Sampling):
         return self
 
     def params(self, default_max_tokens: int, choice: int = 0) -> SamplingParams:
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidParamsError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise InvalidParamsError(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:
             raise InvalidParamsError("top_logprobs needs logprobs: true")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
