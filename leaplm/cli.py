@@ -225,11 +225,16 @@ def _load(args):
         llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                   speculative=speculative_spec(args), quantization=getattr(args, "quantization", None),
                   compile=getattr(args, "compile", False), max_num_seqs=getattr(args, "max_num_seqs", None),
-                  kv_cache_memory=parse_size("--kv-cache-memory", getattr(args, "kv_cache_memory", None)))
+                  kv_cache_memory=parse_size("--kv-cache-memory", getattr(args, "kv_cache_memory", None)),
+                  reserve_kv_memory=getattr(args, "reserve_kv_memory", False))
     weights = f", {llm.quantization} weights" if llm.quantization else ""
     compiled = f", compiled in {llm.compile_s:.1f}s" if llm.compile_s is not None else ""
     _info(f"loaded {llm.model_path.name} ({llm.config.family}, {llm.dtype}{weights}, {llm.device}{compiled}) in "
           f"{time.perf_counter() - started:.1f}s")
+    if getattr(args, "reserve_kv_memory", False):
+        engine = llm.engine
+        _info(f"reserved a KV pool of {engine.kv_cache_memory / 2 ** 30:.2f} GiB ({engine.capacity_tokens} tokens; "
+              "--kv-cache-memory sets its size, --no-reserve-kv-memory lets it grow with use)")
     return llm
 
 
@@ -492,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="max_tokens when a request gives none (default: the rest of the context window)")
     sv.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                     help="on SIGTERM/Ctrl-C, how long in-flight requests may run on before they are aborted (default 30)")
+    sv.add_argument("--reserve-kv-memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="make the whole KV pool (--kv-cache-memory) resident at start, as vLLM and llama.cpp's server "
+                         "do: memory stays constant under load and too little memory fails at start (default: on; "
+                         "--no-reserve-kv-memory: the pool's memory grows with the blocks in use)")
     sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (default warning)")
     sv.set_defaults(func=cmd_serve)

@@ -126,6 +126,9 @@ class LLM:
         kv_cache_memory: bytes of the paged KV pool shared by all requests (default: a quarter of the free
             memory, at most what ``max_num_seqs`` full-length requests need). When it is full the newest
             request is preempted and recomputed later (its output does not change).
+        reserve_kv_memory: make the whole KV pool resident now (as vLLM and llama.cpp's server do) instead of
+            as blocks are first used: constant memory whatever the load, and too little memory fails here
+            rather than under load. ``leaplm serve`` does this by default.
         prefix_caching: reuse the KV blocks of a shared token prefix (system prompt, earlier chat turns,
             the same prompt sampled several times) instead of recomputing them.
         max_num_batched_tokens: most tokens in one engine step (prefill chunks + decode tokens + drafts).
@@ -161,7 +164,8 @@ class LLM:
                  download: bool = True, speculative: str | dict | None = None,
                  quantization: str | None = "auto", compile: bool = False, max_num_seqs: int | None = None,
                  kv_cache_memory: int | None = None, prefix_caching: bool = True,
-                 max_num_batched_tokens: int | None = None, goodput: bool = True) -> None:
+                 max_num_batched_tokens: int | None = None, goodput: bool = True,
+                 reserve_kv_memory: bool = False) -> None:
         from .models.load import build_model, check_checkpoint
         from .quant import check_quantization, resolve_quantization
 
@@ -205,7 +209,7 @@ class LLM:
                                 kv_cache_memory=None if kv_cache_memory is None else int(kv_cache_memory),
                                 prefix_caching=bool(prefix_caching),
                                 max_num_batched_tokens=max_num_batched_tokens, drafter_factory=self.drafter_for,
-                                goodput=bool(goodput))
+                                goodput=bool(goodput), reserve_kv_memory=bool(reserve_kv_memory))
 
     @property
     def config(self):

@@ -107,6 +107,8 @@ class LLMEngine:
         drafter_factory: ``fn(spec) -> Drafter`` for ``add_request(speculative=<name or dict>)``.
         goodput: size each request's draft by measured cost and acceptance (``goodput.py``), so that speculation
             never lowers throughput as the batch grows; False: every drafter drafts its own ``num_draft``.
+        reserve_kv_memory: write the whole KV pool at start so that it is resident from then on (``KVPool``);
+            False: memory grows with the blocks in use, up to the pool's size.
     """
 
     def __init__(self, model, eos_token_ids: Sequence[int] = (), max_model_len: int | None = None,
@@ -114,7 +116,7 @@ class LLMEngine:
                  max_num_seqs: int = 32, max_num_batched_tokens: int | None = None,
                  kv_cache_memory: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                  prefix_caching: bool = True, drafter_factory: Callable[[object], Drafter | None] | None = None,
-                 goodput: bool = True) -> None:
+                 goodput: bool = True, reserve_kv_memory: bool = False) -> None:
         self.model = model
         self.config = model.config
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -143,7 +145,8 @@ class LLMEngine:
             raise InvalidParamsError(f"kv_cache_memory={kv_cache_memory} bytes holds no KV block ({block_size} tokens "
                                      f"x {per_token} bytes); give at least {per_token * block_size}")
         self.kv_cache_memory = num_blocks * block_size * per_token
-        self.pool = KVPool(self.config, num_blocks, block_size, model.dtype, model.device)
+        self.pool = KVPool(self.config, num_blocks, block_size, model.dtype, model.device,
+                           reserve=bool(reserve_kv_memory))
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.goodput = GoodputController() if goodput else None
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, prefill_chunk,
@@ -309,7 +312,8 @@ class LLMEngine:
         return {"kv_blocks_total": self.blocks.num_blocks, "kv_blocks_free": self.blocks.free_blocks,
                 "kv_blocks_used": self.blocks.used_blocks, "kv_blocks_touched": self.blocks.touched_blocks,
                 "block_size": self.block_size,
-                "kv_cache_memory": self.kv_cache_memory, "prefix_cache_hit_rate": self.blocks.hit_rate,
+                "kv_cache_memory": self.kv_cache_memory, "kv_reserved": self.pool.reserved,
+                "prefix_cache_hit_rate": self.blocks.hit_rate,
                 "prefix_cache_queries": self.blocks.queries, "prefix_cache_hits": self.blocks.hits,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "preemptions": self.scheduler.preemptions, "steps": self.steps,

@@ -20,6 +20,9 @@ Allocation order keeps memory at the working set: first a released block that ho
 least recently used cached block, and only then a never-used block. The pool's tensors are ``torch.empty``, so a
 never-used block costs no memory until it is first written: resident memory grows to the peak number of blocks in
 use at once and stays there (cached prefixes live in the part of it not in use), however many requests pass.
+``reserve=True`` writes every page at once instead (``leaplm serve`` does, as vLLM and llama.cpp's server reserve
+their KV memory at start): the process holds its whole footprint from the start, a machine without that memory
+fails at start rather than under load, and resident memory does not move however the load varies.
 
 Why this is exact: the key/value of token ``j`` depends only on tokens ``0..j`` (leaplm's kernels are row-invariant
 and attention is computed per query), so a block computed by another request holds bit for bit what this request
@@ -42,7 +45,7 @@ class KVPool:
     block manager's business."""
 
     def __init__(self, config, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", reserve: bool = False) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_slots = num_blocks * block_size
         shape = (1, config.num_kv_heads, self.num_slots, config.head_dim)
@@ -50,6 +53,10 @@ class KVPool:
         # untouched pages of a large allocation are not resident, so memory grows with the blocks in use
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.reserved = bool(reserve)
+        if reserve:   # write every page now: the whole pool resident from the start (see the module docstring)
+            for t in (*self.k, *self.v):
+                t.zero_()
 
     @staticmethod
     def bytes_per_token(config, dtype: torch.dtype = torch.float32) -> int:

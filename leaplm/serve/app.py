@@ -259,7 +259,8 @@ class _State:
             methods.append(self.config.speculative)
         return {"model": self.config.served_model_name, "speculative_methods": methods,
                 "speculative_default": self.config.speculative, "max_model_len": self.llm.engine.max_model_len,
-                "quantization": self.llm.quantization, "max_num_seqs": self.llm.max_num_seqs}
+                "quantization": self.llm.quantization, "max_num_seqs": self.llm.max_num_seqs,
+                "kv_cache_memory": self.llm.engine.kv_cache_memory, "kv_reserved": self.llm.engine.pool.reserved}
 
     # ------------------------------------------------------------------ completions
     def speculative(self, value) -> tuple[Any, str | None]:

@@ -36,6 +36,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.logfile = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="leaplm-serve-", delete=False)
+        if "--kv-cache-memory" not in args:   # the default (a quarter of free memory, reserved) is too much for CI
+            args = ("--kv-cache-memory", "1GiB", *args)
         cmd = [sys.executable, "-m", "leaplm.cli", "serve", "--model", str(model), "--port", str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import pytest
 
@@ -190,3 +191,17 @@ def test_metrics_after_requests(server, client, model):
         assert name in text, name
     generated = [line for line in text.splitlines() if line.startswith("leaplm_generated_tokens_total ")]
     assert float(generated[0].split()[1]) > 0
+
+
+def test_the_kv_pool_is_reserved_at_start(server):
+    """``leaplm serve`` makes its whole KV pool resident at start (--reserve-kv-memory, on by default): the
+    process's resident memory already holds the pool before any request needs it."""
+    import json
+    import urllib.request
+
+    info = json.loads(urllib.request.urlopen(server.url + "/v1/leaplm/info").read())
+    assert info["kv_reserved"] is True
+    assert 0.9 * 2 ** 30 <= info["kv_cache_memory"] <= 2 ** 30      # the fixture's --kv-cache-memory 1GiB
+    with open(f"/proc/{server.proc.pid}/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert rss >= info["kv_cache_memory"], f"server RSS {rss} is below its reserved KV pool"
