@@ -518,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evals.cli import add_parser as add_eval
 
     add_eval(sub)
+    from .train.cli import add_parser as add_train
+
+    add_train(sub)
     return parser
 
 

@@ -92,6 +92,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"draft model for --spec {_owners('model')}: known name, .gguf or HF folder with the target's tokenizer")
     p.add_argument(knobs["corpus"].flag, default=None,
                    help=f"for --spec {_owners('corpus')}: {knobs['corpus'].cli_hint} to draft from (REST datastore)")
+    p.add_argument(knobs["path"].flag, default=None, metavar="DIR",
+                   help=f"for --spec {_owners('path')}: {knobs['path'].cli_hint}")
     p.add_argument(knobs["tree_top_k"].flag, type=int, default=None, metavar="TOP_K",
                    help=f"for --spec {_owners('tree_top_k')}: draft a token tree branching into the draft's TOP_K best tokens")
     p.add_argument("--num-draft", type=int, default=None,

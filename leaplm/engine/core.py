@@ -436,7 +436,7 @@ class LLMEngine:
             rows = torch.cat([h for _, h in parts]) if parts else None
             first = parts[0][0] if parts else 0
             hidden = rows[[f - first for f in feed_rows]] if rows is not None else None
-        r.drafter.committed(r.request_id, tokens, hidden)
+        r.drafter.committed(r.request_id, tokens, hidden, start=r.num_computed - len(tokens))
 
     def _register_blocks(self, r: Request) -> None:
         """Put ``r``'s newly full, committed blocks in the prefix cache."""

@@ -46,6 +46,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          hint="the text to draft from: a text file, a folder of text files, or token id lists",
          cli_hint="a text file or a folder of text files"),
     Knob("tree_top_k", "--tree", "TOP_K"),
+    Knob("path", "--draft-head", "DIR", what="a trained draft head",
+         hint="a folder made by leaplm train-drafter", cli_hint="a folder made by leaplm train-drafter"),
 )}
 
 
@@ -90,6 +92,8 @@ DRAFTERS: tuple[DrafterInfo, ...] = (
                 aliases=("draft",), needs=("model",), options=("tree_top_k",), cli="draft"),
     DrafterInfo("rasd", "RASD: the draft model's tree fused with a retrieval tree pruned by the draft's top-k",
                 needs=("model", "corpus"), options=("tree_top_k",)),
+    DrafterInfo("eagle", "EAGLE: a trained one-layer head over the target's own features drafts a dynamic token "
+                         "tree (EAGLE-2); train one with leaplm train-drafter", needs=("path",)),
 )
 
 

@@ -26,6 +26,7 @@ class Recorder(Drafter):
         self.oracle = Oracle(answers, num_draft=5, tree=tree)
         self.num_draft = 5
         self.committed_log: dict[int, list[tuple[list[int], torch.Tensor | None]]] = {}
+        self.starts: dict[int, list[int]] = {}
         self.batches: list[list[int]] = []
 
     def propose(self, row, context, k):
@@ -35,8 +36,9 @@ class Recorder(Drafter):
         self.batches.append(list(rows))
         return super().propose_batch(rows, contexts, ks)
 
-    def committed(self, row, tokens, hidden=None):
+    def committed(self, row, tokens, hidden=None, start=None):
         self.committed_log.setdefault(row, []).append((list(tokens), hidden))
+        self.starts.setdefault(row, []).append(start)
 
 
 def _reference_hidden(model, tokens: list[int]) -> torch.Tensor:
@@ -80,6 +82,8 @@ def test_committed_tokens_and_their_hidden_states_reach_the_drafter(tree, compil
         committed = [t for tokens, _ in log for t in tokens]
         # every token but the last output (sampled by the last step, never fed) is committed once, in order
         assert committed == (prompt + expected)[:-1]
+        # each call says where its first token sits: right after the tokens committed before it
+        assert drafter.starts[rid] == [sum(len(t) for t, _ in log[:i]) for i in range(len(log))]
         assert len(log) > 3 and r.accepted > 0          # chunks, then verdicts with accepted drafts
         hidden = torch.cat([h for _, h in log])
         ref = _reference_hidden(model, committed)
@@ -100,7 +104,7 @@ def test_a_drafter_without_needs_hidden_gets_none(tiny_model_dir):
         def propose(self, row, context, k):
             return Draft([])
 
-        def committed(self, row, tokens, hidden=None):
+        def committed(self, row, tokens, hidden=None, start=None):
             seen.append(hidden)
 
     engine = LLMEngine(model, eos_token_ids=[2])

@@ -188,6 +188,29 @@ def test_draft_model_token_trees_keep_the_distribution(target):
     assert drafter.branched >= 4096, f"only {drafter.branched} drafts had siblings"
 
 
+def test_eagle_head_trees_keep_the_distribution(target, tmp_path):
+    """A trained EAGLE head's trees (deterministic siblings: the head's likeliest tokens, verified by recursive
+    rejection sampling with one-hot q): a head trained for seconds on the target's own greedy answers."""
+    from leaplm.engine import LLMEngine
+    from leaplm.speculative.drafters import Eagle
+    from leaplm.train.distill import Dataset, collect
+    from leaplm.train.eagle import TrainConfig, train_eagle
+
+    _, model, prompt = target
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(2, V, (6,), generator=gen).tolist() for _ in range(24)] + [prompt]
+    collect(LLMEngine(model, eos_token_ids=[EOS], prefix_caching=False), prompts, tmp_path / "data", max_tokens=24)
+    train_eagle(model, Dataset(tmp_path / "data"), tmp_path / "head",
+                TrainConfig(draft_vocab=V, seq_len=16, batch=4, unroll=2, max_steps=120, warmup=10, eval_every=60,
+                            precision="fp32"))
+    eagle = Eagle(str(tmp_path / "head"), num_draft=3, depth=2, top_k=2, width=1, quantization=None, node_cost=0.0,
+                  min_prob=0.0)
+    eagle.bind(model)
+    drafter = Recorder(eagle)
+    check_distribution(model, prompt, drafter, 4, min_drafted=1.0, accept=(0.1, 0.9))
+    assert drafter.branched >= 500, f"only {drafter.branched} drafts had siblings"
+
+
 @pytest.mark.slow   # ~30 s with a cold inductor cache (compiling is ~15 s of it), ~17 s warm, on 2 busy cores
 def test_a_compiled_target_keeps_the_distribution(target):
     """Decode and verify passes through the compiled step (``model.compile()``): Token Recycling's trees and

@@ -22,6 +22,19 @@ ROOT = Path(__file__).resolve().parents[2]
 CHEAP = {"model": "some-draft-model", "corpus": [[1, 2, 3, 4, 1, 2, 3, 5]]}   # nothing loads before bind
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _head_folder(tmp_path_factory):
+    """``CHEAP["path"]``: a tiny untrained EAGLE head folder (its weights are read when the drafter is built)."""
+    from leaplm.speculative.heads.eagle import EagleConfig, EagleHead
+
+    folder = tmp_path_factory.mktemp("eagle-head")
+    EagleHead(EagleConfig(hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=8,
+                          rms_norm_eps=1e-6, vocab_size=16, draft_vocab_size=4)).save(folder)
+    CHEAP["path"] = str(folder)
+    yield
+    CHEAP.pop("path")
+
+
 def _required(info: registry.DrafterInfo) -> dict:
     return {k: CHEAP[k] for k in info.needs}
 
@@ -60,7 +73,7 @@ def test_the_old_messages_stay():
     with pytest.raises(InvalidParamsError, match=r"^rasd needs a draft model and a corpus \(model and corpus missing\)"):
         make_drafter("rasd")
     with pytest.raises(InvalidParamsError, match=r"unknown speculative method 'telepathy'; available: "
-                                                 r"prompt_lookup \(pld\), copyspec, .*rasd$"):
+                                                 r"prompt_lookup \(pld\), copyspec, .*rasd, eagle$"):
         make_drafter("telepathy")
     with pytest.raises(InvalidParamsError, match=r"a speculative spec needs a 'method'"):
         make_drafter({"num_draft": 3})
@@ -184,7 +197,8 @@ def test_bench_methods_refuse_a_missing_requirement(info):
     from leaplm.bench.methods import METHODS
 
     target = SimpleNamespace(draft_model_path=None if "model" in info.needs else Path("d"), contestant=info.name)
-    flag_or_knob = "--draft-model" if "model" in info.needs else f"{info.name}:corpus=PATH"
+    first = next(k for k in info.needs)
+    flag_or_knob = "--draft-model" if first == "model" else f"{info.name}:{first}={registry.KNOBS[first].value}"
     with pytest.raises(BenchError, match=f"method '{info.name}' needs .*{flag_or_knob}"):
         METHODS[info.name].fn(target, [1, 2, 3], None)
 

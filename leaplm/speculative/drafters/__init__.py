@@ -13,6 +13,7 @@ from .aded import ADED
 from .base import Draft, Drafter
 from .copyspec import CopySpec
 from .draft_model import DraftModel
+from .eagle import Eagle
 from .lookahead import Lookahead
 from .prompt_lookup import PromptLookup
 from .rasd import RASD
@@ -21,7 +22,7 @@ from .retrieval import Retrieval
 
 # canonical name -> class, in registry order
 DRAFTERS: dict[str, type[Drafter]] = registry.bind_classes(
-    (PromptLookup, CopySpec, TokenRecycling, ADED, Lookahead, Retrieval, DraftModel, RASD))
+    (PromptLookup, CopySpec, TokenRecycling, ADED, Lookahead, Retrieval, DraftModel, RASD, Eagle))
 # alias -> canonical name (derived from the registry; kept for callers of the old table)
 ALIASES: dict[str, str] = {alias: info.name for info in registry.DRAFTERS for alias in info.aliases}
 
@@ -36,5 +37,5 @@ def make_drafter(spec: str | dict[str, Any] | Drafter | None) -> Drafter | None:
     return registry.construct(DRAFTERS[info.name], info, knobs)
 
 
-__all__ = ["ADED", "ALIASES", "CopySpec", "Draft", "Drafter", "DraftModel", "DRAFTERS", "Lookahead", "PromptLookup",
+__all__ = ["ADED", "ALIASES", "CopySpec", "Draft", "Drafter", "DraftModel", "DRAFTERS", "Eagle", "Lookahead", "PromptLookup",
            "RASD", "Retrieval", "TokenRecycling", "make_drafter"]

@@ -20,8 +20,10 @@ bounds their depth by the tokens the row may still generate.
 
 Contract v2 (the serving engine, ``leaplm/engine``; ``row`` is the engine's request id):
 
-- ``committed(row, tokens, hidden)``: after each verification the engine says which of the row's tokens it
-  committed this step, in order: the fed pending token(s), then the accepted draft tokens (a tree's accepted path).
+- ``committed(row, tokens, hidden, start)``: after each verification the engine says which of the row's tokens it
+  committed this step, in order: the fed pending token(s), then the accepted draft tokens (a tree's accepted path);
+  ``start`` is the position of ``tokens[0]`` in the row (prompt + output; a prompt served from the prefix cache, or
+  recomputed after a preemption, starts past 0 or repeats positions).
   The verdict's last token (sampled, not yet fed) is committed by the next step. A drafter no longer has to diff
   contexts to learn what was accepted (the older drafters still may; they ignore this call).
 - ``needs_hidden = True`` asks for ``hidden`` ``[len(tokens), hidden_size]``: the target's final hidden states
@@ -69,9 +71,9 @@ class Drafter:
         """Drafts for several rows at once (one per row, each within its ``k``); by default one ``propose`` each."""
         return [self.propose(row, context, k) for row, context, k in zip(rows, contexts, ks)]
 
-    def committed(self, row: int, tokens: Sequence[int], hidden: Tensor | None = None) -> None:
-        """``tokens`` of ``row`` were committed this step (fed pending tokens, then accepted draft tokens);
-        ``hidden [len(tokens), H]`` their final hidden states when ``needs_hidden``, else None."""
+    def committed(self, row: int, tokens: Sequence[int], hidden: Tensor | None = None, start: int | None = None) -> None:
+        """``tokens`` of ``row`` were committed this step (fed pending tokens, then accepted draft tokens), the first
+        at position ``start``; ``hidden [len(tokens), H]`` their final hidden states when ``needs_hidden``, else None."""
 
     def observe(self, row: int, fed: Sequence[int], topk: Tensor) -> None:
         """The target's top ``observe_topk`` next tokens ``[len(fed), observe_topk]`` after each fed token."""

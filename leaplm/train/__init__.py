@@ -1,0 +1,1 @@
+"""Training-time tooling: data for self-distilled draft heads."""

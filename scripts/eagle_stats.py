@@ -1,0 +1,67 @@
+"""Acceptance by depth and drafter cost of a trained EAGLE head (issue 25's per-depth table).
+
+    .venv/bin/python scripts/eagle_stats.py -m smollm2-135m-instruct --head heads/smollm2-eagle --limit 2
+    .venv/bin/python scripts/eagle_stats.py -m qwen2.5-coder-1.5b-instruct --head heads/qwen-eagle --humaneval 20
+
+Greedy, int8, batch 1 (one prompt at a time). Prints, as JSON: the fraction of verified drafts whose accepted path
+reached each depth, the mean tokens per target pass, and the drafter's time per draft against the target's time per
+verification pass (the drafter cost as a fraction of a target step). Not a speed benchmark: use ``leaplm bench``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    from leaplm import LLM, SamplingParams
+    from leaplm.bench.workloads import default_spec_bench_path, humaneval_path, read_jsonl
+    from leaplm.speculative.drafters import Eagle
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--head", required=True)
+    p.add_argument("--limit", type=int, default=2, help="Spec-Bench questions per category (first turns)")
+    p.add_argument("--humaneval", type=int, default=0, help="use the first N HumanEval problems instead")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--knobs", default="{}", help="JSON of Eagle knobs, e.g. '{\"depth\": 6}'")
+    args = p.parse_args()
+
+    if args.humaneval:
+        prompts = [[{"role": "user", "content": "Complete this Python function:\n" + q["prompt"]}]
+                   for q in read_jsonl(humaneval_path())[: args.humaneval]]
+    else:
+        seen: dict[str, int] = {}
+        prompts = []
+        for q in read_jsonl(default_spec_bench_path()):
+            if seen.get(q["category"], 0) < args.limit:
+                seen[q["category"]] = seen.get(q["category"], 0) + 1
+                prompts.append([{"role": "user", "content": q["turns"][0]}])
+    eagle = Eagle(args.head, **json.loads(args.knobs))
+    llm = LLM(args.model, quantization="int8", speculative=eagle)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    outs = [llm.chat([m], params, use_tqdm=False)[0] for m in prompts]   # one at a time: batch 1
+    passes = sum(o.metrics["target_passes"] for o in outs)
+    tokens = sum(len(o.token_ids) for o in outs)
+    draft_s = sum(o.metrics["draft_s"] for o in outs)
+    verify_s = sum(o.metrics["verify_s"] for o in outs)
+    drafts = sum(eagle.accepted_hist)
+    print(json.dumps({
+        "model": args.model, "head": args.head, "prompts": len(prompts), "output_tokens": tokens,
+        "tokens_per_pass": round(tokens / passes, 3),
+        "acceptance_by_depth": [round(a, 3) for a in eagle.acceptance_by_depth()],
+        "accepted_hist": eagle.accepted_hist,
+        "draft_ms_per_draft": round(1000 * draft_s / max(1, drafts), 2),
+        "verify_ms_per_pass": round(1000 * verify_s / max(1, passes), 2),
+        "draft_cost_fraction": round((draft_s / max(1, drafts)) / (verify_s / max(1, passes)), 3),
+        "head_training": json.loads((Path(args.head) / "config.json").read_text()).get("training", {}),
+    }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
