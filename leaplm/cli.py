@@ -22,6 +22,7 @@ from pathlib import Path
 # check_device: re-exported while a committed leaplm/bench/cli.py may still import it from here (drop it then)
 from .cli_common import (add_model_args, at_least, check_device, check_model_args, parse_size,  # noqa: F401
                          prepare_out_dir, speculative_spec)
+from .cli_common import info as _info
 from .errors import InvalidParamsError, LeapLMError
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
@@ -522,10 +523,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train(sub)
     return parser
-
-
-def _info(msg: str) -> None:
-    print(f"[leaplm] {msg}", file=sys.stderr)
 
 
 class _status:

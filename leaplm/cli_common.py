@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from .errors import InvalidParamsError, ModelNotFoundError
@@ -55,6 +56,11 @@ def check_model_name(flag: str, value: str) -> None:
         return  # a hub id (hub.resolve's rule): only the download can tell
     raise ModelNotFoundError(f"{flag}: model path {value!r} does not exist, and it is not a known model name "
                              f"({', '.join(hub.KNOWN_MODELS)})")
+
+
+def info(msg: str) -> None:
+    """A ``[leaplm]`` status line on stderr (stdout stays for results)."""
+    print(f"[leaplm] {msg}", file=sys.stderr, flush=True)
 
 
 def at_least(flag: str, value, low: int) -> None:

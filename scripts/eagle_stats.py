@@ -1,9 +1,11 @@
 """Acceptance by depth and drafter cost of a trained EAGLE head (issue 25's per-depth table).
 
     .venv/bin/python scripts/eagle_stats.py -m smollm2-135m-instruct --head heads/smollm2-eagle --limit 2
-    .venv/bin/python scripts/eagle_stats.py -m qwen2.5-coder-1.5b-instruct --head heads/qwen-eagle --humaneval 20
+    .venv/bin/python scripts/eagle_stats.py -m qwen2.5-coder-1.5b-instruct --head heads/qwen-eagle \
+        --workload humaneval --limit 20
 
-Greedy, int8, batch 1 (one prompt at a time). Prints, as JSON: the fraction of verified drafts whose accepted path
+The prompts are ``leaplm bench``'s (``--workload``, ``--limit`` per category), first turns only. Greedy, int8,
+batch 1 (one prompt at a time). Prints, as JSON: the fraction of verified drafts whose accepted path
 reached each depth, the mean tokens per target pass, and the drafter's time per draft against the target's time per
 verification pass (the drafter cost as a fraction of a target step). Not a speed benchmark: use ``leaplm bench``.
 """
@@ -19,28 +21,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> int:
     from leaplm import LLM, SamplingParams
-    from leaplm.bench.workloads import default_spec_bench_path, humaneval_path, read_jsonl
+    from leaplm.bench.workloads import load_workload
     from leaplm.speculative.drafters import Eagle
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-m", "--model", required=True)
     p.add_argument("--head", required=True)
-    p.add_argument("--limit", type=int, default=2, help="Spec-Bench questions per category (first turns)")
-    p.add_argument("--humaneval", type=int, default=0, help="use the first N HumanEval problems instead")
+    p.add_argument("--workload", default="spec_bench", help="a leaplm bench workload (default spec_bench)")
+    p.add_argument("--limit", type=int, default=2, help="samples per category (default 2)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--knobs", default="{}", help="JSON of Eagle knobs, e.g. '{\"depth\": 6}'")
     args = p.parse_args()
 
-    if args.humaneval:
-        prompts = [[{"role": "user", "content": "Complete this Python function:\n" + q["prompt"]}]
-                   for q in read_jsonl(humaneval_path())[: args.humaneval]]
-    else:
-        seen: dict[str, int] = {}
-        prompts = []
-        for q in read_jsonl(default_spec_bench_path()):
-            if seen.get(q["category"], 0) < args.limit:
-                seen[q["category"]] = seen.get(q["category"], 0) + 1
-                prompts.append([{"role": "user", "content": q["turns"][0]}])
+    prompts = [[{"role": "user", "content": sample.turns[0]}]
+               for sample in load_workload(args.workload, args.limit).samples]
     eagle = Eagle(args.head, **json.loads(args.knobs))
     llm = LLM(args.model, quantization="int8", speculative=eagle)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)

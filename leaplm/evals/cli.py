@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ..cli_common import add_model_args, check_device, check_model_args, prepare_out_dir, speculative_spec
+from ..cli_common import info as _info
 
 SCHEMA = "leaplm-eval/1"
 
@@ -164,10 +165,6 @@ def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     for r in rows:
         table.add_row(*r)
     (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
-
-
-def _info(msg: str) -> None:
-    print(f"[leaplm] {msg}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- perplexity

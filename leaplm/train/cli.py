@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli_common import info as _info
+
 METHODS = ("eagle",)
 
 
@@ -79,19 +81,19 @@ def main(args) -> int:
     from .prompts import training_prompts
 
     started = time.perf_counter()
-    _say(f"loading {args.model or 'smollm2-135m-instruct'}")
+    _info(f"loading {args.model or 'smollm2-135m-instruct'}")
     llm = LLM(args.model, quantization=args.quantization, prefix_caching=False, max_num_seqs=32)
     have = len(read_meta(data_dir)["sequences"]) if (data_dir / "sequences.json").exists() else 0
     if have < args.prompts:
         prompts = training_prompts(args.prompts)[have:]
         ids = [llm.chat_prompt(p["messages"]) for p in prompts]
-        _say(f"answering {len(ids)} training prompts ({args.max_tokens} tokens each) into {data_dir}")
+        _info(f"answering {len(ids)} training prompts ({args.max_tokens} tokens each) into {data_dir}")
         with _Bar("self-distillation", len(ids)) as bar:
             meta = collect(llm.engine, ids, data_dir, args.max_tokens, model=str(llm.model_path),
                            progress=lambda done, total: bar.update(done))
-        _say(f"data: {len(meta['sequences'])} sequences in {meta['seconds']:.0f} s")
+        _info(f"data: {len(meta['sequences'])} sequences in {meta['seconds']:.0f} s")
     data = Dataset(data_dir)
-    _say(f"training an EAGLE head on {data.num_tokens} tokens ({data.answer_tokens()} answer tokens) into {out}")
+    _info(f"training an EAGLE head on {data.num_tokens} tokens ({data.answer_tokens()} answer tokens) into {out}")
     from .eagle import train_eagle
 
     with _Bar("training", cfg.max_steps) as bar:
@@ -100,16 +102,12 @@ def main(args) -> int:
             bar.update(state["step"], f"loss {state['loss']:.3f} acc {acc}")
 
         summary = train_eagle(llm.model, data, out, cfg, resume=not args.no_resume, progress=progress)
-    _say(f"trained in {summary['seconds']:.0f} s ({summary['steps']} steps, stopped by {summary['stopped_by']}): "
+    _info(f"trained in {summary['seconds']:.0f} s ({summary['steps']} steps, stopped by {summary['stopped_by']}): "
          f"held-out accuracy by depth {summary['eval_acc_by_depth']}, ~{summary['expected_tokens_per_pass_chain']} "
          f"tokens per pass as a chain; total {time.perf_counter() - started:.0f} s")
     print(json.dumps({"out": str(out), **{k: v for k, v in summary.items() if k != "config"}}))
-    _say(f"use it: leaplm generate --spec eagle --draft-head {out} ...")
+    _info(f"use it: leaplm generate --spec eagle --draft-head {out} ...")
     return 0
-
-
-def _say(msg: str) -> None:
-    print(f"[leaplm] {msg}", file=sys.stderr, flush=True)
 
 
 class _Bar:
@@ -135,7 +133,7 @@ class _Bar:
             self.progress.update(self.task, completed=done, info=info)
         elif done * 10 // max(1, self.total) != self.shown:
             self.shown = done * 10 // max(1, self.total)
-            _say(f"{self.what}: {done}/{self.total} {info}")
+            _info(f"{self.what}: {done}/{self.total} {info}")
 
     def __exit__(self, *exc) -> None:
         if self.progress is not None:

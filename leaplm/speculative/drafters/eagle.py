@@ -149,12 +149,11 @@ class Eagle(Drafter):
         if budget < 1 or b < 0 or r is None or b >= r.known.shape[0] or not r.known[b]:
             return Draft([])   # no feature for the last committed token (e.g. a jump-forward): no draft this step
         head = self.head
-        ids = torch.tensor(context, dtype=torch.long)
         # 1. keys/values of the indices whose feature is new (index b always: its next token may have changed)
         fresh = (r.known[: b + 1] & ~r.have[: b + 1]).nonzero().flatten()
         if not len(fresh) or fresh[-1] != b:
             fresh = torch.cat((fresh, torch.tensor([b])))
-        u = head.inputs(r.feats[fresh], ids[fresh + 1])
+        u = head.inputs(r.feats[fresh], torch.tensor([context[j + 1] for j in fresh.tolist()]))
         rope = head.rope(fresh + 1)
         q, kk, vv = head.project(u[None], (rope[0][None], rope[1][None]))
         r.k[fresh], r.v[fresh], r.have[fresh] = kk[0], vv[0], True
@@ -218,12 +217,12 @@ class Eagle(Drafter):
         calibration = self._calibration()
         accepts = [min(1.0, math.exp(scores[i]) * calibration) for i in keep]
         cost = self._pass_cost.at(len(context))
-        keep = keep[: max(1, best_prefix(accepts[: len(cost) - 1], cost))]
-        keep.sort()   # parents come before children in creation order
+        n = max(1, best_prefix(accepts[: len(cost) - 1], cost))
+        self._drafted[row] = sum(accepts[:n])
+        keep = sorted(keep[:n])   # parents come before children in creation order
         new_index = {node: n for n, node in enumerate(keep)}
         out_tokens = [tokens[i] for i in keep]
         out_parents = [-1 if parents[i] < 0 else new_index[parents[i]] for i in keep]
-        self._drafted[row] = sum(min(1.0, math.exp(scores[i]) * calibration) for i in keep)
         if all(p == n - 1 for n, p in enumerate(out_parents)):
             return Draft(out_tokens)   # a chain
         return Draft(out_tokens, parents=out_parents)
