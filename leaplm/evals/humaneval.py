@@ -251,23 +251,28 @@ def check_problem(problem: Problem, completion: str, timeout: float = 10.0, memo
 # --------------------------------------------------------------------------- evaluation
 
 
-def _generate(llm, problem: Problem, max_tokens: int, chat: bool, speculative) -> tuple[str, str, object]:
-    """-> (completion to append to the prompt, raw generated text, RequestOutput)."""
+def _generate(llm, problem: Problem, max_tokens: int, chat: bool, speculative,
+              sampling: dict | None = None) -> tuple[str, str, object]:
+    """-> (completion to append to the prompt, raw generated text, RequestOutput). ``sampling``: SamplingParams
+    fields (temperature, top_p, seed); None: greedy."""
     from ..sampling import SamplingParams
 
+    sampling = sampling or {"temperature": 0}
     if chat:
-        params = SamplingParams(temperature=0, max_tokens=max_tokens)
+        params = SamplingParams(max_tokens=max_tokens, **sampling)
         messages = [{"role": "user", "content": CHAT_INSTRUCTION.format(prompt=problem.prompt)}]
         out = llm.chat(messages, params, use_tqdm=False, speculative=speculative)[0]
         return extract_code(out.text, problem), out.text, out
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, stop=list(STOP_SEQUENCES))
+    params = SamplingParams(max_tokens=max_tokens, stop=list(STOP_SEQUENCES), **sampling)
     out = llm.generate([problem.prompt], params, use_tqdm=False, speculative=speculative)[0]
     return out.text, out.text, out
 
 
 def evaluate(llm, problems: list[Problem], *, max_tokens: int = 384, timeout: float = 10.0, chat: bool = False,
-             speculative: str | dict | None = None, memory_mb: int = 2048, progress: bool = False) -> dict:
-    """Generate greedily for every problem with ``llm`` and run its tests.
+             speculative: str | dict | None = None, memory_mb: int = 2048, progress: bool = False,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, samples: int = 1) -> dict:
+    """Generate for every problem with ``llm`` (greedily, or ``samples`` times with ``temperature``/``top_p``, sample
+    ``i`` of problem ``j`` seeded ``seed + 1000 * i + j``: pass@1 is then the mean over samples) and run its tests.
 
     Returns ``{"summary": {problems, passed, failed, timeouts, errors, pass@1, output_tokens, generation_s,
     execution_s}, "problems": [{task_id, status, passed, error, completion, generated, finish_reason,
@@ -280,14 +285,19 @@ def evaluate(llm, problems: list[Problem], *, max_tokens: int = 384, timeout: fl
         raise InvalidParamsError(f"--timeout must be > 0 seconds, got {timeout}")
     if not problems:
         raise InvalidParamsError("no HumanEval problems to evaluate")
+    if samples < 1 or (temperature == 0 and samples > 1):
+        raise InvalidParamsError(f"--samples must be >= 1, and 1 when greedy (--temperature 0); got {samples}")
     records = []
-    with Progress(len(problems), "humaneval", progress) as bar:
-        for problem in problems:
+    jobs = [(i, j, problem) for i in range(samples) for j, problem in enumerate(problems)]
+    with Progress(len(jobs), "humaneval", progress) as bar:
+        for sample, index, problem in jobs:
             started = time.perf_counter()
+            sampling = None if temperature == 0 else {"temperature": temperature, "top_p": top_p,
+                                                      "seed": seed + 1000 * sample + index}
             try:
-                completion, generated, out = _generate(llm, problem, max_tokens, chat, speculative)
+                completion, generated, out = _generate(llm, problem, max_tokens, chat, speculative, sampling)
             except LeapLMError as e:
-                records.append({"task_id": problem.task_id, "status": "error", "passed": False,
+                records.append({"task_id": problem.task_id, "sample": sample, "status": "error", "passed": False,
                                 "error": f"generation: {e}"[:ERROR_CHARS], "completion": None, "generated": None,
                                 "finish_reason": None, "output_tokens": 0,
                                 "generation_s": time.perf_counter() - started, "execution_s": 0.0,
@@ -298,7 +308,7 @@ def evaluate(llm, problems: list[Problem], *, max_tokens: int = 384, timeout: fl
             gen_s = time.perf_counter() - started
             result = check_problem(problem, completion, timeout=timeout, memory_mb=memory_mb)
             metrics = getattr(out, "metrics", None) or {}
-            record = {"task_id": problem.task_id, "status": result.status, "passed": result.passed,
+            record = {"task_id": problem.task_id, "sample": sample, "status": result.status, "passed": result.passed,
                       "error": result.error, "completion": completion,
                       "generated": generated if chat else None, "finish_reason": out.finish_reason,
                       "output_tokens": len(out.token_ids), "generation_s": gen_s, "execution_s": result.seconds,
@@ -313,11 +323,24 @@ def evaluate(llm, problems: list[Problem], *, max_tokens: int = 384, timeout: fl
 
 
 def summarize(records: list[dict]) -> dict:
+    """Counts over every generation; ``pass@1`` the fraction passed (the mean over samples when a problem was sampled
+    several times), ``pass@1_stderr`` its standard error over problems, ``tokens_per_pass`` output tokens per target
+    pass (speculation's gain; 1.0 without it)."""
     n = len(records)
     count = {s: sum(r["status"] == s for r in records) for s in ("passed", "failed", "timeout", "error")}
-    return {"problems": n, "passed": count["passed"], "failed": count["failed"], "timeouts": count["timeout"],
-            "errors": count["error"], "pass@1": count["passed"] / n if n else None,
-            "output_tokens": sum(r["output_tokens"] for r in records),
+    by_problem: dict[str, list[bool]] = {}
+    for r in records:
+        by_problem.setdefault(r["task_id"], []).append(bool(r["passed"]))
+    rates = [sum(v) / len(v) for v in by_problem.values()]
+    stderr = None
+    if len(rates) > 1:
+        mean = sum(rates) / len(rates)
+        stderr = (sum((x - mean) ** 2 for x in rates) / (len(rates) - 1) / len(rates)) ** 0.5
+    passes = sum(r.get("target_passes") or 0 for r in records)
+    tokens = sum(r["output_tokens"] for r in records)
+    return {"problems": len(by_problem), "generations": n, "passed": count["passed"], "failed": count["failed"],
+            "timeouts": count["timeout"], "errors": count["error"], "pass@1": count["passed"] / n if n else None,
+            "pass@1_stderr": stderr, "output_tokens": tokens, "tokens_per_pass": tokens / passes if passes else None,
             "generation_s": sum(r["generation_s"] for r in records),
             "execution_s": sum(r["execution_s"] for r in records)}
 

@@ -94,6 +94,11 @@ DRAFTERS: tuple[DrafterInfo, ...] = (
                 needs=("model", "corpus"), options=("tree_top_k",)),
     DrafterInfo("eagle", "EAGLE: a trained one-layer head over the target's own features drafts a dynamic token "
                          "tree (EAGLE-2); train one with leaplm train-drafter", needs=("path",)),
+    DrafterInfo("medusa", "Medusa: trained residual heads on the target's last hidden state guess the next tokens "
+                          "at once, a token tree of their top-k; train them with leaplm train-drafter",
+                needs=("path",)),
+    DrafterInfo("kangaroo", "Kangaroo: the target's own first layers plus a trained adapter draft a chain, stopping "
+                            "when unsure (self-speculative); train it with leaplm train-drafter", needs=("path",)),
 )
 
 

@@ -31,6 +31,9 @@ Token trees (``parents``, see ``speculative/tree.py``; row f of the target array
   renormalized (siblings drawn without replacement). Each try is a speculative-sampling step, so
   the token leaving the node is distributed exactly as p; when every child is rejected it is drawn
   from the final residual. The chain verifier is the one-child case.
+
+- ``verify_typical``: Medusa's typical acceptance, chains and trees: **lossy** (a drafter asks for it with
+  ``typical``; the engine uses it for sampled requests only).
 """
 from __future__ import annotations
 
@@ -170,3 +173,35 @@ def verify_tree_sampling(draft: Sequence[int], parents: Sequence[int], target_pr
         else:
             token = int(torch.multinomial(residual, 1, generator=generator))
             return Verdict([draft[i] for i in path] + [token], len(path), path)
+
+
+def verify_typical(draft: Sequence[int], parents: Sequence[int] | None, target_probs: Tensor, threshold: float,
+                   alpha: float, generator: torch.Generator | None) -> Verdict:
+    """Medusa's typical acceptance (Cai et al. 2024, section 2.3.1), **lossy**: a node ``x`` is acceptable where the
+    target's processed distribution ``p`` at its parent gives ``p(x) > min(threshold, alpha * exp(-H(p)))`` (``H`` the
+    entropy in nats); the longest root-to-node path of acceptable nodes is accepted (the first found among equals)
+    and the next token is sampled from ``p`` after it. ``parents`` None: a chain. ``target_probs [1 + n, V]``."""
+    n = len(draft)
+    if target_probs.shape[0] != n + 1:
+        raise ValueError(f"target_probs has {target_probs.shape[0]} rows for a draft of {n} tokens (need n + 1)")
+    tree = parents if parents is not None else list(range(-1, n - 1))
+    p = target_probs.float()
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)                               # [1 + n]
+    bar = torch.minimum(torch.full_like(entropy, threshold), alpha * torch.exp(-entropy))
+    ok = [float(p[tree[i] + 1, x]) > float(bar[tree[i] + 1]) for i, x in enumerate(draft)]
+    depth = [0] * n                  # accepted-path length ending at node i (0: not reachable)
+    best = -1
+    for i in range(n):               # topological order: a parent's depth is known before its children's
+        if ok[i] and (tree[i] < 0 or depth[tree[i]]):
+            depth[i] = 1 + (depth[tree[i]] if tree[i] >= 0 else 0)
+            if best < 0 or depth[i] > depth[best]:
+                best = i
+    path: list[int] = []
+    node = best
+    while node >= 0:
+        path.append(node)
+        node = tree[node]
+    path.reverse()
+    feed = path[-1] + 1 if path else 0
+    token = int(torch.multinomial(p[feed], 1, generator=generator))
+    return Verdict([draft[i] for i in path] + [token], len(path), path if parents is not None else None)

@@ -1,15 +1,17 @@
 """``leaplm train-drafter``: self-distil data from the target, then train a draft head on it (CPU).
 
     leaplm train-drafter -m smollm2-135m-instruct --method eagle --out heads/smollm2-eagle --max-minutes 15
+    leaplm train-drafter -m smollm2-135m-instruct --method medusa --out heads/smollm2-medusa --data heads/smollm2-eagle/data
 
 1. **Data** (``--data``, default ``OUT/data``): ``--prompts`` held-out training prompts (``train/prompts.py``: no
    overlap with HumanEval or Spec-Bench) are answered greedily by the target (``--max-tokens`` each, continuous
    batching) and its features recorded (``train/distill.py``). An existing data folder is extended up to
    ``--prompts`` sequences, not redone.
-2. **Training** (``train/eagle.py``): until ``--steps`` or ``--max-minutes``; a progress bar shows loss and held-out
+2. **Training** (``train/eagle.py``, ``train/medusa.py``; ``train/loop.py``): until ``--steps`` or ``--max-minutes``; a progress bar shows loss and held-out
    accuracy by depth; the state is saved every two minutes and a rerun resumes it (``--no-resume``: start afresh).
 3. The head, ``config.json`` (with the training summary) and ``training.png`` land in ``OUT``; use it with
-   ``--spec eagle --draft-head OUT`` or ``LLM(model, speculative={"method": "eagle", "path": OUT})``.
+   ``--spec eagle --draft-head OUT`` or ``LLM(model, speculative={"method": "eagle", "path": OUT})`` (``medusa``
+   likewise).
 """
 from __future__ import annotations
 
@@ -21,12 +23,12 @@ from pathlib import Path
 
 from ..cli_common import info as _info
 
-METHODS = ("eagle",)
+METHODS = ("eagle", "medusa", "kangaroo")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "train-drafter", help="train a draft head (EAGLE) for a model on its own answers, on this machine",
+        "train-drafter", help="train a draft head (EAGLE, Medusa, Kangaroo) for a model on its own answers, on this machine",
         description="Self-distil training data from the model (held-out prompts, greedy answers, its hidden states) "
                     "and train a draft head on it with torch on the CPU. See docs/trained-drafters.md.")
     p.add_argument("--model", "-m", default=None, help="the target: known name, .gguf file or HF folder "
@@ -43,8 +45,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--draft-vocab", type=int, default=8192,
                    help="draft vocabulary: the most frequent answer tokens (default 8192)")
     p.add_argument("--intermediate-size", type=int, default=None,
-                   help="the head's MLP width (default: the target's)")
-    p.add_argument("--unroll", type=int, default=3, help="training-time-test steps (default 3)")
+                   help="eagle: the head's MLP width (default: the target's)")
+    p.add_argument("--unroll", type=int, default=3, help="eagle: training-time-test steps (default 3)")
+    p.add_argument("--heads", type=int, default=4, help="medusa: heads, i.e. the draft depth (default 4)")
+    p.add_argument("--layers", type=int, default=1, help="medusa: residual blocks per head (default 1)")
+    p.add_argument("--exit-layer", type=int, default=2,
+                   help="kangaroo: the self-draft is the model's first N layers plus the adapter (default 2)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
     p.add_argument("--batch", type=int, default=8, help="windows per step (default 8)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
@@ -61,14 +67,16 @@ def main(args) -> int:
     import torch
 
     from ..cli_common import at_least
-    from .eagle import TrainConfig
+    from .loop import TrainConfig
 
     for flag, value in (("--prompts", args.prompts), ("--max-tokens", args.max_tokens), ("--steps", args.steps),
                         ("--draft-vocab", args.draft_vocab), ("--unroll", args.unroll), ("--seq-len", args.seq_len),
-                        ("--batch", args.batch), ("--threads", args.threads),
+                        ("--batch", args.batch), ("--threads", args.threads), ("--heads", args.heads), ("--layers", args.layers),
+                        ("--exit-layer", args.exit_layer),
                         ("--intermediate-size", args.intermediate_size)):
         at_least(flag, value, 1)
     cfg = TrainConfig(draft_vocab=args.draft_vocab, intermediate_size=args.intermediate_size, unroll=args.unroll,
+                      heads=args.heads, layers=args.layers,
                       seq_len=args.seq_len, batch=args.batch, lr=args.lr, max_steps=args.steps,
                       max_minutes=args.max_minutes, precision=args.precision)
     cfg.check()
@@ -93,20 +101,31 @@ def main(args) -> int:
                            progress=lambda done, total: bar.update(done))
         _info(f"data: {len(meta['sequences'])} sequences in {meta['seconds']:.0f} s")
     data = Dataset(data_dir)
-    _info(f"training an EAGLE head on {data.num_tokens} tokens ({data.answer_tokens()} answer tokens) into {out}")
-    from .eagle import train_eagle
+    what = {"eagle": "an EAGLE head", "medusa": f"{cfg.heads} Medusa heads",
+            "kangaroo": f"a Kangaroo adapter after layer {args.exit_layer}"}[args.method]
+    _info(f"training {what} on {data.num_tokens} tokens ({data.answer_tokens()} answer tokens) into {out}")
+    if args.method == "eagle":
+        from .eagle import train_eagle as train
+    elif args.method == "medusa":
+        from .medusa import train_medusa as train
+    else:
+        from functools import partial
+
+        from .kangaroo import train_kangaroo
+
+        train = partial(train_kangaroo, exit_layer=args.exit_layer)
 
     with _Bar("training", cfg.max_steps) as bar:
         def progress(state: dict) -> None:
             acc = "/".join(f"{a:.2f}" for a in state["acc"])
             bar.update(state["step"], f"loss {state['loss']:.3f} acc {acc}")
 
-        summary = train_eagle(llm.model, data, out, cfg, resume=not args.no_resume, progress=progress)
+        summary = train(llm.model, data, out, cfg, resume=not args.no_resume, progress=progress)
     _info(f"trained in {summary['seconds']:.0f} s ({summary['steps']} steps, stopped by {summary['stopped_by']}): "
          f"held-out accuracy by depth {summary['eval_acc_by_depth']}, ~{summary['expected_tokens_per_pass_chain']} "
-         f"tokens per pass as a chain; total {time.perf_counter() - started:.0f} s")
+         f"tokens per pass as a chain{' (heads taken as independent)' if args.method == 'medusa' else ''}; total {time.perf_counter() - started:.0f} s")
     print(json.dumps({"out": str(out), **{k: v for k, v in summary.items() if k != "config"}}))
-    _info(f"use it: leaplm generate --spec eagle --draft-head {out} ...")
+    _info(f"use it: leaplm generate --spec {args.method} --draft-head {out} ...")
     return 0
 
 

@@ -153,3 +153,26 @@ def test_speculation_gives_the_same_completions(tiny_dir):
     assert [p["completion"] for p in spec["problems"]] == [p["completion"] for p in plain["problems"]]
     assert [p["status"] for p in spec["problems"]] == [p["status"] for p in plain["problems"]]
     assert sum(p["drafted"] for p in spec["problems"]) > 0 and sum(p["drafted"] for p in plain["problems"]) == 0
+
+
+def test_sampled_evaluation_averages_samples_with_distinct_seeds():
+    llm = StubLLM({ADD.prompt: "    return a + b\n"})
+    out = evaluate(llm, [ADD], max_tokens=16, temperature=0.7, top_p=0.9, seed=5, samples=3)
+    assert [p.temperature for p in llm.seen] == [0.7] * 3 and {p.top_p for p in llm.seen} == {0.9}
+    assert [p.seed for p in llm.seen] == [5, 1005, 2005]
+    s = out["summary"]
+    assert s["problems"] == 1 and s["generations"] == 3 and s["pass@1"] == 1.0
+    assert [p["sample"] for p in out["problems"]] == [0, 1, 2]
+    with pytest.raises(InvalidParamsError, match="--samples must be >= 1, and 1 when greedy"):
+        evaluate(llm, [ADD], samples=2)
+
+
+def test_pass_at_1_stderr_is_over_problems():
+    from leaplm.evals.humaneval import summarize
+
+    rows = [{"task_id": t, "status": "passed" if ok else "failed", "passed": ok, "output_tokens": 4,
+             "generation_s": 0.0, "execution_s": 0.0, "target_passes": 2}
+            for t, ok in (("a", True), ("a", False), ("b", True), ("b", True))]
+    s = summarize(rows)
+    assert s["pass@1"] == 0.75 and s["problems"] == 2 and s["tokens_per_pass"] == 2.0
+    assert s["pass@1_stderr"] == pytest.approx(0.25)   # per-problem rates 0.5 and 1.0: sd 0.354 / sqrt(2)

@@ -211,6 +211,30 @@ def test_eagle_head_trees_keep_the_distribution(target, tmp_path):
     assert drafter.branched >= 500, f"only {drafter.branched} drafts had siblings"
 
 
+def test_medusa_head_trees_keep_the_distribution(target, tmp_path):
+    """Trained Medusa heads' trees (the heads' top-2 as deterministic siblings at each depth, verified by recursive
+    rejection sampling with one-hot q; two heads, so a 3-node draft branches): heads trained for seconds on the
+    target's own greedy answers."""
+    from leaplm.engine import LLMEngine
+    from leaplm.speculative.drafters import Medusa
+    from leaplm.train.distill import Dataset, collect
+    from leaplm.train.loop import TrainConfig
+    from leaplm.train.medusa import train_medusa
+
+    _, model, prompt = target
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(2, V, (6,), generator=gen).tolist() for _ in range(24)] + [prompt]
+    collect(LLMEngine(model, eos_token_ids=[EOS], prefix_caching=False), prompts, tmp_path / "data", max_tokens=24)
+    train_medusa(model, Dataset(tmp_path / "data"), tmp_path / "heads",
+                 TrainConfig(draft_vocab=V, seq_len=16, batch=4, heads=2, max_steps=120, warmup=10, eval_every=60,
+                             lr=3e-3, precision="fp32"))
+    medusa = Medusa(str(tmp_path / "heads"), num_draft=3, top_k=2, quantization=None, node_cost=0.0)
+    medusa.bind(model)
+    drafter = Recorder(medusa)
+    check_distribution(model, prompt, drafter, 5, min_drafted=1.0, accept=(0.05, 0.9))   # 3-node first drafts
+    assert drafter.branched >= 500, f"only {drafter.branched} drafts had siblings"
+
+
 @pytest.mark.slow   # ~30 s with a cold inductor cache (compiling is ~15 s of it), ~17 s warm, on 2 busy cores
 def test_a_compiled_target_keeps_the_distribution(target):
     """Decode and verify passes through the compiled step (``model.compile()``): Token Recycling's trees and

@@ -14,7 +14,9 @@ from .base import Draft, Drafter
 from .copyspec import CopySpec
 from .draft_model import DraftModel
 from .eagle import Eagle
+from .kangaroo import Kangaroo
 from .lookahead import Lookahead
+from .medusa import Medusa
 from .prompt_lookup import PromptLookup
 from .rasd import RASD
 from .recycling import TokenRecycling
@@ -22,7 +24,7 @@ from .retrieval import Retrieval
 
 # canonical name -> class, in registry order
 DRAFTERS: dict[str, type[Drafter]] = registry.bind_classes(
-    (PromptLookup, CopySpec, TokenRecycling, ADED, Lookahead, Retrieval, DraftModel, RASD, Eagle))
+    (PromptLookup, CopySpec, TokenRecycling, ADED, Lookahead, Retrieval, DraftModel, RASD, Eagle, Medusa, Kangaroo))
 # alias -> canonical name (derived from the registry; kept for callers of the old table)
 ALIASES: dict[str, str] = {alias: info.name for info in registry.DRAFTERS for alias in info.aliases}
 
@@ -37,5 +39,6 @@ def make_drafter(spec: str | dict[str, Any] | Drafter | None) -> Drafter | None:
     return registry.construct(DRAFTERS[info.name], info, knobs)
 
 
-__all__ = ["ADED", "ALIASES", "CopySpec", "Draft", "Drafter", "DraftModel", "DRAFTERS", "Eagle", "Lookahead", "PromptLookup",
+__all__ = ["ADED", "ALIASES", "CopySpec", "Draft", "Drafter", "DraftModel", "DRAFTERS", "Eagle", "Kangaroo", "Lookahead", "Medusa",
+           "PromptLookup",
            "RASD", "Retrieval", "TokenRecycling", "make_drafter"]

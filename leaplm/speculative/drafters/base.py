@@ -32,6 +32,10 @@ Contract v2 (the serving engine, ``leaplm/engine``; ``row`` is the engine's requ
 - ``propose_batch(rows, contexts, ks) -> [Draft]``: every speculating request of one drafter in a step, in one
   call (the default loops over ``propose``); a trained head batches its forward passes here.
 
+``typical = (threshold, alpha)`` (None by default) asks for Medusa's **lossy** typical acceptance of sampled
+requests instead of exact verification (``verify.verify_typical``); greedy requests are verified exactly whatever
+it says.
+
 ``observe_topk > 0`` asks the engine to call ``observe(row, fed, topk)`` after each target pass:
 ``fed`` the tokens of that pass (the pending token, then every draft node in order; the last prompt
 token after a prefill) and ``topk`` ``[len(fed), observe_topk]`` the target's highest-scoring next
@@ -63,6 +67,7 @@ class Drafter:
     num_draft: int = 0
     observe_topk: int = 0
     needs_hidden: bool = False
+    typical: tuple[float, float] | None = None
 
     def propose(self, row: int, context: Sequence[int], k: int) -> Draft:  # pragma: no cover - interface
         raise NotImplementedError

@@ -16,12 +16,9 @@ pending token):
    head pass over those nodes (a node attends to the committed indices and its own ancestors). ``width=1,
    top_k=1`` drafts a chain.
    Growth stops early when no node of the newest level has a (calibrated) path probability of ``min_prob``.
-3. Of the ``min(k, num_draft)`` likeliest nodes of the whole tree (by path probability, so every kept node's parent
-   is kept), as many as pay for the wider verification pass: the count that maximises expected tokens per unit of
-   pass time (``cost.best_prefix``), with the target's pass cost by nodes measured at bind (``spec.cost.pass_cost``;
-   ``node_cost`` gives a linear cost instead, 0 keeps every node) and the head's path probabilities, calibrated by
-   how many tokens its verified drafts actually got accepted, standing in for acceptance. They are the draft, in
-   topological order.
+3. Of the ``min(k, num_draft)`` likeliest nodes of the whole tree, as many as pay for the wider verification pass
+   (``TrainedDrafter.choose``, ``drafters/trained.py``: calibrated path probabilities against the target's measured
+   pass cost). They are the draft, in topological order.
 
 Drafts are deterministic (no q), so verification is lossless for greedy and sampled requests alike. Indices
 without a feature (prompt tokens served from the prefix cache, which the target never recomputed) are simply absent
@@ -39,8 +36,8 @@ import torch
 from torch import Tensor
 
 from ...errors import InvalidParamsError
-from ..cost import best_prefix
-from .base import Draft, Drafter, int_knob
+from .base import Draft, int_knob
+from .trained import TrainedDrafter, int8_linears
 
 
 @dataclass
@@ -52,35 +49,24 @@ class _Row:
     have: Tensor                   # [cap] bool: key/value computed
 
 
-class Eagle(Drafter):
+class Eagle(TrainedDrafter):
     name = "eagle"
-    needs_hidden = True
 
     def __init__(self, path: str, num_draft: int = 16, depth: int = 5, top_k: int = 4, width: int = 4,
-                 quantization: str | None = "int8", node_cost: float | None = None, min_prob: float = 0.05) -> None:
+                 quantization: str | None = "int8", node_cost: float | None = None, min_prob: float = 0.05,
+                 lookup: bool = False) -> None:
+        super().__init__("eagle", num_draft, quantization, node_cost, lookup)
         self.path = str(path)
-        self.num_draft = int_knob("eagle", "num_draft", num_draft, 1)
         self.depth = int_knob("eagle", "depth", depth, 1)
         self.top_k = int_knob("eagle", "top_k", top_k, 1)
         self.width = int_knob("eagle", "width", width, 1)
-        if quantization not in (None, "int8"):
-            raise InvalidParamsError(f"eagle quantization must be None or 'int8', got {quantization!r}")
-        self.quantization = quantization
-        if node_cost is not None and not (isinstance(node_cost, (int, float)) and node_cost >= 0):
-            raise InvalidParamsError(f"eagle node_cost must be None (measure) or a number >= 0, got {node_cost!r}")
         if not (isinstance(min_prob, (int, float)) and 0 <= min_prob < 1):
             raise InvalidParamsError(f"eagle min_prob must be a number in [0, 1), got {min_prob!r}")
-        self.node_cost, self.min_prob = node_cost, float(min_prob)
-        from ..cost import drafter_cost
-
-        self._pass_cost = drafter_cost(self.num_draft, node_cost)
-        self._expected = self._hits = 0.0          # calibration: path probability drafted vs tokens accepted
+        self.min_prob = float(min_prob)
         from ..heads.eagle import EagleHead
 
         self.head = EagleHead.load(self.path)    # a missing or broken folder is named before the target loads
         self.rows: dict[int, _Row] = {}
-        self.accepted_hist: list[int] = []       # [n]: verified drafts of which exactly n tokens were accepted
-        self._drafted: dict[int, float] = {}     # row -> expected accepted tokens of its last (unverified) draft
 
     # ------------------------------------------------------------------ setup
     def bind(self, target_model, target_tokenizer=None) -> None:
@@ -88,27 +74,13 @@ class Eagle(Drafter):
         head.attach(target_model)
         head.eval().requires_grad_(False)
         if self.quantization == "int8" and target_model.device.type == "cpu":
-            _int8(head)
-        if self.node_cost is None:
-            from ..cost import pass_cost
-
-            self._pass_cost = pass_cost(target_model, self.num_draft)
+            lm = int8_linears(head, ("fc", "qkv", "o", "gate_up", "down"), head.lm)
+            head.logits = lambda g: lm(g)
+        self.bind_cost(target_model)
 
     def reset(self, row: int) -> None:
+        super().reset(row)
         self.rows.pop(row, None)
-        self._drafted.pop(row, None)
-
-    def _calibration(self) -> float:
-        """Accepted tokens per unit of drafted path probability so far (prior: one expected, one taken)."""
-        return (self._hits + 1.0) / (self._expected + 1.0)
-
-    def acceptance_by_depth(self) -> list[float]:
-        """``[d]``: the fraction of verified drafts whose accepted path reached depth ``d + 1`` (EAGLE's and Medusa's
-        per-depth acceptance; their sum + 1 is the mean tokens per pass of drafted steps)."""
-        total = sum(self.accepted_hist)
-        if not total:
-            return []
-        return [sum(self.accepted_hist[d:]) / total for d in range(1, len(self.accepted_hist))]
 
     def _row(self, row: int, need: int) -> _Row:
         r = self.rows.get(row)
@@ -127,13 +99,7 @@ class Eagle(Drafter):
         return r
 
     def committed(self, row: int, tokens: Sequence[int], hidden: Tensor | None = None, start: int | None = None) -> None:
-        expected = self._drafted.pop(row, 0.0)
-        if expected:                    # a verified draft: the pending token, then the accepted ones
-            n = max(0, len(tokens) - 1)
-            self._expected += expected
-            self._hits += n
-            self.accepted_hist += [0] * (n + 1 - len(self.accepted_hist))
-            self.accepted_hist[n] += 1
+        self.count_verdict(row, tokens)
         if hidden is None or start is None or not len(tokens):
             return
         r = self._row(row, start + len(tokens) + 1)
@@ -145,6 +111,9 @@ class Eagle(Drafter):
     def propose(self, row: int, context: Sequence[int], k: int) -> Draft:
         b = len(context) - 2
         budget = min(k, self.num_draft)
+        copy = self.copy_draft(row, context, budget)
+        if copy is not None:
+            return copy
         r = self.rows.get(row)
         if budget < 1 or b < 0 or r is None or b >= r.known.shape[0] or not r.known[b]:
             return Draft([])   # no feature for the last committed token (e.g. a jump-forward): no draft this step
@@ -169,6 +138,7 @@ class Eagle(Drafter):
         expanded: list[int] = []                                          # node index of each scratch row
         frontier = [-1]                                                   # node -1: the root (index b)
         base = [0.0]
+        g_of: dict[int, Tensor] = {}                                     # node -> its head output
         vocab = head.draft_vocab
         levels = min(self.depth, budget)
         for depth in range(levels):
@@ -181,7 +151,7 @@ class Eagle(Drafter):
                     parents.append(parent)
                     scores.append(base[f] + lp)
             frontier = sorted(children, key=lambda i: -scores[i])[: self.width]
-            if depth == levels - 1 or math.exp(scores[frontier[0]]) * self._calibration() < self.min_prob:
+            if depth == levels - 1 or math.exp(scores[frontier[0]]) * self.calibration() < self.min_prob:
                 break
             base = [scores[i] for i in frontier]
             # one head pass over the new frontier: inputs [parent's feature ; token]
@@ -203,41 +173,9 @@ class Eagle(Drafter):
                         mask[qi, len(real) + row_of[node]] = True
                     node = parents[node]
             out = head.finish(u, head.attend(q[0], torch.cat((keys, sk)), torch.cat((values, sv)), mask))
-            g_of = {**(g_of if depth else {}), **{node: out[i] for i, node in enumerate(frontier)}}
+            g_of.update({node: out[i] for i, node in enumerate(frontier)})
             logp = torch.log_softmax(head.logits(out).float(), dim=-1)
-        # 3. the likeliest nodes, closed under parents, in topological order
-        keep: list[int] = []
-        kept = set()
-        for i in sorted(range(len(tokens)), key=lambda i: (-scores[i], i)):
-            if parents[i] < 0 or parents[i] in kept:
-                keep.append(i)
-                kept.add(i)
-                if len(keep) == budget:
-                    break
-        calibration = self._calibration()
-        accepts = [min(1.0, math.exp(scores[i]) * calibration) for i in keep]
-        cost = self._pass_cost.at(len(context))
-        n = max(1, best_prefix(accepts[: len(cost) - 1], cost))
-        self._drafted[row] = sum(accepts[:n])
-        keep = sorted(keep[:n])   # parents come before children in creation order
-        new_index = {node: n for n, node in enumerate(keep)}
-        out_tokens = [tokens[i] for i in keep]
-        out_parents = [-1 if parents[i] < 0 else new_index[parents[i]] for i in keep]
-        if all(p == n - 1 for n, p in enumerate(out_parents)):
-            return Draft(out_tokens)   # a chain
-        return Draft(out_tokens, parents=out_parents)
+        # 3. the likeliest nodes that pay for their verification
+        return self.choose(row, tokens, parents, scores, budget, len(context))
 
 
-def _int8(head) -> None:
-    """The head's projections and draft LM head in leaplm's int8 kernels (draft quality only moves acceptance)."""
-    from torch import nn
-
-    from ...quant.int8 import Int8Linear
-
-    for name in ("fc", "qkv", "o", "gate_up", "down"):
-        layer = getattr(head, name)
-        if isinstance(layer, nn.Linear):
-            setattr(head, name, Int8Linear.from_weight(layer.weight.detach(), None if layer.bias is None
-                                                       else layer.bias.detach()))
-    lm = Int8Linear.from_weight(head.lm)
-    head.logits = lambda g: lm(g)
