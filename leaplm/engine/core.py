@@ -386,13 +386,15 @@ class LLMEngine:
         if r.params.greedy:
             choices = target_argmax(scores, r.params, r.history, tokens, parents)
             verdict = verify_greedy(tokens, choices) if parents is None else verify_tree_greedy(tokens, parents, choices)
-        elif tokens and getattr(r.drafter, "typical", None) is not None:   # lossy: the drafter asked (Medusa)
-            probs = target_probabilities(scores, r.params, r.history, tokens, parents)
-            verdict = verify_typical(tokens, parents, probs, *r.drafter.typical, r.generator)
         else:
             probs = target_probabilities(scores, r.params, r.history, tokens, parents)
-            verdict = (verify_sampling(tokens, probs, draft.probs, r.generator) if parents is None
-                       else verify_tree_sampling(tokens, parents, probs, draft.probs, r.generator))
+            typical = getattr(r.drafter, "typical", None)   # lossy: the drafter asked (Medusa's option)
+            if tokens and typical is not None:
+                verdict = verify_typical(tokens, parents, probs, *typical, r.generator)
+            elif parents is None:
+                verdict = verify_sampling(tokens, probs, draft.probs, r.generator)
+            else:
+                verdict = verify_tree_sampling(tokens, parents, probs, draft.probs, r.generator)
         kept = 0
         jump = r.constraint is not None and r.params.jump_forward
         for i, token in enumerate(verdict.tokens):

@@ -251,18 +251,14 @@ def perplexity_rows(modes: dict) -> list[list[str]]:
 def main_humaneval(args) -> int:
     from ..errors import InvalidParamsError
     from ..llm import LLM
-    from .humaneval import CHAT_INSTRUCTION, STOP_SEQUENCES, evaluate, load_problems
+    from .humaneval import CHAT_INSTRUCTION, STOP_SEQUENCES, check_sampling, evaluate, load_problems
 
     modes = parse_modes(args.quantization)
     if args.max_tokens < 1:
         raise InvalidParamsError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.timeout <= 0:
         raise InvalidParamsError(f"--timeout must be > 0 seconds, got {args.timeout}")
-    if not args.temperature >= 0 or not 0 < args.top_p <= 1:
-        raise InvalidParamsError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} and "
-                                 f"{args.top_p}")
-    if args.samples < 1 or (args.temperature == 0 and args.samples > 1):
-        raise InvalidParamsError(f"--samples must be >= 1, and 1 when greedy (--temperature 0); got {args.samples}")
+    check_sampling(args.temperature, args.top_p, args.samples)
     check_model_args(args, quantization=False)   # --quantization is a list here: parse_modes
     if args.out is not None:
         prepare_out_dir(args.out)   # fail now, not after the whole evaluation

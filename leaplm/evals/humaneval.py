@@ -268,14 +268,22 @@ def _generate(llm, problem: Problem, max_tokens: int, chat: bool, speculative,
     return out.text, out.text, out
 
 
+def check_sampling(temperature: float, top_p: float, samples: int) -> None:
+    """``InvalidParamsError`` for sampling settings ``evaluate`` cannot use (the CLI checks before loading)."""
+    if not temperature >= 0 or not 0 < top_p <= 1:
+        raise InvalidParamsError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature} and {top_p}")
+    if samples < 1 or (temperature == 0 and samples > 1):
+        raise InvalidParamsError(f"--samples must be >= 1, and 1 when greedy (--temperature 0); got {samples}")
+
+
 def evaluate(llm, problems: list[Problem], *, max_tokens: int = 384, timeout: float = 10.0, chat: bool = False,
              speculative: str | dict | None = None, memory_mb: int = 2048, progress: bool = False,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, samples: int = 1) -> dict:
     """Generate for every problem with ``llm`` (greedily, or ``samples`` times with ``temperature``/``top_p``, sample
     ``i`` of problem ``j`` seeded ``seed + 1000 * i + j``: pass@1 is then the mean over samples) and run its tests.
 
-    Returns ``{"summary": {problems, passed, failed, timeouts, errors, pass@1, output_tokens, generation_s,
-    execution_s}, "problems": [{task_id, status, passed, error, completion, generated, finish_reason,
+    Returns ``{"summary": {problems, generations, passed, failed, timeouts, errors, pass@1, pass@1_stderr,
+    output_tokens, tokens_per_pass, generation_s, execution_s}, "problems": [{task_id, sample, status, passed, error, completion, generated, finish_reason,
     output_tokens, generation_s, execution_s, target_passes, drafted, accepted}, ...]}`` (``generated``: the
     raw chat answer, chat mode only; the last three from ``RequestOutput.metrics``). ``status`` "error" means generation itself failed
     (e.g. the prompt does not fit the context window); it counts as not passed."""
@@ -285,8 +293,7 @@ def evaluate(llm, problems: list[Problem], *, max_tokens: int = 384, timeout: fl
         raise InvalidParamsError(f"--timeout must be > 0 seconds, got {timeout}")
     if not problems:
         raise InvalidParamsError("no HumanEval problems to evaluate")
-    if samples < 1 or (temperature == 0 and samples > 1):
-        raise InvalidParamsError(f"--samples must be >= 1, and 1 when greedy (--temperature 0); got {samples}")
+    check_sampling(temperature, top_p, samples)
     records = []
     jobs = [(i, j, problem) for i in range(samples) for j, problem in enumerate(problems)]
     with Progress(len(jobs), "humaneval", progress) as bar:
@@ -346,4 +353,4 @@ def summarize(records: list[dict]) -> dict:
 
 
 __all__ = ["STOP_SEQUENCES", "CHAT_INSTRUCTION", "Problem", "ExecResult", "load_problems", "build_program",
-           "extract_code", "run_program", "check_problem", "evaluate", "summarize"]
+           "extract_code", "run_program", "check_problem", "check_sampling", "evaluate", "summarize"]

@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..speculative.heads.eagle import EagleConfig, EagleHead, embed_fingerprint
+from ..speculative.heads.eagle import EagleConfig, EagleHead
 from .distill import Dataset
-from .loop import TrainConfig, check_data, draft_vocabulary, expected_accepted, split, train_head, vocab_index
+from .loop import TrainConfig, expected_accepted, prepare, split, train_head, vocab_index
 
 __all__ = ["TrainConfig", "expected_accepted", "losses", "train_eagle"]
 
@@ -82,14 +82,9 @@ def losses(head: EagleHead, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor
 def train_eagle(target, data: Dataset, out: str | Path, cfg: TrainConfig, resume: bool = True,
                 progress: Callable[[dict], None] | None = None) -> dict:
     """Train (or resume) an EAGLE head for ``target`` (a leaplm ``Transformer``) on ``data``; returns a summary."""
-    cfg.check()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_data(target, data)
-    torch.manual_seed(cfg.seed)
-    vocab = draft_vocabulary(data, cfg.draft_vocab, target.config.vocab_size)
+    out, vocab, record = prepare(target, data, cfg, out)
     head_cfg = EagleConfig.for_target(target.config, len(vocab), cfg.intermediate_size)
-    head_cfg.target = {"model": data.meta.get("model"), "embed_fingerprint": embed_fingerprint(target.embed.float())}
+    head_cfg.target = record
     head = EagleHead(head_cfg)
     head.draft_vocab.copy_(vocab)
     head.attach(target)

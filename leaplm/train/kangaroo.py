@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..speculative.heads.kangaroo import KangarooAdapter, KangarooConfig, embed_fingerprint
+from ..speculative.heads.kangaroo import KangarooAdapter, KangarooConfig
 from .distill import Dataset
-from .loop import TrainConfig, draft_vocabulary, split, train_head, vocab_index
+from .loop import TrainConfig, prepare, split, train_head, vocab_index
 
 
 @torch.inference_mode()
@@ -70,16 +70,13 @@ def train_kangaroo(target, data: Dataset, out: str | Path, cfg: TrainConfig, exi
                    progress: Callable[[dict], None] | None = None) -> dict:
     """Train (or resume) a Kangaroo adapter exiting after ``exit_layer`` layers of ``target`` (a leaplm
     ``Transformer``) on ``data`` (its tokens; the recorded features are not used); returns a summary."""
-    cfg.check()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    vocab = draft_vocabulary(data, cfg.draft_vocab, target.config.vocab_size)
+    out, vocab, record = prepare(target, data, cfg, out, features=False)   # the data's features are not read
     head_cfg = KangarooConfig.for_target(target.config, exit_layer, len(vocab))
-    head_cfg.target = {"model": data.meta.get("model"), "embed_fingerprint": embed_fingerprint(target.embed.float())}
+    head_cfg.target = record
     adapter = KangarooAdapter(head_cfg)
     adapter.draft_vocab.copy_(vocab)
     adapter.attach(target)
-    states = SimpleNamespace(tokens=data.tokens, features=shallow_states(adapter, data), hidden_size=data.hidden_size)
+    states = SimpleNamespace(tokens=data.tokens, features=shallow_states(adapter, data),
+                             hidden_size=target.config.hidden_size)
     return train_head(adapter, data, states, split(data, cfg), vocab_index(vocab, target.config.vocab_size), 1,
                       lambda batch: losses(adapter, batch, cfg), 1, cfg, out, resume, progress, exit_layer=exit_layer)

@@ -99,6 +99,23 @@ def expected_accepted(acc: list[float]) -> float:
     return total
 
 
+def prepare(target, data: Dataset, cfg: TrainConfig, out: str | Path,
+            features: bool = True) -> tuple[Path, torch.Tensor, dict]:
+    """What every trainer does first: check ``cfg`` (and, when the method reads the data's ``features``, that they
+    are the target's width), create ``out``, seed torch, pick the draft vocabulary. Returns (``out``, the draft
+    vocabulary ``[Vd]``, the head config's ``target`` record: the data's model and the embedding fingerprint)."""
+    from ..speculative.heads.common import embed_fingerprint
+
+    cfg.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if features:
+        check_data(target, data)
+    torch.manual_seed(cfg.seed)
+    vocab = draft_vocabulary(data, cfg.draft_vocab, target.config.vocab_size)
+    return out, vocab, {"model": data.meta.get("model"), "embed_fingerprint": embed_fingerprint(target.embed.float())}
+
+
 def check_data(target, data: Dataset) -> None:
     """The data's features must be the target's hidden size (data made with another model are refused)."""
     if data.hidden_size != target.config.hidden_size:

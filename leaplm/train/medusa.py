@@ -17,9 +17,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..speculative.heads.medusa import MedusaConfig, MedusaHeads, embed_fingerprint
+from ..speculative.heads.medusa import MedusaConfig, MedusaHeads
 from .distill import Dataset
-from .loop import TrainConfig, check_data, draft_vocabulary, split, train_head, vocab_index
+from .loop import TrainConfig, prepare, split, train_head, vocab_index
 
 
 def losses(heads: MedusaHeads, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -45,17 +45,10 @@ def train_medusa(target, data: Dataset, out: str | Path, cfg: TrainConfig, resum
                  progress: Callable[[dict], None] | None = None) -> dict:
     """Train (or resume) ``cfg.heads`` Medusa heads for ``target`` (a leaplm ``Transformer``) on ``data``; returns
     a summary."""
-    cfg.check()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_data(target, data)
-    torch.manual_seed(cfg.seed)
-    vocab = draft_vocabulary(data, cfg.draft_vocab, target.config.vocab_size)
+    out, vocab, record = prepare(target, data, cfg, out)
     c = target.config
     heads = MedusaHeads(MedusaConfig(hidden_size=c.hidden_size, num_heads=cfg.heads, num_layers=cfg.layers,
-                                     vocab_size=c.vocab_size, draft_vocab_size=len(vocab),
-                                     target={"model": data.meta.get("model"),
-                                             "embed_fingerprint": embed_fingerprint(target.embed.float())}))
+                                     vocab_size=c.vocab_size, draft_vocab_size=len(vocab), target=record))
     heads.draft_vocab.copy_(vocab)
     heads.attach(target)
     return train_head(heads, data, data, split(data, cfg), vocab_index(vocab, c.vocab_size), cfg.heads,
