@@ -227,7 +227,8 @@ def _load(args):
                   speculative=speculative_spec(args), quantization=getattr(args, "quantization", None),
                   compile=getattr(args, "compile", False), max_num_seqs=getattr(args, "max_num_seqs", None),
                   kv_cache_memory=parse_size("--kv-cache-memory", getattr(args, "kv_cache_memory", None)),
-                  reserve_kv_memory=getattr(args, "reserve_kv_memory", False))
+                  reserve_kv_memory=getattr(args, "reserve_kv_memory", False),
+                  kv_policy=getattr(args, "kv_policy", None))
     weights = f", {llm.quantization} weights" if llm.quantization else ""
     compiled = f", compiled in {llm.compile_s:.1f}s" if llm.compile_s is not None else ""
     _info(f"loaded {llm.model_path.name} ({llm.config.family}, {llm.dtype}{weights}, {llm.device}{compiled}) in "

@@ -112,6 +112,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "quarter of the free memory, at most what --max-num-seqs full-length requests need)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="most requests decoding together (continuous batching; default 32)")
+    p.add_argument("--kv-policy", default=None, metavar="POLICY",
+                   help="KV-cache compression, LOSSY (docs/long-context.md): snapkv[:ratio=0.25|budget=N] keeps the "
+                        "prompt tokens attention points at; streaming_llm[:sinks=4,window=1020] keeps attention sinks "
+                        "+ a recent window (bounded memory, output past the context window); default: keep every token")
 
 
 _UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "kib": 2 ** 10, "m": 10 ** 6, "mb": 10 ** 6, "mib": 2 ** 20,

@@ -46,6 +46,7 @@ class RequestOutput:
     finish_reason: str            # "stop" (EOS, stop token, stop string, grammar complete) | "length"
     metrics: dict = field(default_factory=dict)   # see LLM.request_output; "forced_tokens": jump-forward tokens
     logprobs: list | None = None  # SamplingParams(logprobs=k): one leaplm.engine.TokenLogprob per token in token_ids
+    prompt_logprobs: list | None = None   # SamplingParams(prompt_logprobs=k): None, then a TokenLogprob per prompt token
 
     @property
     def outputs(self) -> list["RequestOutput"]:
@@ -153,6 +154,11 @@ class LLM:
             does not cover (float models hit the cache on later loads). Compiled passes
             round slightly differently from eager ones; speculation stays lossless relative to the
             compiled model (tested).
+        kv_policy: KV-cache compression / eviction for every request (a request's ``SamplingParams.kv_policy``
+            overrides it), e.g. ``"snapkv:ratio=0.25"`` (keep a quarter of each prompt's tokens, chosen by
+            attention) or ``"streaming_llm:window=1020"`` (attention sinks + a recent window: bounded memory,
+            generation past the context window). Lossy; each output's ``metrics["kv_cache_bytes"]`` reports the KV
+            memory it held at most. None: keep every token. See docs/long-context.md.
 
     Structured output is asked for per request (``SamplingParams(json_schema=...)``, ``regex``,
     ``grammar``, ``json_object``; docs/structured-output.md). ``generate`` compiles every request's
@@ -165,7 +171,8 @@ class LLM:
                  quantization: str | None = "auto", compile: bool = False, max_num_seqs: int | None = None,
                  kv_cache_memory: int | None = None, prefix_caching: bool = True,
                  max_num_batched_tokens: int | None = None, goodput: bool = True,
-                 reserve_kv_memory: bool = False) -> None:
+                 reserve_kv_memory: bool = False, kv_policy: str | dict | None = None) -> None:
+        from .cache.policies import parse_kv_policy
         from .models.load import build_model, check_checkpoint
         from .quant import check_quantization, resolve_quantization
 
@@ -192,6 +199,7 @@ class LLM:
             raise InvalidParamsError(f"max_num_batched_tokens must be None or an integer >= max_num_seqs "
                                      f"({self.max_num_seqs}), got {max_num_batched_tokens!r}")
         check_quantization(quantization, self.device)
+        parse_kv_policy(kv_policy)   # a bad spec fails before the load
 
         self.model_path = hub.resolve(str(model) if model is not None else hub.DEFAULT_MODEL, download=download)
         check_checkpoint(self.model_path)   # a truncated file or bad config.json, named before the tokenizer reads it
@@ -209,7 +217,8 @@ class LLM:
                                 kv_cache_memory=None if kv_cache_memory is None else int(kv_cache_memory),
                                 prefix_caching=bool(prefix_caching),
                                 max_num_batched_tokens=max_num_batched_tokens, drafter_factory=self.drafter_for,
-                                goodput=bool(goodput), reserve_kv_memory=bool(reserve_kv_memory))
+                                goodput=bool(goodput), reserve_kv_memory=bool(reserve_kv_memory),
+                                kv_policy=kv_policy)
 
     @property
     def config(self):
@@ -286,8 +295,9 @@ class LLM:
         prompts = list(prompts)
         params = self._params_list(sampling_params, len(prompts))
         ids = [self.encode(p) for p in prompts]
-        for one in ids:
-            self.engine.check_prompt(one)
+        for one, p in zip(ids, params):
+            policy = self.engine.policy_for(p)
+            self.engine.check_prompt(one, policy is not None and policy.bounded)
         for p in {id(p): p for p in params}.values():  # every grammar compiles before anything runs
             self.compile_constraint(p)
         results: list[RequestOutput | None] = [None] * len(ids)
@@ -387,7 +397,8 @@ class LLM:
         return RequestOutput(
             prompt=None, prompt_token_ids=r.prompt_ids, text=tracker.final_text(), token_ids=list(r.output_ids),
             finish_reason=r.finish_reason or "length",
-            logprobs=list(r.logprobs) if r.logprobs is not None else None, metrics=request_metrics(r))
+            logprobs=list(r.logprobs) if r.logprobs is not None else None, metrics=request_metrics(r),
+            prompt_logprobs=list(r.prompt_logprobs) if r.prompt_logprobs is not None else None)
 
 
 def request_metrics(r: Request) -> dict:
@@ -404,6 +415,11 @@ def request_metrics(r: Request) -> dict:
         "draft_s": r.draft_s, "verify_s": r.verify_s,
         "forced_tokens": r.forced_tokens, "pruned_draft_tokens": r.pruned, "constraint_s": r.constraint_s,
         "cached_prompt_tokens": r.cached_tokens, "preemptions": r.preemptions,
+        # KV memory: the most this request held at once, and what it held when it finished (blocks x block bytes)
+        "kv_cache_bytes": r.peak_kv_blocks * r.kv_block_bytes, "kv_final_bytes":
+            (r.final_kv_blocks if r.finished else len(r.block_table)) * r.kv_block_bytes,
+        "kv_policy": r.kv_policy.spec() if r.kv_policy is not None else None,
+        "kv_policy_skipped": bool(r.kv_state.get("skipped")),   # the policy could not compress (pool full)
     }
 
 

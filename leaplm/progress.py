@@ -45,10 +45,10 @@ class Progress:
         if self.bar is not None:
             self.bar.update(self.task, description=text)
 
-    def advance(self, text: str = "") -> None:
-        self.done += 1
+    def advance(self, text: str = "", n: int = 1) -> None:
+        self.done += n
         if self.bar is not None:
-            self.bar.advance(self.task)
+            self.bar.advance(self.task, n)
         elif self.enabled and (self.done >= self._next_log or self.done == self.total):
             print(f"[{self.label}] {self.done}/{self.total} {text}".rstrip(), file=sys.stderr, flush=True)
             self._next_log = self.done + self.log_every

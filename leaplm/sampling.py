@@ -56,6 +56,11 @@ class SamplingParams:
     and before penalties, temperature and top-k/top-p/min-p (vLLM's default, ``raw_logprobs``). Speculative
     decoding gives the same numbers: an accepted draft token is scored by the verification pass's logits.
     A token forced by jump-forward has log-probability 0 (it is the only one the grammar allows there).
+
+    ``prompt_logprobs=k`` does the same for the prompt (``RequestOutput.prompt_logprobs``: None for the first token,
+    then each token's log-probability given the ones before it, as the model computed it while prefilling — under the
+    request's KV policy, if any: this is how perplexity under a policy is measured). The prompt is then computed
+    in full, never taken from the prefix cache.
     """
 
     temperature: float = 1.0
@@ -78,6 +83,9 @@ class SamplingParams:
     json_object: bool = False
     jump_forward: bool = True
     logprobs: int | None = None         # None: none; k >= 0: each output token's log-probability and the k likeliest
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's log-probability and the k likeliest
+    kv_policy: str | dict | None = None  # KV compression for this request ("snapkv:ratio=0.25", "none"); None: the
+    #                                      model's default (LLM(kv_policy=...)); see docs/long-context.md
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,6 +144,14 @@ class SamplingParams:
             if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
                 raise bad("seed", self.seed, "must be None or an integer in [0, 2**64 - 1]")
             self.seed = int(self.seed)
+        if self.prompt_logprobs is not None:
+            if not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+                raise bad("prompt_logprobs", self.prompt_logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+            self.prompt_logprobs = int(self.prompt_logprobs)
+        if self.kv_policy is not None:
+            from .cache.policies import parse_kv_policy
+
+            parse_kv_policy(self.kv_policy)   # raises InvalidParamsError naming the method, knob or value
         if self.logprobs is not None:
             if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise bad("logprobs", self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")

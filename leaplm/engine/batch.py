@@ -75,7 +75,7 @@ class Batch:
                 raise ValueError(f"row {row} finished and kept no keys and values: start the batch with keep_kv=True")
             return r.final_kv[layer]
         bs = self.engine.block_size
-        return self.engine.pool.gather(layer, [slot_of(r.block_table, bs, j) for j in range(r.num_computed)])
+        return self.engine.pool.gather(layer, [slot_of(r.block_table, bs, j) for j in range(r.num_slots)])
 
     def kv_snapshot(self) -> "KVSnapshot":
         """A copy of every row's committed keys and values now (``KVSnapshot``)."""

@@ -40,6 +40,7 @@ from ..speculative.verify import (target_argmax, target_probabilities, verify_gr
                                   verify_tree_greedy, verify_tree_sampling, verify_typical)
 from .batch import Batch
 from .goodput import GoodputController
+from ..cache.policies import KVAccess, KVPolicy, parse_kv_policy
 from .kv_pool import BlockManager, KVPool, slot_of
 from .request import Request, Status, TokenLogprob
 from .runner import Runner, StepResult
@@ -109,6 +110,8 @@ class LLMEngine:
             never lowers throughput as the batch grows; False: every drafter drafts its own ``num_draft``.
         reserve_kv_memory: write the whole KV pool at start so that it is resident from then on (``KVPool``);
             False: memory grows with the blocks in use, up to the pool's size.
+        kv_policy: the KV compression / eviction policy of requests whose ``SamplingParams.kv_policy`` is None
+            (``cache/policies``: ``"snapkv:ratio=0.25"``, ``"streaming_llm:window=1020"``; None: keep every token).
     """
 
     def __init__(self, model, eos_token_ids: Sequence[int] = (), max_model_len: int | None = None,
@@ -116,7 +119,7 @@ class LLMEngine:
                  max_num_seqs: int = 32, max_num_batched_tokens: int | None = None,
                  kv_cache_memory: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                  prefix_caching: bool = True, drafter_factory: Callable[[object], Drafter | None] | None = None,
-                 goodput: bool = True, reserve_kv_memory: bool = False) -> None:
+                 goodput: bool = True, reserve_kv_memory: bool = False, kv_policy=None) -> None:
         self.model = model
         self.config = model.config
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -152,6 +155,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, prefill_chunk,
                                    self.goodput.budgets if goodput else None)
         self.runner = Runner(model, self.pool, self.constrain, self.goodput)
+        self.kv_policy = self._policy(kv_policy)
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self.steps = 0
@@ -166,10 +170,26 @@ class LLMEngine:
     def capacity_tokens(self) -> int:
         return self.pool.num_slots
 
-    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
+    def _policy(self, spec) -> KVPolicy | None:
+        """A parsed KV policy checked against this model and pool (None: keep every token)."""
+        policy = parse_kv_policy(spec)
+        if policy is not None:
+            policy.check_model(self.config)
+            check_pool = getattr(policy, "check_pool", None)
+            if check_pool is not None:
+                check_pool(self.block_size)
+        return policy
+
+    def policy_for(self, params: SamplingParams) -> KVPolicy | None:
+        """The KV policy a request with ``params`` runs under (its own, else the engine's default)."""
+        return self.kv_policy if params.kv_policy is None else self._policy(params.kv_policy)
+
+    def check_prompt(self, prompt_ids: Sequence[int], bounded: bool = False) -> None:
+        """Refuse an empty prompt, an unknown token id, or (unless a ``bounded`` KV policy holds the request) one
+        that leaves no room in the context window."""
         if len(prompt_ids) == 0:
             raise InvalidParamsError("the prompt is empty: give at least one token")
-        if len(prompt_ids) >= self.max_model_len:
+        if len(prompt_ids) >= self.max_model_len and not bounded:
             raise PromptTooLongError(
                 f"the prompt has {len(prompt_ids)} tokens but the context window is {self.max_model_len} "
                 f"tokens (prompt + at least one generated token must fit); shorten the prompt"
@@ -214,15 +234,20 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidParamsError(f"params must be a SamplingParams, not {type(params).__name__}")
         prompt_ids = [int(t) for t in prompt_ids]
-        self.check_prompt(prompt_ids)
+        policy = self.policy_for(params)
+        bounded = policy is not None and policy.bounded
+        self.check_prompt(prompt_ids, bounded)
         cursor = self.constraint_for(params, constraint)
         drafter = self._drafter(speculative)
-        max_new = min(params.max_tokens, self.max_model_len - len(prompt_ids))
+        # a bounded policy positions tokens within its cache: the output may run past the context window
+        max_new = params.max_tokens if bounded else min(params.max_tokens, self.max_model_len - len(prompt_ids))
         slack = drafter.num_draft if drafter is not None else 0
-        if len(prompt_ids) + max_new + slack > self.capacity_tokens:
+        need = (len(prompt_ids) + max_new if policy is None else policy.slots_needed(len(prompt_ids), max_new)) + slack
+        if need > self.capacity_tokens:
             raise InvalidParamsError(
-                f"the request needs up to {len(prompt_ids) + max_new + slack} KV slots (prompt {len(prompt_ids)} + "
-                f"max_tokens {max_new}{f' + draft {slack}' if slack else ''}) but the KV pool holds "
+                f"the request needs up to {need} KV slots (prompt {len(prompt_ids)} + "
+                f"max_tokens {max_new}{f' + draft {slack}' if slack else ''}"
+                f"{f' under kv_policy {policy.spec()}' if policy is not None else ''}) but the KV pool holds "
                 f"{self.capacity_tokens}; raise kv_cache_memory or lower max_tokens")
         rid = next(self._ids)
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
@@ -232,8 +257,14 @@ class LLMEngine:
                     history=TokenHistory(self.config.vocab_size, prompt_ids, device) if params.uses_penalties else None,
                     constraint=cursor, drafter=drafter, arrival=time.perf_counter())
         r.started = r.arrival
+        r.kv_block_bytes = self.block_size * KVPool.bytes_per_token(self.config, self.model.dtype)
+        if policy is not None:
+            r.kv_policy = policy
+            policy.start(r)
         if params.logprobs is not None:
             r.logprobs = []
+        if params.prompt_logprobs is not None:
+            r.prompt_logprobs = [None]
         if drafter is not None:
             drafter.start(rid, params)
         self.requests[rid] = r
@@ -254,8 +285,9 @@ class LLMEngine:
             raise InvalidParamsError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
         if constraints is not None and len(constraints) != len(prompts):
             raise InvalidParamsError(f"{len(prompts)} prompts but {len(constraints)} constraints")
-        for ids in prompts:
-            self.check_prompt(ids)
+        for ids, p in zip(prompts, params):
+            policy = self.policy_for(p)
+            self.check_prompt(ids, policy is not None and policy.bounded)
         cursors = [self.constraint_for(p, constraints[i] if constraints is not None else None)
                    for i, p in enumerate(params)]
         ids = [self.add_request(list(p_ids), p, speculative=drafter, constraint=c)
@@ -364,10 +396,17 @@ class LLMEngine:
             return
         draft = result.drafts.get(r.request_id, Draft([]))
         nc = r.num_computed
+        captured = result.captured.get(r.request_id)
+        if captured is not None:
+            r.kv_policy.observe_queries(r, captured)
+        scored = result.prompt_logits.get(r.request_id)
+        if scored is not None:
+            self._record_prompt_logprobs(r, *scored)
         if not it.reaches_end:   # a prefill chunk: commit it, nothing to verify
             r.num_computed = nc + it.take
             self._register_blocks(r)
             self._tell_committed(r, result, r.tokens[nc: nc + it.take], list(range(it.take)))
+            self._policy_commit(r)
             return
         started = result.started
         logits = result.logits[r.request_id]     # [rows, V]: rows from result.first_row[r] of the feed
@@ -408,7 +447,7 @@ class LLMEngine:
                 break   # one-token decoding would jump forward here: drop the rest of the verdict
         accepted = min(kept, verdict.accepted)
         if parents is not None and accepted:
-            root = nc + fed - 1   # the logical slot of the tree's root (the last pending token)
+            root = nc - r.kv_shift + fed - 1   # the logical slot of the tree's root (the last pending token)
             bs, table = self.block_size, r.block_table
             moves = compaction(verdict.path)
             self.pool.move([slot_of(table, bs, root + s) for s, _ in moves], [slot_of(table, bs, root + d) for _, d in moves])
@@ -424,6 +463,7 @@ class LLMEngine:
         r.verify_s += time.perf_counter() - started
         if not r.finished:
             self._register_blocks(r)
+            self._policy_commit(r)
             if r.constraint is not None:
                 self._jump_forward(r)
         if r.finished:
@@ -443,8 +483,34 @@ class LLMEngine:
             hidden = rows[[f - first for f in feed_rows]] if rows is not None else None
         r.drafter.committed(r.request_id, tokens, hidden, start=r.num_computed - len(tokens))
 
+    @staticmethod
+    def _record_prompt_logprobs(r: Request, first: int, logits: torch.Tensor) -> None:
+        """``logits [n, V]`` of prompt tokens ``first .. first + n - 1`` score tokens ``first + 1 ..`` (a recomputed
+        prompt, after preemption, adds only what is missing)."""
+        have = len(r.prompt_logprobs)
+        skip = have - (first + 1)
+        if skip >= logits.shape[0] or skip < 0:
+            return
+        rows = logits[skip:].float().log_softmax(dim=-1)
+        targets = torch.tensor(r.prompt_ids[have: have + rows.shape[0]], device=rows.device)
+        values = rows.gather(1, targets[:, None])[:, 0].tolist()
+        k = r.params.prompt_logprobs
+        if k:
+            top_v, top_i = rows.topk(k, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(top_i.tolist(), top_v.tolist())]
+        else:
+            tops = [[] for _ in values]
+        r.prompt_logprobs += [TokenLogprob(v, t) for v, t in zip(values, tops)]
+
+    def _policy_commit(self, r: Request) -> None:
+        """Let ``r``'s KV policy compress or evict after a commit."""
+        if r.kv_policy is not None:
+            r.kv_policy.after_commit(r, KVAccess(self.pool, self.blocks, self.model))
+
     def _register_blocks(self, r: Request) -> None:
-        """Put ``r``'s newly full, committed blocks in the prefix cache."""
+        """Put ``r``'s newly full, committed blocks in the prefix cache (not once a KV policy rewrote them)."""
+        if r.kv_policy is not None and (r.kv_shift or not r.kv_policy.prefix_cache):
+            return
         bs = self.block_size
         for i in range(len(r.block_hashes), r.num_computed // bs):
             parent = r.block_hashes[-1] if r.block_hashes else None
@@ -454,8 +520,9 @@ class LLMEngine:
         if r.status is not Status.FINISHED:
             if r.keep_kv:
                 bs = self.block_size
-                slots = [slot_of(r.block_table, bs, j) for j in range(r.num_computed)]
+                slots = [slot_of(r.block_table, bs, j) for j in range(r.num_slots)]
                 r.final_kv = [self.pool.gather(layer, slots) for layer in range(self.config.num_layers)]
+            r.final_kv_blocks = len(r.block_table)
             self.scheduler.remove(r)
         r.masks = None
         if r.drafter is not None:

@@ -2,7 +2,8 @@
 
 Tokens: ``tokens`` is the prompt followed by the output so far (``prompt_ids + output_ids``, kept as one list).
 KV: ``block_table`` (``kv_pool.py``) and ``num_computed``, the number of ``tokens`` whose keys and values are
-committed (logical slots ``0 .. num_computed - 1``). The tokens past it are *pending*: the prompt's rest while it is
+committed (logical slots ``0 .. num_slots - 1``; ``num_slots = num_computed - kv_shift``, the tokens a KV policy
+dropped, ``cache/policies``). The tokens past it are *pending*: the prompt's rest while it is
 prefilled (in chunks), then normally the one token sampled last; jump-forward adds the tokens a grammar forces, and
 a preempted request pends all its tokens again (they are recomputed, bit for bit the same). A step feeds pending
 tokens (all of them, or a prefill chunk) and, when it feeds them all, the request's draft.
@@ -19,6 +20,7 @@ from torch import Tensor
 from ..sampling import SamplingParams, TokenHistory
 
 if TYPE_CHECKING:
+    from ..cache.policies.base import KVPolicy
     from ..constrain.base import Constraint
     from ..speculative.drafters.base import Drafter
 
@@ -68,10 +70,17 @@ class Request:
     cached_tokens: int = 0            # prompt tokens found in the prefix cache (at the last admission)
     preemptions: int = 0              # times its blocks were taken back and its tokens recomputed
     logprobs: list[TokenLogprob] | None = None   # one per output token when params.logprobs is not None
+    prompt_logprobs: list[TokenLogprob | None] | None = None   # one per prompt token (the first: None) when asked
     # KV
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)   # prefix hashes of its first full committed blocks
     num_computed: int = 0
+    kv_policy: "KVPolicy | None" = None   # KV compression / eviction for this request (``cache/policies``)
+    kv_shift: int = 0                 # tokens whose KV the policy dropped: token i (held) lives in logical slot i - kv_shift
+    kv_state: dict = field(default_factory=dict)   # the policy's per-request state
+    peak_kv_blocks: int = 0           # most KV blocks held at once (RequestOutput.metrics["kv_cache_bytes"])
+    final_kv_blocks: int = 0          # KV blocks held when it finished
+    kv_block_bytes: int = 0           # bytes of one KV block (all layers, keys and values)
     keep_kv: bool = False             # copy its committed keys/values into final_kv when it finishes (tests)
     final_kv: list | None = None      # per layer (k, v) [1, kv_heads, length, D], when keep_kv
     # per step
@@ -89,6 +98,18 @@ class Request:
     @property
     def num_pending(self) -> int:
         return len(self.tokens) - self.num_computed
+
+    @property
+    def num_slots(self) -> int:
+        """Committed logical KV slots: ``num_computed`` less the tokens a KV policy dropped."""
+        return self.num_computed - self.kv_shift
+
+    def position_of(self, index: int) -> int:
+        """The rotary position of token ``index``: the index itself, or its slot under a policy that positions
+        tokens within the cache (StreamingLLM)."""
+        if self.kv_policy is not None and self.kv_policy.relative_positions:
+            return index - self.kv_shift
+        return index
 
     @property
     def pending(self) -> list[int]:

@@ -41,6 +41,10 @@ class StepResult:
     draft_s: dict[int, float] = field(default_factory=dict)         # request id -> seconds its drafter took
     hidden: dict[int, list[tuple[int, Tensor]]] = field(default_factory=dict)   # request id -> (first feed index,
     #                                                                   final hidden states [n, H]) per pass
+    prompt_logits: dict[int, tuple[int, Tensor]] = field(default_factory=dict)   # request id -> (token index of row
+    #                                                                   0, logits [n, V]) of prompt tokens (prompt_logprobs)
+    captured: dict[int, list[Tensor]] = field(default_factory=dict)  # request id -> per layer queries [n, H, D] of
+    #                                                                   the prompt tokens its KV policy watches
 
 
 @dataclass
@@ -54,6 +58,8 @@ class _Part:
     parents: list[int] | None      # tree parents (feed_parents numbering), only for a whole decode feed
     rows: tuple[int, int] | None   # feed rows whose logits are wanted, if they lie in this part
     hidden: bool = False           # its drafter wants the final hidden states of these tokens
+    capture: tuple[int, int] | None = None   # its KV policy wants the queries of these part indices
+    prompt_rows: int = 0           # its first ``prompt_rows`` tokens are prompt tokens whose logits are wanted
 
 
 class Runner:
@@ -75,14 +81,16 @@ class Runner:
             draft = self._check(it, proposed.get(r.request_id, Draft([])))
             result.drafts[r.request_id] = draft
             nc, take = r.num_computed, it.take
+            slot = nc - r.kv_shift           # logical slot of the first fed token
+            first = r.position_of(nc)        # its rotary position
             fed_tokens = r.tokens[nc: nc + take] + list(draft.tokens)
             parents = None
-            positions = list(range(nc, nc + take))
+            positions = list(range(first, first + take))
             if draft.is_tree:
                 parents = feed_parents(take, draft)
-                positions = [nc] + [nc + d for d in depths(parents)]
+                positions = [first] + [first + d for d in depths(parents)]
             else:
-                positions += list(range(nc + take, nc + take + len(draft.tokens)))
+                positions += list(range(first + take, first + take + len(draft.tokens)))
             rows = None
             if it.reaches_end:
                 observing = r.drafter is not None and r.drafter.observe_topk and r.decoding
@@ -97,12 +105,24 @@ class Runner:
             cut = max(0, min(len(fed_tokens), len(r.prompt_ids) - nc)) if split else len(fed_tokens)
             whole = cut == len(fed_tokens)
             hidden = r.drafter is not None and r.drafter.needs_hidden
+            capture = None
+            if r.kv_policy is not None and r.kv_policy.capture:   # prompt tokens in the policy's window
+                prompt = len(r.prompt_ids)
+                lo, hi = max(prompt - r.kv_policy.capture, nc), min(prompt, nc + take)
+                capture = (lo - nc, hi - nc) if hi > lo else None
+                if capture is not None and split and hi - nc > cut:
+                    raise RuntimeError("a KV policy's captured prompt queries must go through the eager pass")
+            scored = 0   # prompt tokens whose next-token logits prompt_logprobs wants (all fed ones but the last)
+            if r.prompt_logprobs is not None and nc < len(r.prompt_ids) - 1:
+                scored = min(take, len(r.prompt_ids) - 1 - nc)
+                if split and scored > cut:
+                    raise RuntimeError("prompt_logprobs rows must go through the eager pass")
             if cut:
-                eager.append(_Part(r, nc, 0, fed_tokens[:cut], positions[:cut], parents if whole else None,
-                                   rows if whole else None, hidden))
+                eager.append(_Part(r, slot, 0, fed_tokens[:cut], positions[:cut], parents if whole else None,
+                                   rows if whole else None, hidden, capture, scored))
             if not whole:
                 assert rows is None or rows[0] >= cut, "a request's verified rows straddle its two passes"
-                compiled.append(_Part(r, nc + cut, cut, fed_tokens[cut:], positions[cut:],
+                compiled.append(_Part(r, slot + cut, cut, fed_tokens[cut:], positions[cut:],
                                       parents if cut == 0 else None, rows, hidden))
         if eager:
             self._pass(eager, result, compiled=False)
@@ -164,13 +184,20 @@ class Runner:
         device = self.model.device
         segments = [Segment(p.request.block_table, p.base, p.positions, p.parents) for p in parts]
         step = PagedStep(segments, self.pool.block_size, self.window, device)
+        if not compiled:
+            step.capture = {p.request.request_id: (step.starts[i] + p.capture[0], step.starts[i] + p.capture[1])
+                            for i, p in enumerate(parts) if p.capture is not None}
         tokens = torch.tensor([t for p in parts for t in p.tokens], dtype=torch.long, device=device)
         index: list[int] = []
         hidden_index: list[int] = []
         wanted: list[tuple[_Part, int, int]] = []   # part, first row in the logits, count
         hidden_of: list[tuple[_Part, int]] = []     # part, first row in the hidden states
+        scored: list[tuple[_Part, int]] = []        # part, first row of its prompt_logprobs rows
         offset = 0
         for p in parts:
+            if p.prompt_rows:
+                scored.append((p, len(index)))
+                index += range(offset, offset + p.prompt_rows)
             if p.rows is not None:
                 lo, hi = p.rows[0] - p.feed_start, p.rows[1] - p.feed_start
                 wanted.append((p, len(index), hi - lo))
@@ -180,7 +207,7 @@ class Runner:
                 hidden_index += range(offset, offset + len(p.tokens))
             offset += len(p.tokens)
         hidden_rows = torch.tensor(hidden_index, dtype=torch.long, device=device) if hidden_of else None
-        if not wanted and compiled and hidden_rows is None:
+        if not wanted and not scored and compiled and hidden_rows is None:
             self._run(tokens, step, None, compiled, None)
             return
         out = self._run(tokens, step, torch.tensor(index, dtype=torch.long, device=device), compiled, hidden_rows)
@@ -188,9 +215,12 @@ class Runner:
         for p, start, count in wanted:
             result.logits[p.request.request_id] = logits[start: start + count]
             result.first_row[p.request.request_id] = p.rows[0]
+        for p, start in scored:
+            result.prompt_logits[p.request.request_id] = (p.request.num_computed, logits[start: start + p.prompt_rows])
         for p, start in hidden_of:
             result.hidden.setdefault(p.request.request_id, []).append(
                 (p.feed_start, hidden[start: start + len(p.tokens)]))
+        result.captured.update(step.captured)
 
     def _run(self, tokens: Tensor, step: PagedStep, logit_index: Tensor | None, compiled: bool,
              hidden_index: Tensor | None):

@@ -77,22 +77,23 @@ class Scheduler:
         decoding = [r for r in self.running if r.num_pending <= self.prefill_chunk]
         prefilling = [r for r in self.running if r.num_pending > self.prefill_chunk]
         for r in decoding:   # every running stream advances
-            if budget < r.num_pending:
+            take = feed_cap(r, r.num_pending)
+            if budget < take:
                 break
-            items.append(Scheduled(r, r.num_pending))
-            budget -= r.num_pending
+            items.append(Scheduled(r, take))
+            budget -= take
         for r in prefilling:
             if budget <= 0:
                 break
-            take = min(r.num_pending, self.prefill_chunk, budget)
+            take = feed_cap(r, min(r.num_pending, self.prefill_chunk, budget))
             items.append(Scheduled(r, take))
             budget -= take
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             r = self.waiting[0]
             if not r.block_table:
                 self._match_prefix(r)
-            take = min(r.num_pending, self.prefill_chunk, budget)
-            if not self._ensure(r, r.num_computed + take):
+            take = feed_cap(r, min(r.num_pending, self.prefill_chunk, budget))
+            if not self._ensure(r, r.num_slots + take):
                 self._release(r)
                 break
             self.waiting.popleft()
@@ -123,7 +124,7 @@ class Scheduler:
             r = it.request
             if r.status is not Status.RUNNING:   # preempted for an earlier item
                 continue
-            while not self._ensure(r, r.num_computed + it.take + it.draft_budget):
+            while not self._ensure(r, r.num_slots + it.take + it.draft_budget):
                 if it.draft_budget:   # first give up the draft
                     it.draft_budget = 0
                     continue
@@ -143,12 +144,19 @@ class Scheduler:
         if blocks is None:
             return False
         r.block_table += blocks
+        r.peak_kv_blocks = max(r.peak_kv_blocks, len(r.block_table))
         return True
 
     def _match_prefix(self, r: Request) -> None:
         """Start ``r`` from the longest run of its leading full blocks found in the prefix cache (never its last
-        token: the step that feeds it produces the next token's logits)."""
-        blocks, hashes = self.blocks.match_prefix(r.tokens, len(r.tokens) - 1)
+        token: the step that feeds it produces the next token's logits). Not for a KV policy that rewrites its blocks
+        in place."""
+        if (r.kv_policy is not None and not r.kv_policy.prefix_cache) or r.prompt_logprobs is not None:
+            return   # a policy that rewrites blocks in place; a prompt whose every token is to be scored
+        limit = len(r.tokens) - 1
+        if r.kv_policy is not None and r.kv_policy.capture:   # the policy's window of prompt queries is recomputed
+            limit = min(limit, len(r.prompt_ids) - r.kv_policy.capture)
+        blocks, hashes = self.blocks.match_prefix(r.tokens, max(0, limit))
         r.block_table, r.block_hashes = blocks, hashes
         r.num_computed = len(blocks) * self.block_size
         r.cached_tokens = min(r.num_computed, len(r.prompt_ids))
@@ -161,6 +169,9 @@ class Scheduler:
     def _preempt(self, r: Request) -> None:
         self.running.remove(r)
         self._release(r)
+        if r.kv_policy is not None:   # recomputed from the start: the policy starts over too
+            r.kv_shift = 0
+            r.kv_policy.start(r)
         r.status = Status.WAITING
         r.preemptions += 1
         self.preemptions += 1
@@ -171,8 +182,18 @@ class Scheduler:
         self.waiting.insert(index, r)
 
 
+def feed_cap(r: Request, take: int) -> int:
+    """``take`` within what ``r``'s KV policy lets it feed before its next compression point."""
+    room = r.kv_policy.feed_room(r) if r.kv_policy is not None else None
+    return take if room is None else max(1, min(take, room))
+
+
 def draft_cap(r: Request) -> int:
     """The most draft tokens ``r`` may take: its drafter's ``num_draft``, within the tokens it may still generate
-    (a verdict adds the accepted tokens + 1)."""
+    (a verdict adds the accepted tokens + 1) and before its KV policy's next compression point."""
     room = r.max_new - len(r.output_ids) - 1
+    if r.kv_policy is not None:
+        feed = r.kv_policy.feed_room(r)
+        if feed is not None:
+            room = min(room, feed - r.num_pending)
     return max(0, min(r.drafter.num_draft, room))

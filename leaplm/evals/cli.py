@@ -2,6 +2,9 @@
 
     leaplm eval perplexity [--model M] [--quantization none,int8] [--reference auto|none|float32]
                            [--text spec_bench|humaneval|FILE] [--limit N] [--max-len 512] [--stride N] [--out DIR]
+    leaplm eval longctx    [--model M] [--policy SPEC ...] [--tasks passkey,niah_single] [--lengths 2048,4096]
+                           [--samples 4] [--seed 0] [--no-prefix-cache] [--out DIR]
+    leaplm eval longppl    [--model M] [--policy SPEC ...] [--text spec_bench] [--tokens N] [--segment N]
     leaplm eval humaneval  [--model M] [--quantization none,int8] [--limit N] [--max-tokens 384] [--timeout 10]
                            [--chat] [--spec METHOD ...] [--problems FILE] [--out DIR]
 
@@ -73,6 +76,51 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     _add_common(h)
     h.set_defaults(func=main_humaneval)
+
+    lc = sub.add_parser("longctx", help="long-context retrieval tasks (RULER families) under KV policies",
+                        description="Passkey, needle-in-a-haystack and variable-tracking prompts generated locally "
+                                    "from a seed at each --length, answered greedily under each --policy: accuracy "
+                                    "beside the KV memory held, TTFT and decode speed (docs/long-context.md).")
+    _add_one_model(lc)
+    lc.add_argument("--policy", action="append", default=None, metavar="SPEC",
+                    help="a KV policy to evaluate (repeat the flag for several; 'none' = the full cache). Default: "
+                         "none, snapkv:ratio=0.25, streaming_llm:window=<a quarter of the longest length>")
+    lc.add_argument("--tasks", default="passkey,niah_single,niah_multikey",
+                    help="comma-separated: passkey, niah_single, niah_multikey, niah_multivalue, vt, or all "
+                         "(default: passkey,niah_single,niah_multikey)")
+    lc.add_argument("--lengths", default="2048,4096", help="comma-separated prompt lengths in tokens (default 2048,4096)")
+    lc.add_argument("--samples", type=int, default=4, help="prompts per task and length, depths spread evenly (default 4)")
+    lc.add_argument("--seed", type=int, default=0, help="seed of the generated prompts (default 0)")
+    lc.add_argument("--max-tokens", type=int, default=None,
+                    help="decode this many tokens for every prompt, EOS ignored (a steadier decode tok/s; default: "
+                         "each task's answer length, stopping at EOS)")
+    lc.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                    help="prefill every run from scratch (fair TTFT; by default later policies reuse the prompt blocks)")
+    lc.add_argument("--peer", choices=["kvpress"], default=None,
+                    help="also run NVIDIA kvpress on transformers, same prompts, each policy's kvpress counterpart "
+                         "(snapkv -> SnapKVPress, streaming_llm -> StreamingLLMPress, none -> no press)")
+    lc.add_argument("--kvpress-python", default=None, metavar="PYTHON",
+                    help="interpreter of an environment with kvpress (default: the one scripts/install-kvpress builds, "
+                         "~/.cache/leaplm/peers/kvpress/bin/python)")
+    _add_tail(lc, "folder for results.json and accuracy_vs_kv.png")
+    lc.set_defaults(func=main_longctx)
+
+    lp = sub.add_parser("longppl", help="perplexity of one long token stream under KV policies (past the context)",
+                        description="Teacher-forced perplexity of a long stream of text under each --policy, per "
+                                    "segment: StreamingLLM-style policies past the trained context against the full "
+                                    "cache's in-context figure (docs/long-context.md).")
+    _add_one_model(lp)
+    lp.add_argument("--text", default="spec_bench",
+                    help="spec_bench[:PATH] (default) | humaneval[:PATH] | FILE.jsonl | any text FILE: joined into one stream")
+    lp.add_argument("--tokens", type=int, default=None,
+                    help="length of the stream in tokens (default: 4x the model's context, at most what the text has)")
+    lp.add_argument("--policy", action="append", default=None, metavar="SPEC",
+                    help="a KV policy (repeat for several); 'none' = the full cache, scored in windows of the context. "
+                         "Default: none, streaming_llm:window=1020")
+    lp.add_argument("--segment", type=int, default=None,
+                    help="report perplexity per segment of this many tokens (default: the model's context)")
+    _add_tail(lp, "folder for results.json")
+    lp.set_defaults(func=main_longppl)
     return e
 
 
@@ -80,8 +128,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", default="none",
                    help="comma-separated modes to evaluate side by side: none (the float weights, default) | int8 | int4 | "
                         "auto (what `leaplm generate` loads by default)")
+    _add_tail(p, "folder for results.json")
+
+
+def _add_one_model(p: argparse.ArgumentParser) -> None:
+    """The model options of the long-context evals: one model, one weight mode."""
+    p.add_argument("--model", "-m", default=None, help="known name, .gguf file or HF folder (default: smollm2-135m-instruct)")
+    p.add_argument("--dtype", default=None, help="auto (default) | float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--quantization", "-q", default="auto",
+                   help="one mode: auto (default: int8 for a low-bit GGUF on CPU) | none | int8 | int4")
+
+
+def _add_tail(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--out", "-o", type=Path, default=None, help="folder for results.json")
+    p.add_argument("--out", "-o", type=Path, default=None, help=out_help)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar / log lines")
 
 
@@ -271,7 +332,7 @@ def main_humaneval(args) -> int:
         label = _label(mode, dtype)
         started = time.perf_counter()
         llm = LLM(path, dtype=dtype, device=device, max_model_len=args.max_model_len, speculative=spec,
-                  quantization=mode)
+                  quantization=mode, kv_policy=args.kv_policy)
         load_s = time.perf_counter() - started
         family = llm.config.family
         _info(f"loaded {path.name} as {label} in {load_s:.1f}s; {len(problems)} problems")
@@ -324,3 +385,127 @@ def humaneval_differences(modes: dict) -> list[str]:
         for p in r["problems"]:
             outcomes.setdefault((p["task_id"], p.get("sample", 0)), set()).add(p["passed"])
     return list(dict.fromkeys(t for (t, _), seen in outcomes.items() if len(seen) > 1))
+
+
+# --------------------------------------------------------------------------- long context
+
+
+def main_longctx(args) -> int:
+    from ..cache.policies import parse_kv_policy
+    from ..errors import InvalidParamsError
+    from ..llm import LLM
+    from . import longctx
+
+    tasks = list(longctx.TASKS) if args.tasks.strip() == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in longctx.TASKS]
+    if bad or not tasks:
+        raise InvalidParamsError(f"--tasks: unknown {', '.join(bad) or '(none given)'}; tasks: {', '.join(longctx.TASKS)}")
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidParamsError(f"--lengths takes comma-separated token counts, got {args.lengths!r}") from None
+    if not lengths or min(lengths) < 256:
+        raise InvalidParamsError(f"--lengths must be token counts >= 256, got {args.lengths!r}")
+    if args.samples < 1:
+        raise InvalidParamsError(f"--samples must be >= 1, got {args.samples}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise InvalidParamsError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    policies = args.policy or ["none", "snapkv:ratio=0.25", f"streaming_llm:window={max(lengths) // 4 - 68}"]
+    for spec in policies:
+        parse_kv_policy(spec)   # a bad spec fails before the load
+    kvpress_python = None
+    if args.peer == "kvpress":
+        kvpress_python = args.kvpress_python or str(longctx.default_kvpress_python())
+        if not Path(kvpress_python).is_file():
+            raise InvalidParamsError(f"--peer kvpress: no interpreter at {kvpress_python}; build its environment "
+                                     "with scripts/install-kvpress (or give --kvpress-python)")
+    if args.out is not None:
+        prepare_out_dir(args.out)
+    path, device, dtype = _setup(args)
+    started = time.perf_counter()
+    llm = LLM(path, dtype=dtype, device=device, quantization=None if args.quantization == "none" else args.quantization,
+              max_num_seqs=2, prefix_caching=args.prefix_cache)   # one at a time; room for SnapKV's copy
+    load_s = time.perf_counter() - started
+    _info(f"loaded {path.name} ({llm.quantization or llm.dtype}) in {load_s:.1f}s; {len(tasks)} tasks x "
+          f"{len(lengths)} lengths x {args.samples} samples x {len(policies)} policies")
+    result = longctx.evaluate(llm, tasks, lengths, args.samples, policies, seed=args.seed, progress=args.progress,
+                              kvpress_python=kvpress_python, threads=args.threads, max_tokens=args.max_tokens)
+    for s in result["skipped"]:
+        _info(f"skipped {s['task']} at {s['length']}: {s['why']}")
+    settings = {"tasks": tasks, "lengths": lengths, "samples": args.samples, "seed": args.seed, "policies": policies,
+                "quantization": llm.quantization, "dtype": str(llm.dtype).replace("torch.", ""),
+                "prefix_cache": args.prefix_cache,
+                "max_tokens": args.max_tokens or {t: longctx.MAX_TOKENS[t] for t in tasks},
+                "device": str(device), "load_s": load_s}
+    report = _report(args, "longctx", path, settings, result["summary"], llm.config.family)
+    report["runs"], report["skipped"], report["peer"] = result["runs"], result["skipped"], result["peer"]
+    summary = result["summary"]
+    header = ["policy", "accuracy"] + [f"@{n}" for n in lengths] + ["KV held (MiB)", "KV vs full", "KV peak (MiB)",
+                                                                   "TTFT s", "decode tok/s"]
+    rows = [[label, _num(s["accuracy"], "{:.1%}")] + [_num(s["by_length"].get(str(n)), "{:.1%}") for n in lengths]
+            + [_num(_mib(s["kv_final_bytes"]), "{:.1f}"), _num(s["kv_vs_full"], "{:.2f}"),
+               _num(_mib(s["kv_cache_bytes"]), "{:.1f}"), _num(s["ttft_s"], "{:.2f}"),
+               _num(s["decode_tokens_per_s"], "{:.1f}")] for label, s in summary.items()]
+    _print_table(f"leaplm eval longctx: {path.name}, {', '.join(tasks)}, {args.samples} samples each", header, rows)
+    _write(report, args.out)
+    if args.out is not None and summary:
+        longctx.plot(summary, args.out / "accuracy_vs_kv.png")
+        print(f"wrote {args.out / 'accuracy_vs_kv.png'}", file=sys.stderr)
+    return 0
+
+
+
+def _mib(x):
+    return None if x is None else x / 2 ** 20
+
+
+def main_longppl(args) -> int:
+    from ..cache.policies import parse_kv_policy
+    from ..errors import InvalidParamsError
+    from ..llm import LLM
+    from ..progress import Progress
+    from . import longppl
+
+    policies = args.policy or ["none", "streaming_llm:window=1020"]
+    for spec in policies:
+        parse_kv_policy(spec)
+    if args.tokens is not None and args.tokens < 2:
+        raise InvalidParamsError(f"--tokens must be >= 2, got {args.tokens}")
+    if args.segment is not None and args.segment < 1:
+        raise InvalidParamsError(f"--segment must be >= 1, got {args.segment}")
+    if args.out is not None:
+        prepare_out_dir(args.out)
+    path, device, dtype = _setup(args)
+    started = time.perf_counter()
+    llm = LLM(path, dtype=dtype, device=device, quantization=None if args.quantization == "none" else args.quantization,
+              max_num_seqs=1)
+    load_s = time.perf_counter() - started
+    context = llm.engine.max_model_len
+    tokens = args.tokens or 4 * context
+    segment = args.segment or context
+    ids = longppl.stream_ids(llm.tokenizer, args.text, tokens)
+    _info(f"loaded {path.name} ({llm.quantization or llm.dtype}) in {load_s:.1f}s; a stream of {len(ids)} tokens "
+          f"({len(ids) / context:.1f}x the context of {context}), {len(policies)} policies")
+    modes = {}
+    for spec in policies:
+        label = "full" if spec in ("none", "full") else spec
+        t0 = time.perf_counter()
+        with Progress(len(ids), f"longppl {label}", args.progress, log_every=max(1, len(ids) // 10)) as bar:
+            logprobs, peak = longppl.score(llm, ids, spec, bar)
+        modes[label] = {**longppl.summarize(logprobs, segment), "kv_cache_bytes": peak,
+                        "seconds": time.perf_counter() - t0}
+    base = modes.get("full")
+    settings = {"text": args.text, "tokens": len(ids), "context": context, "segment": segment, "policies": policies,
+                "quantization": llm.quantization, "dtype": str(llm.dtype).replace("torch.", ""), "load_s": load_s}
+    report = _report(args, "longppl", path, settings, modes, llm.config.family)
+    segs = max(len(m["by_segment"]) for m in modes.values())
+    header = ["policy", "tokens", "perplexity", "vs full"] + [f"seg {i + 1}" for i in range(segs)] + \
+        ["KV peak (MiB)", "seconds"]
+    rows = [[label, str(m["tokens"]), _num(m["perplexity"], "{:.3f}"),
+             _num(m["perplexity"] / base["perplexity"] if base else None, "{:.3f}")]
+            + [_num(m["by_segment"][i] if i < len(m["by_segment"]) else None, "{:.2f}") for i in range(segs)]
+            + [_num(_mib(m["kv_cache_bytes"]), "{:.1f}"), _num(m["seconds"], "{:.0f}")] for label, m in modes.items()]
+    _print_table(f"leaplm eval longppl: {path.name}, {args.text}, {len(ids)} tokens, segments of {segment}",
+                 header, rows)
+    _write(report, args.out)
+    return 0

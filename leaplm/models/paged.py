@@ -63,6 +63,10 @@ class PagedStep:
         self.positions = torch.tensor(pos, dtype=torch.long, device=device)[None]
         self.slots = torch.tensor(slots, dtype=torch.long, device=device)
         self._spans: dict[bool, tuple[list[int], list[int], list[int]]] = {}
+        # KV policies (``cache/policies``): request id -> query rows (lo, hi) whose rotated queries every layer
+        # records in ``captured[request id]`` (one [hi - lo, H, D] tensor per layer, in layer order)
+        self.capture: dict[int, tuple[int, int]] = {}
+        self.captured: dict[int, list[Tensor]] = {}
 
     # ------------------------------------------------------------------ visible slots
     def visible(self, sliding: bool) -> tuple[list[int], list[int], list[int]]:
@@ -120,6 +124,8 @@ class PagedStep:
     # ------------------------------------------------------------------ attention
     def attend(self, attn, q: Tensor, k: Tensor, v: Tensor, pool) -> Tensor:
         """``q [1, N, H, D]``, ``k, v [1, N, KV, D]`` (rotated) -> ``[1, N, H * D]``; writes ``k, v`` to the pool."""
+        for rid, (lo, hi) in self.capture.items():
+            self.captured.setdefault(rid, []).append(q[0, lo:hi].clone())
         if self.native:
             return torch.ops.leaplm_native.attend(q, k, v, attn.layer, int(attn.sliding), attn.scale)
         return self._attend_gathered(attn, q, k, v, pool)

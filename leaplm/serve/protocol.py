@@ -5,7 +5,7 @@ Field names and meanings follow OpenAI's API (``/v1/chat/completions``, ``/v1/co
 it with ``extra_body``)::
 
     {"leaplm": {"speculative": "recycling" | {"method": "prompt_lookup", "num_draft": 8} | "none",
-                "regex": "...", "grammar": "..."}}
+                "regex": "...", "grammar": "...", "kv_policy": "snapkv:ratio=0.25" | "none"}}
 
 Types are checked by pydantic (a wrong type is a 400 naming the field); values by ``SamplingParams.validate``
 (also a 400 naming the field and its rule). Unknown fields are ignored, as OpenAI's and vLLM's servers do.
@@ -75,6 +75,7 @@ class LeapLMOptions(_Body):
     regex: str | None = None
     grammar: str | None = None
     jump_forward: StrictBool | None = None
+    kv_policy: Union[str, dict, None] = None   # "snapkv:ratio=0.25", "none": this request's KV policy
 
 
 class _Sampling(_Body):
@@ -123,6 +124,8 @@ class _Sampling(_Body):
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs)
         kw.update(self._constraint())
+        if self.leaplm is not None and self.leaplm.kv_policy is not None:
+            kw["kv_policy"] = self.leaplm.kv_policy
         return SamplingParams(**kw)
 
     def _constraint(self) -> dict:

@@ -58,3 +58,12 @@ def test_messages_and_prompts():
     assert CompletionRequest(prompt=["a", "b"]).prompts() == ["a", "b"]
     with pytest.raises(InvalidParamsError, match="empty"):
         CompletionRequest(prompt=[[1], []]).prompts()
+
+
+def test_kv_policy_per_request():
+    assert ChatCompletionRequest(messages=USER, leaplm={"kv_policy": "snapkv:ratio=0.5"}).params(10).kv_policy == \
+        "snapkv:ratio=0.5"
+    assert CompletionRequest(prompt="x", leaplm={"kv_policy": "none"}).params(10).kv_policy == "none"
+    assert ChatCompletionRequest(messages=USER).params(10).kv_policy is None
+    with pytest.raises(InvalidParamsError, match="unknown kv_policy"):
+        ChatCompletionRequest(messages=USER, leaplm={"kv_policy": "h2o2"}).params(10)
