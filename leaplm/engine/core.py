@@ -242,7 +242,7 @@ class LLMEngine:
         # a bounded policy positions tokens within its cache: the output may run past the context window
         max_new = params.max_tokens if bounded else min(params.max_tokens, self.max_model_len - len(prompt_ids))
         slack = drafter.num_draft if drafter is not None else 0
-        need = (len(prompt_ids) + max_new if policy is None else policy.slots_needed(len(prompt_ids), max_new)) + slack
+        need = (len(prompt_ids) + max_new if policy is None else policy.slots_needed(len(prompt_ids), max_new, self.block_size)) + slack
         if need > self.capacity_tokens:
             raise InvalidParamsError(
                 f"the request needs up to {need} KV slots (prompt {len(prompt_ids)} + "

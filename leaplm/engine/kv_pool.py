@@ -184,6 +184,10 @@ class BlockManager:
             self._tokens_of[block] = chunk
         return h
 
+    def forget(self, block: int) -> None:
+        """Drop ``block``'s prefix-cache entry (its holder is about to rewrite it)."""
+        self._forget(block)
+
     def _forget(self, block: int) -> None:
         h = self._hash_of.pop(block, None)
         self._tokens_of.pop(block, None)

@@ -154,8 +154,9 @@ class Scheduler:
         if (r.kv_policy is not None and not r.kv_policy.prefix_cache) or r.prompt_logprobs is not None:
             return   # a policy that rewrites blocks in place; a prompt whose every token is to be scored
         limit = len(r.tokens) - 1
-        if r.kv_policy is not None and r.kv_policy.capture:   # the policy's window of prompt queries is recomputed
-            limit = min(limit, len(r.prompt_ids) - r.kv_policy.capture)
+        if r.kv_policy is not None:   # never past the prompt (a compression point), and the policy's window of
+            #                           prompt queries is recomputed
+            limit = min(limit, len(r.prompt_ids) - max(r.kv_policy.capture, 1))
         blocks, hashes = self.blocks.match_prefix(r.tokens, max(0, limit))
         r.block_table, r.block_hashes = blocks, hashes
         r.num_computed = len(blocks) * self.block_size

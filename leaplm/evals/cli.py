@@ -410,7 +410,7 @@ def main_longctx(args) -> int:
         raise InvalidParamsError(f"--samples must be >= 1, got {args.samples}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise InvalidParamsError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    policies = args.policy or ["none", "snapkv:ratio=0.25", f"streaming_llm:window={max(lengths) // 4 - 68}"]
+    policies = args.policy or ["none", "snapkv:ratio=0.25", f"streaming_llm:window={max(64, max(lengths) // 4 - 68)}"]
     for spec in policies:
         parse_kv_policy(spec)   # a bad spec fails before the load
     kvpress_python = None

@@ -276,12 +276,12 @@ def kvpress_presses(policies: list[str | None]) -> list[dict]:
         label = "kvpress:" + policy_label(spec)
         if policy is None:
             out.append({"label": label, "press": "none"})
-        elif isinstance(policy, SnapKV) and policy.ratio is not None:
-            out.append({"label": label, "press": "snapkv", "ratio": policy.ratio})
         elif isinstance(policy, SnapKV):
-            out.append({"label": label, "press": "snapkv", "keep_tokens": policy.budget})
-        elif isinstance(policy, Knorm) and policy.ratio is not None:
-            out.append({"label": label, "press": "knorm", "ratio": policy.ratio})
+            out.append({"label": label, "press": "snapkv", **({"ratio": policy.ratio} if policy.ratio is not None
+                                                              else {"keep_tokens": policy.budget})})
+        elif isinstance(policy, Knorm):
+            out.append({"label": label, "press": "knorm", **({"ratio": policy.ratio} if policy.ratio is not None
+                                                             else {"keep_tokens": policy.budget})})
         elif isinstance(policy, StreamingLLM):
             out.append({"label": label, "press": "streaming_llm", "keep_tokens": policy.sinks + policy.window,
                         "kwargs": {"n_sink": policy.sinks}})

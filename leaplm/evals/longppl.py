@@ -32,8 +32,9 @@ def stream_ids(tokenizer, spec: str, tokens: int) -> list[int]:
 
 
 def score(llm, ids: list[int], policy: str | None, bar=None) -> tuple[list[float], int]:
-    """Log-probabilities of ``ids[1:]`` under ``policy`` (windows of the context when it cannot hold them all) and
-    the most KV bytes a request held."""
+    """Log-probabilities of ``ids[1:]`` under ``policy`` and the most KV bytes a request held. A policy that cannot
+    hold the stream scores it in consecutive windows of the context, each from an empty cache: the first token of
+    every window after the first is then not scored (its tokens count is reported)."""
     from ..cache.policies import parse_kv_policy
     from ..sampling import SamplingParams
 

@@ -64,8 +64,9 @@ class KVPolicy:
     def start(self, r: "Request") -> None:
         r.kv_state = {}
 
-    def slots_needed(self, prompt_len: int, max_new: int) -> int:
-        """The most KV slots a request of this size holds at once (the admission check against the pool)."""
+    def slots_needed(self, prompt_len: int, max_new: int, block_size: int = 1) -> int:
+        """The most KV slots (whole blocks of ``block_size``) a request of this size holds at once (the admission
+        check against the pool)."""
         return prompt_len + max_new
 
     def feed_room(self, r: "Request") -> int | None:

@@ -6,8 +6,9 @@ Compaction: per layer and KV head, the kept keys/values (each head its own token
 text order) are written to freshly allocated blocks and the prompt's blocks are released, so the request really holds
 ``keep`` slots from then on (the prompt's blocks stay in the prefix cache for the next request with that prompt);
 ``kv_shift = prompt - keep``. Tokens keep their text positions. A prompt within the budget is kept whole (exactly the
-uncompressed output); when the pool has no room for the copy the request stays uncompressed and says so
-(``kv_state["skipped"]``, ``metrics["kv_policy_skipped"]``).
+uncompressed output). When the pool has no room for the copy, the kept keys/values are written in place into the
+request's own first blocks (dropped from the prefix cache first); only when those are shared with another running
+request does it stay uncompressed, and says so (``kv_state["skipped"]``, ``metrics["kv_policy_skipped"]``).
 """
 from __future__ import annotations
 
@@ -55,9 +56,10 @@ class PromptPress(KVPolicy):
         want = self.budget if self.budget is not None else math.ceil(self.ratio * prompt_len)
         return min(prompt_len, max(want, self.window, 1))
 
-    def slots_needed(self, prompt_len: int, max_new: int) -> int:
-        keep = self.kept(prompt_len)   # the prompt and its compressed copy, then the copy and the output
-        return max(prompt_len + (keep if keep < prompt_len else 0), keep + max_new)
+    def slots_needed(self, prompt_len: int, max_new: int, block_size: int = 1) -> int:
+        keep = self.kept(prompt_len)   # the prompt and its compressed copy (whole blocks), then the copy and the output
+        whole = lambda n: -(-n // block_size) * block_size   # noqa: E731
+        return max(whole(prompt_len) + (whole(keep) if keep < prompt_len else 0), keep + max_new)
 
     def start(self, r) -> None:
         r.kv_state = {"queries": None, "done": False}
@@ -86,11 +88,17 @@ class PromptPress(KVPolicy):
         if self.needs_queries and (queries is None or queries[0].shape[0] != window):
             raise RuntimeError(f"{self.name}: expected the queries of the prompt's last {window} tokens, got "
                                f"{None if queries is None else queries[0].shape[0]}")
-        blocks = kv.blocks.allocate(-(-keep // kv.pool.block_size))
-        if blocks is None:   # the pool is full (other requests): stay uncompressed (reported in the metrics)
-            state["skipped"] = True
-            return
         bs = kv.pool.block_size
+        need = -(-keep // bs)
+        blocks = kv.blocks.allocate(need)
+        if blocks is None:   # the pool is full: compact in place into the request's own first blocks if it may
+            head = r.block_table[:need]
+            if any(kv.blocks.ref[b] > 1 for b in head):   # shared with a running request: stay uncompressed
+                state["skipped"] = True
+                return
+            for b in head:
+                kv.blocks.forget(b)   # their contents no longer follow from their tokens
+            blocks = list(head)
         device = kv.pool.k[0].device
         src = torch.tensor([slot_of(r.block_table, bs, j) for j in range(prompt)], device=device)
         dst = torch.tensor([slot_of(blocks, bs, j) for j in range(keep)], device=device)
@@ -100,7 +108,7 @@ class PromptPress(KVPolicy):
             q = queries[layer] if self.needs_queries else None    # [w, H, D]
             idx = self.select(q, keys, keep, scale)               # [KV, keep] token indices, ascending
             slots = src[idx]                                      # [KV, keep] pool slots
-            for cache in (kv.pool.k[layer], kv.pool.v[layer]):
+            for cache in (kv.pool.k[layer], kv.pool.v[layer]):   # gathered whole before written (in place is safe)
                 cache[0][:, dst] = torch.gather(cache[0], 1, slots[..., None].expand(-1, -1, cache.shape[-1]))
         replace_blocks(r, kv, blocks)
         r.kv_shift = prompt - keep

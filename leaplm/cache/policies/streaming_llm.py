@@ -55,7 +55,7 @@ class StreamingLLM(KVPolicy):
             raise InvalidParamsError(f"streaming_llm: evict={self.evict} must be a multiple of the KV block size "
                                      f"({block_size}): whole blocks are evicted")
 
-    def slots_needed(self, prompt_len: int, max_new: int) -> int:
+    def slots_needed(self, prompt_len: int, max_new: int, block_size: int = 1) -> int:
         return min(prompt_len + max_new, self.limit)
 
     def feed_room(self, r) -> int:
@@ -88,9 +88,9 @@ def rerotate(kv: KVAccess, slots: list[int], delta: int) -> None:
     rotary = model.rotary["full"]
     freqs = float(delta) * rotary.inv_freq.float()
     emb = torch.cat((freqs, freqs))
-    cos, sin = emb.cos().to(pool.k[0].dtype), emb.sin().to(pool.k[0].dtype)
+    cos, sin = emb.cos(), emb.sin()   # float32 whatever the pool's dtype: one rounding per re-rotation, not three
     half = cos.shape[0] // 2
     for cache in pool.k:
-        keys = cache[0, :, index]                                       # [KV, n, D]
+        keys = cache[0, :, index].float()                               # [KV, n, D]
         rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-        cache[0, :, index] = keys * cos + rotated * sin
+        cache[0, :, index] = (keys * cos + rotated * sin).to(cache.dtype)

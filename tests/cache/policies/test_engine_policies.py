@@ -93,3 +93,42 @@ def test_llm_streams_past_the_context(tmp_path_factory):
     assert out.metrics["kv_cache_bytes"] <= (120 // 16 + 1) * 16 * KVPool.bytes_per_token(llm.config)
     with pytest.raises(PromptTooLongError):
         llm.generate(prompt, SamplingParams(max_tokens=5, kv_policy="none"))
+
+
+def test_prefix_match_stops_at_the_prompt(tiny_model_dir):
+    """A prompt-compressing policy never starts past its prompt from the prefix cache (its compression point), even
+    when the cache holds blocks of the prompt and the tokens after it (a plain request with the same text)."""
+    model = build_model(tiny_model_dir("llama-gqa-untied")[0])
+    prompt = torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(8)).tolist()
+    engine = LLMEngine(model, eos_token_ids=[], block_size=4)
+    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    text = prompt + engine.get_request(rid).output_ids
+    for spec, limit in (("knorm:budget=12,window=0", 39), ("snapkv:budget=12,window=8", 32)):
+        r = engine.requests[engine.add_request(text[:60], SamplingParams(max_tokens=5, kv_policy=spec))]
+        r.prompt_ids = prompt                    # as after a preemption: the output pends with the prompt
+        engine.scheduler._match_prefix(r)
+        assert 0 < r.num_computed <= limit
+        engine.scheduler._release(r)
+        engine.abort(r.request_id)
+
+
+def test_compaction_in_place_when_the_pool_is_full(tiny_model_dir):
+    """No room for the compressed copy (another request holds the rest of the pool): the kept keys/values are written
+    into the request's own first blocks; the output is the same as with room."""
+    model = build_model(tiny_model_dir("llama-gqa-untied")[0])
+    gen = torch.Generator().manual_seed(9)
+    prompt, other = (torch.randint(3, 128, (n,), generator=gen).tolist() for n in (64, 30))
+    roomy, _ = generate(model, prompt, "snapkv:budget=16,window=4", max_tokens=20)
+    engine = LLMEngine(model, eos_token_ids=[], block_size=4, prefix_caching=False,
+                       kv_cache_memory=100 * KVPool.bytes_per_token(model.config))
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    engine.add_request(other, params)
+    rid = engine.add_request(prompt, SamplingParams(**{**params.__dict__, "kv_policy": "snapkv:budget=16,window=4"}))
+    while engine.has_unfinished():
+        engine.step()
+    r = engine.get_request(rid)
+    assert r.output_ids == roomy and r.kv_state["kept"] == 16 and not r.kv_state.get("skipped")
+    assert r.peak_kv_blocks == 16   # the prompt's blocks, never a copy beside them
+    assert engine.scheduler.preemptions == 0
