@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..speculative import registry
+from ..speculative.registry import knob_value
 from . import BenchError
 
 # --------------------------------------------------------------------------- results of one generation
@@ -165,17 +166,6 @@ class MethodRun:
         target.contestant = self.label if label is None else label   # whose drafter state this call uses
         return self.spec.fn(target, prompt_ids, params, **self.knobs)
 
-
-def knob_value(text: str):
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_method(text: str) -> MethodRun:

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import BenchError
-from .methods import knob_value
+from ..speculative.registry import knob_value
 
 SCHEMA = "leaplm-bench-serving/1"
 SERVING_PEERS = ("llamacpp-server", "hf-serve")

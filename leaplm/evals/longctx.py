@@ -240,13 +240,8 @@ def evaluate(llm, tasks: list[str], lengths: list[int], samples: int, policies: 
                                         ignore_eos=max_tokens is not None)
                 out = llm.generate([sample.prompt_ids], params, use_tqdm=False)[0]
                 m = out.metrics
-                runs.append({"task": task, "length": length, "index": i, "depth": sample.depth,
-                             "policy": policy_label(spec), "score": score(out.text, sample.answers),
-                             "answers": sample.answers, "output": out.text,
-                             "prompt_tokens": len(sample.prompt_ids), "kv_cache_bytes": m["kv_cache_bytes"],
-                             "kv_final_bytes": m["kv_final_bytes"], "ttft_s": m["ttft_s"],
-                             "decode_tokens_per_s": m["decode_tokens_per_s"],
-                             "cached_prompt_tokens": m["cached_prompt_tokens"]})
+                runs.append(_run(sample, policy_label(spec), out.text, m["kv_cache_bytes"], m["kv_final_bytes"],
+                                 m["ttft_s"], m["decode_tokens_per_s"], m["cached_prompt_tokens"]))
                 bar.advance()
     peer = None
     if kvpress_python is not None and made:
@@ -268,7 +263,8 @@ def kvpress_presses(policies: list[str | None]) -> list[dict]:
     """The kvpress press for each policy that has one (``none`` -> no press, ``snapkv:ratio=r`` -> ``SnapKVPress``
     with kvpress's own defaults, ``knorm:ratio=r`` -> ``KnormPress``, ``streaming_llm`` -> ``StreamingLLMPress``
     keeping as many tokens)."""
-    from ..cache.policies import Knorm, SnapKV, StreamingLLM, parse_kv_policy
+    from ..cache.policies import StreamingLLM, parse_kv_policy
+    from ..cache.policies.prompt_press import PromptPress
 
     out = []
     for spec in policies:
@@ -276,12 +272,9 @@ def kvpress_presses(policies: list[str | None]) -> list[dict]:
         label = "kvpress:" + policy_label(spec)
         if policy is None:
             out.append({"label": label, "press": "none"})
-        elif isinstance(policy, SnapKV):
-            out.append({"label": label, "press": "snapkv", **({"ratio": policy.ratio} if policy.ratio is not None
-                                                              else {"keep_tokens": policy.budget})})
-        elif isinstance(policy, Knorm):
-            out.append({"label": label, "press": "knorm", **({"ratio": policy.ratio} if policy.ratio is not None
-                                                             else {"keep_tokens": policy.budget})})
+        elif isinstance(policy, PromptPress):   # snapkv, knorm: the press of the same name, as many tokens kept
+            out.append({"label": label, "press": policy.name, **({"ratio": policy.ratio} if policy.ratio is not None
+                                                                 else {"keep_tokens": policy.budget})})
         elif isinstance(policy, StreamingLLM):
             out.append({"label": label, "press": "streaming_llm", "keep_tokens": policy.sinks + policy.window,
                         "kwargs": {"n_sink": policy.sinks}})
@@ -318,12 +311,16 @@ def run_kvpress(python: str, llm, made: list[Sample], policies: list[str | None]
         s = made[run["prompt"]]
         ids = [t for t in run["ids"] if t not in llm.tokenizer.eos_token_ids]
         text = llm.tokenizer.decode(ids)
-        runs.append({"task": s.task, "length": s.length, "index": s.index, "depth": s.depth, "policy": run["label"],
-                     "score": score(text, s.answers), "answers": s.answers, "output": text,
-                     "prompt_tokens": len(s.prompt_ids), "kv_cache_bytes": None, "kv_final_bytes": run["kv_bytes"],
-                     "ttft_s": run["ttft_s"], "decode_tokens_per_s": run["decode_tokens_per_s"],
-                     "cached_prompt_tokens": 0})
+        runs.append(_run(s, run["label"], text, None, run["kv_bytes"], run["ttft_s"], run["decode_tokens_per_s"], 0))
     return data["versions"], runs
+
+
+def _run(s: Sample, policy: str, text: str, kv_peak, kv_final, ttft_s, decode_tps, cached: int) -> dict:
+    """One scored run of ``evaluate``'s ``runs`` (leaplm's or the peer's)."""
+    return {"task": s.task, "length": s.length, "index": s.index, "depth": s.depth, "policy": policy,
+            "score": score(text, s.answers), "answers": s.answers, "output": text, "prompt_tokens": len(s.prompt_ids),
+            "kv_cache_bytes": kv_peak, "kv_final_bytes": kv_final, "ttft_s": ttft_s, "decode_tokens_per_s": decode_tps,
+            "cached_prompt_tokens": cached}
 
 
 def _mean(xs) -> float | None:

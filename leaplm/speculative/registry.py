@@ -180,6 +180,20 @@ def split_spec(spec: str | Mapping[str, Any]) -> tuple[DrafterInfo, dict[str, An
     return info, knobs
 
 
+def knob_value(text: str):
+    """A knob's value written in a spec (``name:knob=value``): ``true``/``false``, an int, a float, else the text.
+    Drafter specs (``leaplm bench --methods``) and KV policy specs (``cache/policies``) read values this way."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def construct(cls, info: DrafterInfo, knobs: Mapping[str, Any]):
     """``cls(**knobs)``, a knob the class does not take named in an ``InvalidParamsError``."""
     try:

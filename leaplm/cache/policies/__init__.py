@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ...errors import InvalidParamsError
+from ...speculative.registry import knob_value
 from .base import KVAccess, KVPolicy
 from .knorm import Knorm
 from .snapkv import SnapKV
@@ -19,18 +20,6 @@ POLICIES: dict[str, type[KVPolicy]] = {cls.name: cls for cls in (StreamingLLM, S
 FULL = ("none", "full")
 
 __all__ = ["KVAccess", "KVPolicy", "Knorm", "POLICIES", "SnapKV", "StreamingLLM", "parse_kv_policy"]
-
-
-def _value(text: str) -> Any:
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
 
 
 def parse_kv_policy(spec: "str | Mapping[str, Any] | KVPolicy | None") -> KVPolicy | None:
@@ -48,7 +37,7 @@ def parse_kv_policy(spec: "str | Mapping[str, Any] | KVPolicy | None") -> KVPoli
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise InvalidParamsError(f"kv_policy {spec!r}: knobs are written key=value, got {item!r}")
-            knobs[key.strip()] = _value(value)
+            knobs[key.strip()] = knob_value(value.strip())
     else:
         raise InvalidParamsError(f"kv_policy must be a string like 'snapkv:ratio=0.25', a dict or None; got "
                                  f"{type(spec).__name__}")

@@ -63,8 +63,7 @@ class StreamingLLM(KVPolicy):
 
     def after_commit(self, r, kv: KVAccess) -> None:
         if r.num_slots < self.limit:
-            return
-        self.check_pool(kv.pool.block_size)
+            return   # (evict is a multiple of the block size: the engine checked check_pool when it parsed the spec)
         bs, e, s = kv.pool.block_size, self.evict, self.sinks
         # drop logical slots [s, s + e): the first e / bs blocks go, and the sinks (old slots 0..s-1) are copied
         # over what the new first slots held (old slots e..e+s-1, which were to be evicted anyway)
